@@ -245,7 +245,7 @@ def demo_defaults() -> dict[str, Any]:
         "extra_trainable_modules": ("embed_tokens", "lm_head"),
         "learning_rate": 3e-3,
         "warmup_steps": 5,
-        "max_steps": 60,
+        "max_steps": 50,
         "eval_every_steps": 20,
         "checkpoint_every_seconds": 120,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DEMO_HIDDEN = 128
-DEMO_LAYERS = 4
+DEMO_LAYERS = 2
 DEMO_HEADS = 4
 DEMO_KV_HEADS = 2
 DEMO_INTERMEDIATE = 384

@@ -1,0 +1,135 @@
+"""The training child: `python -m elite_core.child RUN_DIR [--event-fd N] [--resume] [--probe-steps N]`.
+
+Reads RUN_DIR/config.yaml, trains, and reports every event twice: as a JSON line on the event pipe (when the parent
+gave one) and appended to RUN_DIR/events.jsonl. Commands arrive as JSON lines on stdin. The child outlives its parent:
+it ignores SIGHUP, and a broken event pipe only stops the pipe copy of the events, not the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from elite_core import protocol
+from elite_core.config import ConfigError, RunConfig
+
+EVENTS_FILE = "events.jsonl"
+
+
+class EventSink:
+    """Writes each event to events.jsonl (always) and to the parent's pipe (while the parent listens)."""
+
+    def __init__(self, run_dir: Path, event_fd: int | None):
+        self._file = open(run_dir / EVENTS_FILE, "a", encoding="utf-8")
+        self._pipe = os.fdopen(event_fd, "w", encoding="utf-8", buffering=1) if event_fd is not None else None
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        line = protocol.encode(event) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+            if self._pipe is not None:
+                try:
+                    self._pipe.write(line)
+                    self._pipe.flush()
+                except (BrokenPipeError, OSError):
+                    # The parent is gone (SSH drop, UI closed): keep training, events.jsonl still records everything.
+                    self._pipe = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+            if self._pipe is not None:
+                try:
+                    self._pipe.close()
+                except OSError:
+                    pass
+
+
+class CommandReader:
+    """Reads commands from stdin on a daemon thread so the training loop only polls a queue."""
+
+    def __init__(self, stream, on_error):
+        self._queue: queue.Queue = queue.Queue()
+        self._on_error = on_error
+        thread = threading.Thread(target=self._read, args=(stream,), daemon=True, name="command-reader")
+        thread.start()
+
+    def _read(self, stream) -> None:
+        try:
+            for line in stream:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    self._queue.put(protocol.decode_command(line))
+                except protocol.ProtocolError as exc:
+                    self._on_error(protocol.Warning(message=f"ignored a bad command: {exc}"))
+        except (OSError, ValueError):
+            pass
+
+    def poll(self) -> list:
+        commands = []
+        while True:
+            try:
+                commands.append(self._queue.get_nowait())
+            except queue.Empty:
+                return commands
+
+
+def install_signal_handlers(engine) -> None:
+    # SIGHUP comes with an SSH drop: keep training.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: engine.request_checkpoint())
+    signal.signal(signal.SIGINT, lambda *_: engine.request_stop("signal"))
+    signal.signal(signal.SIGTERM, lambda *_: engine.request_stop("signal"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elite_core.child")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--event-fd", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--probe-steps", type=int, default=0)
+    parser.add_argument("--dataset-dir", type=Path, default=None, help="default: RUN_DIR/dataset")
+    args = parser.parse_args(argv)
+
+    run_dir: Path = args.run_dir
+    sink = EventSink(run_dir, args.event_fd)
+    try:
+        config = RunConfig.load(run_dir / "config.yaml")
+    except (OSError, ConfigError) as exc:
+        sink(protocol.Error(message=f"cannot read {run_dir / 'config.yaml'}: {exc}", kind="config"))
+        sink.close()
+        return 2
+
+    # Imported here: torch takes seconds, and a bad config should be reported before that.
+    from elite_core.training import TrainingEngine, describe_exception
+
+    reader = CommandReader(sys.stdin, sink)
+    engine = TrainingEngine(config, run_dir, emit=sink, poll_commands=reader.poll, resume=args.resume,
+                            probe_steps=args.probe_steps, dataset_dir=args.dataset_dir)
+    install_signal_handlers(engine)
+    try:
+        finished = engine.run()
+        if finished.report_path:
+            from elite_core.report import write_report
+
+            write_report(run_dir, finished)
+        sink(finished)
+        return 0
+    except BaseException as exc:  # every failure reaches the parent as an Error event, never a silent exit
+        sink(describe_exception(exc))
+        return 1
+    finally:
+        sink.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

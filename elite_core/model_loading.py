@@ -1,0 +1,114 @@
+"""Where models and tokenizers come from: the built-in demo, a local directory, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from elite_core.config import DEMO_MODEL
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelSourceError(ValueError):
+    """The model could not be found or read; the message says what to fix."""
+
+
+def check_model_source(source: str) -> str | None:
+    """A cheap check (no imports of transformers, no network): an error message, or None if the source looks usable."""
+    source = source.strip()
+    if not source:
+        return "name a model: a hub id such as Qwen/Qwen2.5-Coder-1.5B, a local directory, or 'demo'"
+    if source == DEMO_MODEL:
+        return None
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{source} is a file; give the model's directory (the one with config.json)"
+        if not (path / "config.json").is_file():
+            return f"{source} has no config.json: is it a Hugging Face model directory?"
+        return None
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        return f"no such directory: {source}"
+    if not _HUB_ID.match(source):
+        return f"{source!r} is neither a local directory nor a hub id of the form owner/name"
+    return None
+
+
+def load_hf_config(source: str, trust_remote_code: bool = False):
+    if source == DEMO_MODEL:
+        from elite_core.demo_model import demo_model_config
+
+        return demo_model_config()
+    problem = check_model_source(source)
+    if problem:
+        raise ModelSourceError(problem)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors depending on the cause
+        raise ModelSourceError(f"cannot read the model config of {source}: {_first_line(exc)}") from exc
+
+
+def load_model_shape(source: str, trust_remote_code: bool = False):
+    """The model's shape for the memory model, from its config alone (no weights are read)."""
+    from elite_core.memory_model import shape_from_hf_config
+
+    return shape_from_hf_config(load_hf_config(source, trust_remote_code))
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    if source == DEMO_MODEL:
+        from elite_core.demo_model import demo_tokenizer
+
+        return demo_tokenizer()
+    problem = check_model_source(source)
+    if problem:
+        raise ModelSourceError(problem)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelSourceError(f"{source} has no fast tokenizer (tokenizer.json); elite-tui needs one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                   quantization_config=None, seed: int = 0):
+    """The model for training. The demo is built in code from a fixed seed; others load with from_pretrained."""
+    import torch
+
+    if source == DEMO_MODEL:
+        from elite_core.demo_model import demo_model_config
+        from transformers import AutoModelForCausalLM
+
+        config = demo_model_config()
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.to(device)
+    problem = check_model_source(source)
+    if problem:
+        raise ModelSourceError(problem)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot load the model {source}: {_first_line(exc)}") from exc
+    return model if quantization_config is not None else model.to(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,83 @@
+"""Run directories under an output directory: naming new ones, reading their history, finding the resumable ones."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from elite_core import protocol
+from elite_core.checkpoints import latest_valid, read_state
+from elite_core.child import EVENTS_FILE
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_dir: str
+    name: str
+    status: str
+    """"finished", "stopped", "failed", "running or interrupted", "new"."""
+    step: int
+    total_steps: int
+    resumable: bool
+    """A verified checkpoint exists and the run did not finish."""
+    updated: float
+
+
+def new_run_name(now: float | None = None) -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(now))
+
+
+def read_events(run_dir: Path) -> list[protocol.Event]:
+    """Every readable event of a run, in order; a torn last line (the child was killed mid-write) is skipped."""
+    path = Path(run_dir) / EVENTS_FILE
+    events = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return events
+    for line in lines:
+        try:
+            events.append(protocol.decode_event(line))
+        except protocol.ProtocolError:
+            continue
+    return events
+
+
+def run_info(run_dir: Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    status, step, total = "new", 0, 0
+    for event in events:
+        if isinstance(event, protocol.Started):
+            status, total = "running or interrupted", event.total_steps
+        elif isinstance(event, protocol.StepMetrics):
+            step = event.step
+        elif isinstance(event, protocol.Finished):
+            status = "stopped" if event.stopped_early else "finished"
+            step = event.step
+        elif isinstance(event, protocol.Error):
+            status = "failed"
+    checkpoint = latest_valid(run_dir)
+    if checkpoint is not None and status != "finished":
+        step = max(step, read_state(checkpoint)["step"])
+    updated = max((p.stat().st_mtime for p in (run_dir / EVENTS_FILE, run_dir / "config.yaml") if p.exists()), default=0.0)
+    return RunInfo(
+        run_dir=str(run_dir), name=run_dir.name, status=status, step=step, total_steps=total,
+        resumable=checkpoint is not None and status != "finished", updated=updated,
+    )
+
+
+def list_runs(output_dir: str | Path) -> list[RunInfo]:
+    """Runs under output_dir, newest first. A missing or unreadable directory has no runs."""
+    root = Path(output_dir)
+    try:
+        candidates = [p for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    except OSError:
+        return []
+    return sorted((run_info(p) for p in candidates), key=lambda info: info.updated, reverse=True)
+
+
+def loss_history(run_dir: Path) -> list[tuple[int, float]]:
+    return [(e.step, e.loss) for e in read_events(run_dir) if isinstance(e, protocol.StepMetrics)]
+

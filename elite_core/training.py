@@ -1,0 +1,446 @@
+"""The training engine: LoRA fine-tuning of a causal LM on repository windows, one loop read top to bottom.
+
+A loop of our own rather than HF Trainer: between optimizer steps it polls commands (checkpoint now, stop), the loss is
+computed only on each window's target part without ever materialising full-vocabulary logits, and checkpoints carry the
+exact data position so a resumed run repeats the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from elite_core import checkpoints, protocol
+from elite_core.config import RunConfig
+from elite_core.memory_model import TrainingSetup
+from elite_core.model_loading import load_causal_lm
+from elite_core.report import write_plan
+
+LOSS_CHUNK_TOKENS = 4096
+EVAL_MAX_WINDOWS = 4
+
+EmitFn = Callable[[object], None]
+PollFn = Callable[[], Iterable[object]]
+
+
+def resolve_device(config: RunConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the config asks for device 'cuda' but torch sees no CUDA GPU; set device: auto or cpu")
+    return config.device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def chunked_target_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100, equal to transformers' causal-LM loss.
+
+    Only the labelled rows of the hidden states are projected, a chunk at a time, each chunk under activation
+    checkpointing: the full-vocabulary fp32 logits (12-14 bytes per logit) never exist, only one chunk's at a time.
+    """
+    shifted_labels = labels[:, 1:]
+    keep = shifted_labels != -100
+    rows = hidden[:, :-1][keep]
+    targets = shifted_labels[keep]
+    count = targets.numel()
+    if count == 0:
+        return hidden.sum() * 0.0
+
+    def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(chunk_hidden).float()
+        return F.cross_entropy(logits, chunk_targets, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_tokens):
+        end = min(start + chunk_tokens, count)
+        if torch.is_grad_enabled():
+            total = total + activation_checkpoint(chunk_loss, rows[start:end], targets[start:end], use_reentrant=False)
+        else:
+            total = total + chunk_loss(rows[start:end], targets[start:end])
+    return total / count
+
+
+def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss_mode: str) -> torch.Tensor:
+    """The training loss. "chunked" runs the decoder and our chunked loss; "full" is the model's own loss."""
+    if loss_mode == "full":
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return chunked_target_loss(base.get_output_embeddings(), hidden, labels)
+
+
+def uses_plain_logits(hf_config) -> bool:
+    """Models that post-process logits (soft-capping, scaling) keep the model's own loss so the math stays the same."""
+    return bool(getattr(hf_config, "final_logit_softcapping", None) or getattr(hf_config, "logit_scale", None))
+
+
+def enable_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_lora_model(config: RunConfig, setup: TrainingSetup, device: str):
+    """The base model in the setup's dtype, frozen, with LoRA adapters (and any extra modules trained in full)."""
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch_dtype(setup.compute_dtype if setup.weight_dtype in ("nf4", "int8") else setup.weight_dtype)
+    quantization = None
+    if setup.weight_dtype in ("nf4", "int8"):
+        from transformers import BitsAndBytesConfig
+
+        if setup.weight_dtype == "nf4":
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        else:
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = load_causal_lm(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
+                           attn_implementation=setup.attention, quantization_config=quantization, seed=config.seed)
+    model.config.use_cache = False
+    if setup.checkpointing in ("on", "offload"):
+        enable_checkpointing(model)
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        modules_to_save=list(config.extra_trainable_modules) or None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    # from_pretrained returns eval mode, and checkpointed layers skip checkpointing outside train mode
+    model.train()
+    return model
+
+
+def make_optimizer(model, config: RunConfig, setup: TrainingSetup, device: str):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if setup.adamw_8bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             fused=device == "cuda")
+
+
+def lr_lambda(config: RunConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class DataPosition:
+    """Where in the data the run stands: an epoch and the index into that epoch's shuffled window order."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(seed + epoch).permutation(num_windows)
+
+
+class MemoryMeter:
+    """Peak memory as the user's monitor shows it: on CUDA torch's peak reserved plus what lives outside torch (context,
+    cuBLAS workspace); on CPU the process's resident set."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.outside_torch_bytes = 0
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            free, total = torch.cuda.mem_get_info()
+            self.outside_torch_bytes = max(0, (total - free) - torch.cuda.memory_reserved())
+        else:
+            import psutil
+
+            self._process = psutil.Process()
+
+    def step_peak_bytes(self) -> int:
+        if self.device == "cuda":
+            peak = torch.cuda.max_memory_reserved() + self.outside_torch_bytes
+            torch.cuda.reset_peak_memory_stats()
+            return int(peak)
+        return int(self._process.memory_info().rss)
+
+    def refresh_outside_torch(self) -> None:
+        """After the first step cuBLAS has its workspace; count it once."""
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            self.outside_torch_bytes = max(0, (total - free) - torch.cuda.memory_reserved())
+
+
+class TrainingEngine:
+    """Runs one training run in the current process, emitting protocol events through `emit`."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, emit: EmitFn, poll_commands: PollFn,
+                 resume: bool = False, probe_steps: int = 0, dataset_dir: Path | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.emit = emit
+        self.poll_commands = poll_commands
+        self.resume = resume
+        self.probe_steps = probe_steps
+        self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else self.run_dir / "dataset"
+        self.checkpoint_requested = False
+        self.stop_requested = False
+        self.stop_reason = "stop"
+
+    # Signal handlers and the command reader call these; the loop acts on them between optimizer steps.
+    def request_checkpoint(self) -> None:
+        self.checkpoint_requested = True
+
+    def request_stop(self, reason: str = "stop") -> None:
+        self.stop_requested = True
+        self.stop_reason = reason
+
+    def _drain_commands(self) -> None:
+        for command in self.poll_commands():
+            if isinstance(command, protocol.CheckpointNow):
+                self.request_checkpoint()
+            elif isinstance(command, protocol.Stop):
+                self.request_stop("stop")
+
+    def setup(self) -> None:
+        from elite_core.dataset import WindowDataset, build_dataset
+        from elite_core.hardware import profile_hardware
+        from elite_core.model_loading import load_hf_config, load_model_shape
+        from elite_core.planner import plan_for_config
+
+        config = self.config
+        self.device = resolve_device(config)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+
+        profile = profile_hardware(config.output_dir)
+        shape = load_model_shape(config.model, config.trust_remote_code)
+        self.plan = plan_for_config(shape, profile, config)
+        self.setup_choice = self.plan.setup
+        if not self.probe_steps:
+            write_plan(self.run_dir, profile, self.plan)
+        hf_config = load_hf_config(config.model, config.trust_remote_code)
+        self.loss_mode = "full" if uses_plain_logits(hf_config) else "chunked"
+        if self.loss_mode == "full":
+            self.emit(protocol.Warning(message="this model post-processes its logits: using the model's own loss"))
+
+        dataset_dir = self.dataset_dir
+        build_dataset(config.repo, dataset_dir, tokenizer_source=config.model, trust_remote_code=config.trust_remote_code,
+                      eval_fraction=config.eval_fraction, seed=config.seed)
+        self.train_data = WindowDataset(dataset_dir, "train", config.context_tokens, config.target_tokens)
+        self.eval_data = WindowDataset(dataset_dir, "eval", config.context_tokens, config.target_tokens)
+        if len(self.train_data) == 0:
+            raise RuntimeError(f"the dataset built from {config.repo} has no training windows")
+
+        self.model = build_lora_model(config, self.setup_choice, self.device)
+        self.optimizer = make_optimizer(self.model, config, self.setup_choice, self.device)
+        windows_per_step = config.micro_batch * config.grad_accum
+        steps_per_epoch = max(1, math.ceil(len(self.train_data) / windows_per_step))
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = config.max_steps or steps_per_epoch * config.epochs
+        if self.probe_steps:
+            self.total_steps = self.probe_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
+        self.autocast_dtype = None
+        if self.device == "cuda" and self.setup_choice.compute_dtype in ("bf16", "fp16"):
+            self.autocast_dtype = torch_dtype(self.setup_choice.compute_dtype)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.step = 0
+        self.position = DataPosition()
+        self.losses: list[float] = []
+        if self.resume:
+            self._restore()
+
+    def _restore(self) -> None:
+        state = checkpoints.load_latest(self.run_dir, self.model, self.optimizer, self.scheduler)
+        if state is None:
+            self.emit(protocol.Warning(message="no usable checkpoint found: starting from step 0"))
+            return
+        self.step = state["step"]
+        self.position = DataPosition(**state["position"])
+        self.losses = list(state.get("losses", []))
+        self.emit(protocol.Warning(message=f"resumed from {state['path']} at step {self.step}"))
+
+    def _next_windows(self, count: int) -> list[int]:
+        picked = []
+        while len(picked) < count:
+            order = epoch_order(len(self.train_data), self.config.seed, self.position.epoch)
+            if self.position.index >= len(order):
+                self.position = DataPosition(self.position.epoch + 1, 0)
+                continue
+            picked.append(int(order[self.position.index]))
+            self.position.index += 1
+        return picked
+
+    def _batch(self, indices: list[int], data) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [data[i] for i in indices]
+        input_ids = torch.from_numpy(np.stack([p[0] for p in pairs])).to(self.device)
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device)
+        return input_ids, labels
+
+    def _forward_context(self):
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
+        if self.setup_choice.checkpointing == "offload" and self.device == "cuda":
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=True))
+        return stack
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, tokens)."""
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(config.grad_accum):
+            input_ids, labels = self._batch(self._next_windows(config.micro_batch), self.train_data)
+            tokens += input_ids.numel()
+            with self._forward_context():
+                loss = model_loss(self.model, input_ids, labels, self.loss_mode) / config.grad_accum
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        # .item() waits for the GPU: once per optimizer step, not per micro-batch
+        return float(loss_sum.item()), float(grad_norm.item()), tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if len(self.eval_data) == 0:
+            return None
+        self.model.eval()
+        losses = []
+        for index in range(min(len(self.eval_data), EVAL_MAX_WINDOWS)):
+            input_ids, labels = self._batch([index], self.eval_data)
+            with self._forward_context():
+                losses.append(float(model_loss(self.model, input_ids, labels, self.loss_mode).item()))
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def save_checkpoint(self, reason: str) -> None:
+        started = time.monotonic()
+        state = {"step": self.step, "position": vars(self.position).copy(), "losses": self.losses[-10000:]}
+        path = checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.config,
+                                keep=self.config.keep_checkpoints)
+        self.emit(protocol.CheckpointSaved(step=self.step, path=str(path), reason=reason,
+                                           seconds=time.monotonic() - started))
+
+    def run(self) -> protocol.Finished:
+        started = time.monotonic()
+        self.setup()
+        config = self.config
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        meter = MemoryMeter(self.device)
+        self.emit(protocol.Started(
+            run_dir=str(self.run_dir), pid=os.getpid(), device=self.device, total_steps=self.total_steps,
+            tokens_per_step=config.micro_batch * config.grad_accum * config.window_tokens,
+            trainable_params=trainable, total_params=total, predicted_peak_bytes=self.plan.breakdown.total_bytes,
+            start_step=self.step,
+        ))
+        last_checkpoint = time.monotonic()
+        stopped_early = False
+        while self.step < self.total_steps:
+            self._drain_commands()
+            if self.stop_requested:
+                stopped_early = True
+                break
+            step_started = time.monotonic()
+            loss, grad_norm, tokens = self.train_step()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.monotonic() - step_started
+            self.step += 1
+            self.losses.append(loss)
+            if self.step == 1:
+                meter.refresh_outside_torch()
+            if self.step % config.log_every_steps == 0 or self.step == self.total_steps:
+                self.emit(protocol.StepMetrics(
+                    step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss,
+                    lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens / max(seconds, 1e-9),
+                    memory_bytes=meter.step_peak_bytes(), elapsed_s=time.monotonic() - started, grad_norm=grad_norm,
+                ))
+            if self.probe_steps:
+                continue
+            if config.eval_every_steps and self.step % config.eval_every_steps == 0:
+                self._emit_eval()
+            self._drain_commands()
+            if self.checkpoint_requested:
+                self.checkpoint_requested = False
+                self.save_checkpoint("requested")
+                last_checkpoint = time.monotonic()
+            elif config.checkpoint_every_seconds and time.monotonic() - last_checkpoint >= config.checkpoint_every_seconds:
+                self.save_checkpoint("periodic")
+                last_checkpoint = time.monotonic()
+
+        if self.probe_steps:
+            return self._finish(started, stopped_early, adapter_path="", report_path="")
+        if stopped_early:
+            self.save_checkpoint(self.stop_reason)
+            return self._finish(started, stopped_early, adapter_path="", report_path="")
+        self._emit_eval()
+        adapter_dir = self.run_dir / "adapter"
+        self.model.save_pretrained(adapter_dir)
+        self.save_checkpoint("final")
+        return self._finish(started, stopped_early, adapter_path=str(adapter_dir),
+                            report_path=str(self.run_dir / "report.md"))
+
+    def _emit_eval(self) -> None:
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            self.emit(protocol.EvalMetrics(step=self.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0))))
+
+    def _finish(self, started: float, stopped_early: bool, adapter_path: str, report_path: str) -> protocol.Finished:
+        final_loss = self.losses[-1] if self.losses else float("nan")
+        finished = protocol.Finished(step=self.step, final_loss=final_loss, adapter_path=adapter_path,
+                                     report_path=report_path, stopped_early=stopped_early,
+                                     elapsed_s=time.monotonic() - started)
+        return finished
+
+
+def describe_exception(exc: BaseException) -> protocol.Error:
+    kind = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "exception"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if kind == "oom":
+        message = f"CUDA out of memory: {message[:200]}"
+    return protocol.Error(message=f"{type(exc).__name__}: {message}" if kind != "oom" else message,
+                          traceback=traceback.format_exc(), kind=kind)
+

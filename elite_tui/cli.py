@@ -1,0 +1,264 @@
+"""`elite-tui`: the wizard with no sub-command; `run`, `profile`, `plan`, `dataset`, `resume` script the same steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from elite_core.config import DEMO_MODEL, ConfigError, RunConfig, default_config
+
+
+def _add_model_args(parser: argparse.ArgumentParser, repo: bool = True) -> None:
+    parser.add_argument("--model", default=DEMO_MODEL, help="hub id, local model directory, or 'demo' (default)")
+    if repo:
+        parser.add_argument("--repo", default=".", help="repository to train on (default: current directory)")
+    parser.add_argument("--output", default="elite-runs", help="output directory for runs (default: elite-runs)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elite-tui",
+        description="Fine-tune a code LLM on a repository at the longest context your hardware holds.",
+        epilog="With no sub-command the wizard opens. Every wizard step is also a sub-command.",
+    )
+    _add_model_args(parser)
+    parser.add_argument("--reprofile", action="store_true", help="measure the hardware again instead of using the cache")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train without the UI (same engine), printing progress")
+    _add_model_args(run)
+    run.add_argument("--config", type=Path, help="a run config YAML (other options are then ignored)")
+    run.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
+    run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 60 on the demo)")
+    run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
+    run.add_argument("--reprofile", action="store_true")
+
+    resume = sub.add_parser("resume", help="continue a run from its last good checkpoint")
+    resume.add_argument("run_dir", type=Path)
+
+    profile = sub.add_parser("profile", help="print the hardware profile as JSON")
+    profile.add_argument("--output", default="elite-runs")
+    profile.add_argument("--reprofile", action="store_true")
+
+    plan = sub.add_parser("plan", help="print the tier table for a model on this hardware")
+    _add_model_args(plan, repo=False)
+    plan.add_argument("--reprofile", action="store_true")
+
+    dataset = sub.add_parser("dataset", help="build the training set from a repository and print its summary")
+    _add_model_args(dataset)
+    dataset.add_argument("--preview", type=Path, metavar="FILE", help="also write the decoded training text to FILE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command is None:
+            return _wizard(args)
+        handler = {"run": _run, "resume": _resume, "profile": _profile, "plan": _plan, "dataset": _dataset}[args.command]
+        return handler(args)
+    except ConfigError as exc:
+        print("invalid settings:", file=sys.stderr)
+        for name, message in exc.errors.items():
+            print(f"  {name}: {message}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"elite-tui: {exc}", file=sys.stderr)
+        return 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _wizard(args) -> int:
+    from elite_tui.app import run_wizard
+
+    config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code)
+    return run_wizard(config, reprofile=args.reprofile)
+
+
+def _load_shape(model: str, trust_remote_code: bool):
+    from elite_core.model_loading import ModelSourceError, load_model_shape
+
+    try:
+        return load_model_shape(model, trust_remote_code)
+    except ModelSourceError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _profile_hardware(output: str, reprofile: bool):
+    from elite_core.hardware import profile_hardware
+
+    return profile_hardware(output, use_cache=not reprofile)
+
+
+def _profile(args) -> int:
+    print(json.dumps(_profile_hardware(args.output, args.reprofile).to_dict(), indent=2))
+    return 0
+
+
+def format_tier_table(plans, selected: int) -> str:
+    from elite_core.units import format_bytes
+
+    header = f"{'':2}{'tier':>4} {'context':>8} {'target':>7} {'rank':>4} {'predicted':>10} {'headroom':>10}  fits  options"
+    lines = [header]
+    for plan in plans:
+        mark = ">" if plan.tier.number == selected else " "
+        lines.append(
+            f"{mark:2}{plan.tier.number:>4} {plan.tier.context_tokens:>8,} {plan.tier.target_tokens:>7,} "
+            f"{plan.setup.lora_rank:>4} {format_bytes(plan.breakdown.total_bytes):>10} "
+            f"{format_bytes(plan.headroom_bytes):>10}  {'yes' if plan.fits else 'no ':4}  {', '.join(plan.options)}"
+        )
+    return "\n".join(lines)
+
+
+def _plan(args) -> int:
+    from elite_core.planner import plan_tiers, select_tier
+
+    profile = _profile_hardware(args.output, args.reprofile)
+    shape = _load_shape(args.model, args.trust_remote_code)
+    config = default_config(args.model, ".", args.output, trust_remote_code=args.trust_remote_code)
+    plans = plan_tiers(shape, profile, config)
+    selected = select_tier(plans)
+    where = f"{profile.gpus[0].name}" if profile.has_gpu else "CPU (RAM)"
+    print(f"{shape.name} on {where}; '>' marks the highest tier that fits")
+    print(format_tier_table(plans, selected))
+    return 0
+
+
+def _print_build_progress(progress) -> None:
+    print(f"\r  dataset: {progress.files_done}/{progress.files_total} files, {progress.mb_per_s:.1f} MB/s",
+          end="", file=sys.stderr, flush=True)
+
+
+def _build_dataset(config: RunConfig):
+    from elite_core.dataset import DatasetError, build_dataset
+
+    try:
+        summary = build_dataset(config.repo, config.run_dir / "dataset", tokenizer_source=config.model,
+                                trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction,
+                                seed=config.seed, progress=_print_build_progress)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from exc
+    print(file=sys.stderr)
+    return summary
+
+
+def _dataset(args) -> int:
+    from elite_core.dataset import format_summary, preview_text
+    from elite_core.runs import new_run_name
+
+    config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
+                            run_name=new_run_name())
+    summary = _build_dataset(config)
+    print(format_summary(summary))
+    if args.preview:
+        args.preview.write_text(preview_text(config.run_dir / "dataset", tokenizer_source=config.model), encoding="utf-8")
+        print(f"preview written to {args.preview}")
+    return 0
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    from elite_core.config import parse_field
+
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise CliError(f"--set takes FIELD=VALUE, got {pair!r}")
+        name, text = pair.split("=", 1)
+        values[name.strip()] = parse_field(name.strip(), text)
+    return values
+
+
+def _run(args) -> int:
+    from elite_core.planner import plan_tiers, select_tier
+    from elite_core.runs import new_run_name
+
+    if args.config:
+        try:
+            config = RunConfig.load(args.config)
+        except OSError as exc:
+            raise CliError(f"cannot read {args.config}: {exc.strerror or exc}") from exc
+    else:
+        config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
+                                run_name=args.run_name or new_run_name())
+        profile = _profile_hardware(args.output, args.reprofile)
+        shape = _load_shape(config.model, config.trust_remote_code)
+        tier = args.tier or select_tier(plan_tiers(shape, profile, config))
+        config = config.with_tier(tier)
+        if args.max_steps is not None:
+            config = config.replace(max_steps=args.max_steps)
+        if args.set:
+            config = config.replace(**_parse_sets(args.set))
+    if not Path(config.repo).is_dir():
+        raise CliError(f"repository not found: {config.repo}")
+    print(f"run directory: {config.run_dir}")
+    _build_dataset(config)
+    from elite_core.runner import TrainingProcess
+
+    return _follow(TrainingProcess.start(config))
+
+
+def _resume(args) -> int:
+    from elite_core.runner import TrainingProcess
+
+    if not (args.run_dir / "config.yaml").is_file():
+        raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    return _follow(TrainingProcess.spawn(args.run_dir, resume=True))
+
+
+def _follow(process) -> int:
+    """Print the child's events; the first Ctrl+C asks for a checkpoint and a clean stop, a second one kills."""
+    from elite_core import protocol
+
+    interrupts = 0
+
+    def on_interrupt(*_):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nstopping: writing a checkpoint first (Ctrl+C again to kill)", file=sys.stderr)
+            process.stop()
+        else:
+            process.kill()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    code = 1
+    try:
+        for event in process.events():
+            if isinstance(event, protocol.Started):
+                print(f"training on {event.device}: {event.total_steps} steps of {event.tokens_per_step:,} tokens, "
+                      f"{event.trainable_params:,} trainable parameters")
+            elif isinstance(event, protocol.StepMetrics):
+                print(f"step {event.step:>6}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                      f"{event.tokens_per_s:,.0f} tok/s  mem {event.memory_bytes / 2**30:.2f} GiB", flush=True)
+            elif isinstance(event, protocol.EvalMetrics):
+                print(f"eval at step {event.step}: loss {event.loss:.4f}, perplexity {event.perplexity:.2f}")
+            elif isinstance(event, protocol.CheckpointSaved):
+                print(f"checkpoint ({event.reason}) at step {event.step}: {event.path}")
+            elif isinstance(event, protocol.Warning):
+                print(f"warning: {event.message}", file=sys.stderr)
+            elif isinstance(event, protocol.Error):
+                print(f"error: {event.message}", file=sys.stderr)
+                if event.traceback:
+                    print(event.traceback, file=sys.stderr)
+                code = 1
+            elif isinstance(event, protocol.Finished):
+                state = "stopped" if event.stopped_early else "finished"
+                print(f"{state} at step {event.step}, final loss {event.final_loss:.4f}")
+                if event.adapter_path:
+                    print(f"adapter: {event.adapter_path}\nreport: {event.report_path}")
+                code = 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
