@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One short run of the whole headless path on a GPU: profile, plan, the demo model, and a random-initialised
+# Qwen2.5-Coder-1.5B saved with save_pretrained. Usage: bash bench/gpu_smoke.sh OUT_DIR
+set -uo pipefail
+out=${1:-/tmp/elite-smoke}
+runs=/tmp/elite-smoke-runs
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -m elite_tui.cli profile --output $runs --reprofile > "$out/profile.json"; echo "profile rc=$?"
+python3 -m elite_tui.cli plan --output $runs 2>&1 | tee "$out/plan-demo.txt"
+python3 -m elite_tui.cli run --repo . --output $runs --max-steps 5 --run-name demo-gpu 2>&1 | tee "$out/run-demo.txt"
+python3 - <<'PY'
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from elite_core.demo_model import demo_tokenizer
+config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768)
+with torch.device("cuda"):
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained("/tmp/qwen-1.5b-random")
+demo_tokenizer().save_pretrained("/tmp/qwen-1.5b-random")
+PY
+python3 -m elite_tui.cli plan --model /tmp/qwen-1.5b-random --output $runs 2>&1 | tee "$out/plan-qwen.txt"
+python3 -m elite_tui.cli run --model /tmp/qwen-1.5b-random --repo . --output $runs --tier 3 --max-steps 3 \
+    --run-name qwen-gpu 2>&1 | tee "$out/run-qwen.txt"
+cp $runs/demo-gpu/report.md "$out/report-demo.md" 2>/dev/null
+cp $runs/qwen-gpu/report.md "$out/report-qwen.md" 2>/dev/null
+tail -20 $runs/qwen-gpu/child.log > "$out/child-qwen.log" 2>/dev/null
+exit 0
