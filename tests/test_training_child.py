@@ -1,0 +1,115 @@
+"""The training child end to end on CPU: a real tiny model, a real child process, a real pipe."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from elite_core import protocol
+from elite_core.checkpoints import list_checkpoints, verify
+from elite_core.config import default_config
+from elite_core.runner import TrainingProcess
+from elite_core.runs import list_runs, read_events
+
+# Small windows keep each CPU step well under a second; the engine is the same as for the real tiers.
+SMALL = {"context_tokens": 192, "target_tokens": 64, "lora_rank": 8, "lora_alpha": 16, "warmup_steps": 2,
+         "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0}
+
+
+def small_config(tmp_path, repo, **overrides):
+    values = {"run_name": "r", **SMALL, **overrides}
+    return default_config("demo", str(repo), str(tmp_path / "runs"), **values)
+
+
+def collect(process, on_event=None, timeout_s=240):
+    events = []
+    deadline = time.monotonic() + timeout_s
+    for event in process.events():
+        events.append(event)
+        if on_event:
+            on_event(event, process)
+        assert time.monotonic() < deadline, "the child did not finish in time"
+    return events
+
+
+def test_loss_falls_by_a_third_and_the_adapter_is_saved(tmp_path, tiny_repo):
+    config = small_config(tmp_path, tiny_repo, max_steps=30, learning_rate=3e-3)
+    events = collect(TrainingProcess.start(config))
+    steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
+    finished = events[-1]
+    assert isinstance(finished, protocol.Finished), events[-3:]
+    assert [s.step for s in steps] == list(range(1, 31))
+    assert steps[-1].loss <= 0.7 * steps[0].loss, (steps[0].loss, steps[-1].loss)
+    adapter = config.run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    report = (config.run_dir / "report.md").read_text()
+    assert "final adapter" in report and "training loss" in report
+    # events.jsonl holds the same stream, one JSON object a line with a type
+    lines = [json.loads(line) for line in (config.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [line["type"] for line in lines] == [e.type for e in events]
+    assert all("step" in line and "loss" in line for line in lines if line["type"] == "step")
+    assert list_runs(tmp_path / "runs")[0].status == "finished"
+
+
+def test_checkpoint_now_lands_while_training_goes_on(tmp_path, tiny_repo):
+    config = small_config(tmp_path, tiny_repo, max_steps=12)
+    asked = []
+
+    def on_event(event, process):
+        if isinstance(event, protocol.StepMetrics) and event.step == 2 and not asked:
+            asked.append(process.checkpoint_now())
+
+    events = collect(TrainingProcess.start(config), on_event)
+    requested = [e for e in events if isinstance(e, protocol.CheckpointSaved) and e.reason == "requested"]
+    assert asked == [True] and len(requested) == 1
+    saved_at = events.index(requested[0])
+    assert any(isinstance(e, protocol.StepMetrics) for e in events[saved_at:]), "training stopped after the checkpoint"
+    assert isinstance(events[-1], protocol.Finished) and not events[-1].stopped_early
+    verify(Path(requested[0].path))
+
+
+def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path, tiny_repo):
+    straight = small_config(tmp_path, tiny_repo, max_steps=6, run_name="straight", lora_dropout=0.1)
+    reference = [e.loss for e in collect(TrainingProcess.start(straight)) if isinstance(e, protocol.StepMetrics)]
+
+    interrupted = small_config(tmp_path, tiny_repo, max_steps=6, run_name="interrupted", lora_dropout=0.1)
+
+    def stop_at_three(event, process):
+        if isinstance(event, protocol.StepMetrics) and event.step == 3:
+            process.stop()
+
+    first = collect(TrainingProcess.start(interrupted), stop_at_three)
+    assert isinstance(first[-1], protocol.Finished) and first[-1].stopped_early
+    assert any(isinstance(e, protocol.CheckpointSaved) and e.reason == "stop" for e in first)
+    assert list_runs(tmp_path / "runs")[0].resumable
+
+    second = collect(TrainingProcess.spawn(interrupted.run_dir, resume=True))
+    losses = {e.step: e.loss for e in first + second if isinstance(e, protocol.StepMetrics)}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert [losses[s] for s in range(1, 7)] == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_child_that_fails_reports_an_error_event(tmp_path, tiny_repo):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    config = small_config(tmp_path, tiny_repo, max_steps=2).replace(model=str(broken))
+    events = collect(TrainingProcess.start(config), timeout_s=120)
+    assert isinstance(events[-1], protocol.Error)
+    assert "broken-model" in events[-1].message and events[-1].traceback
+
+
+def test_a_killed_child_is_reported_as_a_crash(tmp_path, tiny_repo):
+    config = small_config(tmp_path, tiny_repo, max_steps=500)
+
+    def kill_at_first_step(event, process):
+        if isinstance(event, protocol.StepMetrics):
+            os.kill(process.process.pid, signal.SIGKILL)
+
+    events = collect(TrainingProcess.start(config), kill_at_first_step)
+    assert isinstance(events[-1], protocol.Error) and events[-1].kind == "crash"
+    assert "-9" in events[-1].message
+    assert any(isinstance(e, protocol.StepMetrics) for e in read_events(config.run_dir))
