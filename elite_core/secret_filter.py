@@ -1,0 +1,206 @@
+"""Keep secrets out of the training set: by file name first, then by content through detect-secrets' detectors.
+
+Findings name the path and the rule, never the secret itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+# Matched against the lower-cased file name; the description is what the summary shows.
+SECRET_FILE_NAME_RULES: tuple[tuple[str, str], ...] = (
+    (".env", "environment file (.env*)"),
+    (".env.*", "environment file (.env*)"),
+    ("*.env", "environment file (*.env)"),
+    ("*.pem", "certificate or key file (*.pem)"),
+    ("*.key", "key file (*.key)"),
+    ("*.p12", "key store (*.p12)"),
+    ("*.pfx", "key store (*.pfx)"),
+    ("*.jks", "key store (*.jks)"),
+    ("*.keystore", "key store (*.keystore)"),
+    ("*.asc", "PGP armored file (*.asc)"),
+    ("*.gpg", "PGP file (*.gpg)"),
+    ("*.ppk", "PuTTY private key (*.ppk)"),
+    ("id_rsa*", "SSH private key (id_rsa*)"),
+    ("id_dsa*", "SSH private key (id_dsa*)"),
+    ("id_ecdsa*", "SSH private key (id_ecdsa*)"),
+    ("id_ed25519*", "SSH private key (id_ed25519*)"),
+    (".netrc", "credential file (.netrc)"),
+    ("_netrc", "credential file (_netrc)"),
+    (".pgpass", "credential file (.pgpass)"),
+    (".npmrc", "credential file (.npmrc)"),
+    (".pypirc", "credential file (.pypirc)"),
+    (".git-credentials", "credential file (.git-credentials)"),
+    (".htpasswd", "credential file (.htpasswd)"),
+    ("credentials", "credential file (credentials)"),
+    ("credentials.*", "credential file (credentials.*)"),
+    ("*.credentials", "credential file (*.credentials)"),
+    ("secrets.*", "secrets file (secrets.*)"),
+    ("*.secret", "secrets file (*.secret)"),
+    ("*.secrets", "secrets file (*.secrets)"),
+    ("service-account*.json", "cloud service account key (service-account*.json)"),
+    ("*.tfvars", "Terraform variables (*.tfvars)"),
+    ("*.tfstate", "Terraform state (*.tfstate)"),
+    ("kubeconfig", "Kubernetes credentials (kubeconfig)"),
+)
+
+# Public key halves are not secret; keep them out of the id_rsa* rule.
+_PUBLIC_KEY_SUFFIXES = (".pub",)
+
+# Only detectors with a specific format: the entropy detectors flag hashes and test vectors all over ordinary code,
+# and a public IP address is not a secret. Artifactory, IBM, Cloudant and SoftLayer are left out: their regexes start
+# with look-behinds that scan at ~10 MB/s, and the keyword rule below still catches "api_key = <value>" for them.
+_FORMAT_DETECTORS = (
+    "detect_secrets.plugins.private_key.PrivateKeyDetector",
+    "detect_secrets.plugins.aws.AWSKeyDetector",
+    "detect_secrets.plugins.github_token.GitHubTokenDetector",
+    "detect_secrets.plugins.gitlab_token.GitLabTokenDetector",
+    "detect_secrets.plugins.jwt.JwtTokenDetector",
+    "detect_secrets.plugins.openai.OpenAIDetector",
+    "detect_secrets.plugins.slack.SlackDetector",
+    "detect_secrets.plugins.stripe.StripeDetector",
+    "detect_secrets.plugins.pypi_token.PypiTokenDetector",
+    "detect_secrets.plugins.npm.NpmDetector",
+    "detect_secrets.plugins.sendgrid.SendGridDetector",
+    "detect_secrets.plugins.twilio.TwilioKeyDetector",
+    "detect_secrets.plugins.mailchimp.MailchimpDetector",
+    "detect_secrets.plugins.discord.DiscordBotTokenDetector",
+    "detect_secrets.plugins.telegram_token.TelegramBotTokenDetector",
+    "detect_secrets.plugins.square_oauth.SquareOAuthDetector",
+    "detect_secrets.plugins.azure_storage_key.AzureStorageKeyDetector",
+    "detect_secrets.plugins.basic_auth.BasicAuthDetector",
+)
+_KEYWORD_DETECTOR = "detect_secrets.plugins.keyword.KeywordDetector"
+
+# A keyword hit ("password = ...") counts only when the value looks like a real credential, not a name or a placeholder.
+_MIN_KEYWORD_VALUE_CHARS = 12
+_MIN_KEYWORD_VALUE_ENTROPY_BITS = 3.0
+_PLACEHOLDER_WORDS = ("example", "changeme", "placeholder", "your", "xxxx", "dummy", "redacted", "<", "{", "$")
+
+
+@dataclass(frozen=True)
+class SecretFinding:
+    rule: str
+    """What matched, e.g. "private key block (detect-secrets: PrivateKeyDetector)"; never the secret value."""
+    line_number: int
+    """1-based; 0 for a match on the file name."""
+
+    @property
+    def reason(self) -> str:
+        where = f", line {self.line_number}" if self.line_number else ""
+        return f"secret: {self.rule}{where}"
+
+
+def secret_file_name_rule(relative_path: str) -> SecretFinding | None:
+    """The name rule a path breaks, if any, e.g. `.env.production` or `deploy/id_rsa`."""
+    name = PurePosixPath(relative_path).name.lower()
+    if name.endswith(_PUBLIC_KEY_SUFFIXES):
+        return None
+    for pattern, description in SECRET_FILE_NAME_RULES:
+        if fnmatch.fnmatchcase(name, pattern):
+            return SecretFinding(rule=f"file name: {description}", line_number=0)
+    parts = PurePosixPath(relative_path.lower()).parts
+    if len(parts) >= 2 and parts[-2] in (".aws", ".ssh", ".gnupg", ".docker", ".kube"):
+        return SecretFinding(rule=f"file name: inside a credential directory ({parts[-2]}/)", line_number=0)
+    return None
+
+
+def _shannon_entropy_bits(value: str) -> float:
+    counts = Counter(value)
+    total = len(value)
+    return -sum(n / total * math.log2(n / total) for n in counts.values())
+
+
+def looks_like_credential(value: str) -> bool:
+    value = value.strip()
+    lowered = value.lower()
+    if len(value) < _MIN_KEYWORD_VALUE_CHARS or any(ch.isspace() for ch in value):
+        return False
+    if any(word in lowered for word in _PLACEHOLDER_WORDS):
+        return False
+    if not (any(ch.isalpha() for ch in value) and any(ch.isdigit() for ch in value)):
+        return False
+    # Attribute chains and calls ("self.password", "get_token()") are code, not values.
+    if re.fullmatch(r"[A-Za-z_][\w.]*(\(.*\))?", value) and ("." in value or "(" in value):
+        return False
+    return _shannon_entropy_bits(value) >= _MIN_KEYWORD_VALUE_ENTROPY_BITS
+
+
+def _import_plugin(dotted: str):
+    import importlib
+
+    module_name, class_name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
+class SecretScanner:
+    """Scans decoded text with detect-secrets' detectors.
+
+    detect-secrets works line by line in Python, which is too slow for a gigabyte; each detector's own regular
+    expressions first search the whole text (in C), and only the lines they hit go through the detector itself.
+    """
+
+    def __init__(self) -> None:
+        self._detectors = []
+        for dotted in _FORMAT_DETECTORS:
+            plugin = _import_plugin(dotted)
+            prefilters = [re.compile(p.pattern, p.flags | re.MULTILINE) for p in plugin.denylist]
+            self._detectors.append((plugin, prefilters))
+        self._keyword = _import_plugin(_KEYWORD_DETECTOR)
+        from detect_secrets.plugins.keyword import DENYLIST
+
+        # The same keywords as detect-secrets, searched in lower-cased text: re.IGNORECASE makes this 10x slower.
+        self._keyword_prefilter_lower = re.compile("|".join(DENYLIST))
+        self._keyword_prefilter = re.compile("|".join(DENYLIST), re.IGNORECASE)
+
+    def scan(self, text: str) -> SecretFinding | None:
+        """The first secret found in the text, or None."""
+        for plugin, prefilters in self._detectors:
+            for prefilter in prefilters:
+                for line_number, line in _hit_lines(prefilter, text):
+                    for _value in plugin.analyze_string(line):
+                        return SecretFinding(rule=_rule_name(plugin), line_number=line_number)
+        lowered = text.lower()
+        if len(lowered) == len(text):
+            keyword_lines = ((n, text_line) for n, text_line in _hit_lines(self._keyword_prefilter_lower, lowered, text))
+        else:
+            keyword_lines = _hit_lines(self._keyword_prefilter, text)
+        for line_number, line in keyword_lines:
+            for value in self._keyword.analyze_string(line):
+                if value and looks_like_credential(value):
+                    return SecretFinding(rule=_rule_name(self._keyword), line_number=line_number)
+        return None
+
+
+def _rule_name(plugin) -> str:
+    return f"{plugin.secret_type.lower()} (detect-secrets: {type(plugin).__name__})"
+
+
+def _hit_lines(prefilter: re.Pattern, text: str, original: str | None = None):
+    """(1-based line number, line) for each line where the prefilter matches, each line once.
+
+    `original` is the text the lines are cut from when `text` is a same-length transform of it (lower-cased).
+    """
+    original = text if original is None else original
+    position = 0
+    counted_to, lines_before = 0, 0
+    while True:
+        match = prefilter.search(text, position)
+        if match is None:
+            return
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        line_end = text.find("\n", match.start())
+        if line_end < 0:
+            line_end = len(text)
+        lines_before += text.count("\n", counted_to, line_start)
+        counted_to = line_start
+        yield lines_before + 1, original[line_start:line_end]
+        # Resume at the next line so that a match spanning lines cannot hide a later one.
+        position = line_end + 1
+        if position > len(text):
+            return
