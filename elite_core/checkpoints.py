@@ -19,10 +19,10 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from elite_core.config import RunConfig
+
+# torch and safetensors are imported inside the functions that need them: the UI lists runs (through verify and
+# read_state) without paying for torch at start-up.
 
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
@@ -66,13 +66,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
+def _trainable_state(model) -> dict:
     from peft import get_peft_model_state_dict
 
     return {name: tensor.detach().contiguous().cpu() for name, tensor in get_peft_model_state_dict(model).items()}
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _rng_state() -> dict:
+    import torch
+
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
@@ -82,6 +84,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunConfig, keep: int = 3) -> Path:
     """Write a checkpoint atomically and prune to the newest `keep`. Returns the final directory."""
+    import torch
+    from safetensors.torch import save_file
+
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state['step']:08d}"
@@ -132,7 +137,9 @@ def read_state(path: Path) -> dict:
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
+    import torch
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     verify(path)
     device = next(model.parameters()).device

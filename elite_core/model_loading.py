@@ -79,26 +79,32 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def scale_rope(hf_config, factor: float) -> None:
+    """Stretch RoPE (YaRN) so windows longer than the model's native context keep distinct positions."""
+    if factor <= 1:
+        return
+    native = hf_config.max_position_embeddings
+    parameters = dict(getattr(hf_config, "rope_parameters", None) or {})
+    parameters.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=native)
+    hf_config.rope_parameters = parameters
+    hf_config.max_position_embeddings = int(native * factor)
+
+
 def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                   quantization_config=None, seed: int = 0):
+                   quantization_config=None, seed: int = 0, rope_scaling_factor: float = 1.0):
     """The model for training. The demo is built in code from a fixed seed; others load with from_pretrained."""
     import torch
-
-    if source == DEMO_MODEL:
-        from elite_core.demo_model import demo_model_config
-        from transformers import AutoModelForCausalLM
-
-        config = demo_model_config()
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model.to(device)
-    problem = check_model_source(source)
-    if problem:
-        raise ModelSourceError(problem)
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    hf_config = load_hf_config(source, trust_remote_code)
+    scale_rope(hf_config, rope_scaling_factor)
+    if source == DEMO_MODEL:
+        hf_config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        return model.to(device)
+    kwargs = {"config": hf_config, "dtype": dtype, "trust_remote_code": trust_remote_code,
+              "attn_implementation": attn_implementation}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}

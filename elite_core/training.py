@@ -98,10 +98,42 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def mlp_shards(setup: TrainingSetup, hidden_size: int) -> int:
+    """As many sequence tiles as the window has multiples of the hidden size (Unsloth's rule)."""
+    return max(1, math.ceil(setup.seq_tokens / hidden_size))
+
+
+def tiled_mlp_forward(mlp_call: Callable, shards: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP over sequence tiles, each tile checkpointed: only one tile's 3*I-wide intermediate exists at a time.
+
+    The MLP acts on each position alone, so tiling along the sequence changes no result.
+    """
+    if shards <= 1 or hidden.shape[1] < 2 * shards:
+        return mlp_call(hidden)
+    tiles = hidden.split(math.ceil(hidden.shape[1] / shards), dim=1)
+    if torch.is_grad_enabled():
+        outputs = [activation_checkpoint(mlp_call, tile, use_reentrant=False) for tile in tiles]
+    else:
+        outputs = [mlp_call(tile) for tile in tiles]
+    return torch.cat(outputs, dim=1)
+
+
+def tile_mlps(model, shards: int) -> int:
+    """Make every decoder layer's MLP run tiled. The forward is swapped on the instance, so parameter names (and the
+    saved adapter) stay exactly as they were. Returns how many MLPs were tiled."""
+    import functools
+
+    tiled = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and not getattr(module, "_elite_tiled", False):
+            module.forward = functools.partial(tiled_mlp_forward, module.forward, shards)
+            module._elite_tiled = True
+            tiled += 1
+    return tiled
+
+
 def build_lora_model(config: RunConfig, setup: TrainingSetup, device: str):
     """The base model in the setup's dtype, frozen, with LoRA adapters (and any extra modules trained in full)."""
-    from peft import LoraConfig, get_peft_model
-
     dtype = torch_dtype(setup.compute_dtype if setup.weight_dtype in ("nf4", "int8") else setup.weight_dtype)
     quantization = None
     if setup.weight_dtype in ("nf4", "int8"):
@@ -113,10 +145,20 @@ def build_lora_model(config: RunConfig, setup: TrainingSetup, device: str):
         else:
             quantization = BitsAndBytesConfig(load_in_8bit=True)
     model = load_causal_lm(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
-                           attn_implementation=setup.attention, quantization_config=quantization, seed=config.seed)
+                           attn_implementation=setup.attention, quantization_config=quantization, seed=config.seed,
+                           rope_scaling_factor=setup.rope_scaling_factor)
+    return add_lora(model, config, setup)
+
+
+def add_lora(model, config: RunConfig, setup: TrainingSetup):
+    """Checkpointing and MLP tiling as the setup says, then LoRA adapters; the model comes back in train mode."""
+    from peft import LoraConfig, get_peft_model
+
     model.config.use_cache = False
     if setup.checkpointing in ("on", "offload"):
         enable_checkpointing(model)
+    if setup.tiled_mlp:
+        tile_mlps(model, mlp_shards(setup, model.config.hidden_size))
     targets = config.lora_target_modules
     lora = LoraConfig(
         r=config.lora_rank,
@@ -165,6 +207,17 @@ class DataPosition:
 
 def epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed + epoch).permutation(num_windows)
+
+
+def forward_context(setup: TrainingSetup) -> contextlib.ExitStack:
+    """Autocast to the compute dtype on CUDA (LoRA adapters are fp32 under peft), and checkpoint offload to pinned
+    CPU memory when the setup asks for it."""
+    stack = contextlib.ExitStack()
+    if setup.device == "cuda" and setup.compute_dtype in ("bf16", "fp16"):
+        stack.enter_context(torch.autocast("cuda", dtype=torch_dtype(setup.compute_dtype)))
+    if setup.checkpointing == "offload" and setup.device == "cuda":
+        stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=True))
+    return stack
 
 
 class MemoryMeter:
@@ -268,10 +321,8 @@ class TrainingEngine:
         if self.probe_steps:
             self.total_steps = self.probe_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
-        self.autocast_dtype = None
-        if self.device == "cuda" and self.setup_choice.compute_dtype in ("bf16", "fp16"):
-            self.autocast_dtype = torch_dtype(self.setup_choice.compute_dtype)
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        fp16 = self.device == "cuda" and self.setup_choice.compute_dtype == "fp16"
+        self.grad_scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.step = 0
         self.position = DataPosition()
         self.losses: list[float] = []
@@ -306,12 +357,7 @@ class TrainingEngine:
         return input_ids, labels
 
     def _forward_context(self):
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
-        if self.setup_choice.checkpointing == "offload" and self.device == "cuda":
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=True))
-        return stack
+        return forward_context(self.setup_choice)
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, tokens)."""

@@ -1,0 +1,134 @@
+"""Step 5: build the training set from the repository, with progress; then what went in and what was left out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.widgets import ProgressBar, Static
+from textual.worker import Worker
+
+from elite_tui.format import format_bytes, format_count
+from elite_tui.screens.base import WizardScreen
+from elite_tui.widgets.key_values import key_value_table
+
+SKIPPED_SHOWN = 12
+
+
+class DatasetProgress(Message):
+    def __init__(self, progress: Any) -> None:
+        super().__init__()
+        self.progress = progress
+
+
+class DatasetReady(Message):
+    def __init__(self, summary: Any) -> None:
+        super().__init__()
+        self.summary = summary
+
+
+def progress_text(progress: Any) -> str:
+    return (f"Reading files: {progress.files_done:,}/{progress.files_total:,}, "
+            f"{format_bytes(progress.bytes_done)} of {format_bytes(progress.bytes_total)} "
+            f"({progress.mb_per_s:.1f} MB/s)")
+
+
+def summary_renderable(summary: Any, window_tokens: int) -> Group:
+    windows = summary.train_windows(window_tokens)
+    overview = key_value_table(
+        [
+            ("files", format_count(summary.files)),
+            ("size", format_bytes(summary.bytes)),
+            ("tokens", format_count(summary.tokens)),
+            ("train / eval tokens", f"{format_count(summary.train_tokens)} / {format_count(summary.eval_tokens)}"),
+            ("train / eval files", f"{format_count(summary.train_files)} / {format_count(summary.eval_files)}"),
+            (f"windows of {window_tokens:,}", format_count(windows)),
+            ("duplicates removed", format_count(summary.duplicates_removed)),
+            ("secrets excluded", format_count(len(summary.secrets_excluded))),
+            ("skipped files", format_count(len(summary.skipped))),
+        ]
+    )
+    languages = Table(box=None, pad_edge=False, header_style="bold")
+    for column, justify in (("language", "left"), ("files", "right"), ("size", "right"), ("tokens", "right")):
+        languages.add_column(column, justify=justify)
+    for stats in summary.languages:
+        languages.add_row(stats.language, format_count(stats.files), format_bytes(stats.bytes), format_count(stats.tokens))
+    parts: list[Any] = [overview, Text(""), languages]
+    left_out = [*summary.secrets_excluded, *summary.skipped]
+    if left_out:
+        parts.append(Text(""))
+        parts.append(Text("Left out, and why:", style="bold"))
+        for item in left_out[:SKIPPED_SHOWN]:
+            parts.append(Text.from_markup(f"  {escape(item.path)}  [dim]{escape(item.reason)}[/dim]"))
+        if len(left_out) > SKIPPED_SHOWN:
+            parts.append(Text(f"  ... and {len(left_out) - SKIPPED_SHOWN} more", style="dim"))
+    if windows == 0:
+        parts.insert(0, Text(f"No training window of {window_tokens:,} tokens: pick a lower tier or a larger repo.\n",
+                             style="bold red"))
+    return Group(*parts)
+
+
+class DatasetScreen(WizardScreen):
+    STEP_NAME = "Dataset"
+    BINDINGS = [Binding("r", "rebuild", "Rebuild")]
+
+    def compose(self) -> ComposeResult:
+        yield self.step_title()
+        yield Static(f"Building the training set from {self.state.config.repo} ...", id="dataset-status")
+        yield ProgressBar(total=1.0, show_eta=False, id="dataset-progress")
+        with VerticalScroll(id="dataset-scroll"):
+            yield Static("", id="dataset-summary")
+        yield self.error_panel()
+        yield self.footer()
+
+    def on_mount(self) -> None:
+        if self.state.summary is not None:
+            self.show_summary(self.state.summary)
+        else:
+            self.build()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="dataset", name="building the dataset")
+    def build(self) -> None:
+        summary = self.engine.build_dataset(self.state.config, lambda progress: self.post_message(DatasetProgress(progress)))
+        self.post_message(DatasetReady(summary))
+
+    @on(DatasetProgress)
+    def dataset_progress(self, message: DatasetProgress) -> None:
+        self.query_one("#dataset-status", Static).update(progress_text(message.progress))
+        self.query_one(ProgressBar).update(progress=message.progress.fraction)
+
+    @on(DatasetReady)
+    def dataset_ready(self, message: DatasetReady) -> None:
+        self.state.summary = message.summary
+        self.state.preflight_results = []
+        self.show_summary(message.summary)
+        self.refresh_bindings()
+
+    def show_summary(self, summary: Any) -> None:
+        self.query_one("#dataset-status", Static).update(f"Training set built from {self.state.config.repo}.")
+        self.query_one(ProgressBar).update(progress=1.0)
+        self.query_one("#dataset-summary", Static).update(summary_renderable(summary, self.state.config.window_tokens))
+
+    def worker_failed(self, worker: Worker, error: BaseException) -> None:
+        self.query_one("#dataset-status", Static).update(
+            "The build failed; fix the repository (Esc goes back) or press r to retry."
+        )
+
+    def action_rebuild(self) -> None:
+        self.clear_error()
+        self.state.summary = None
+        self.query_one(ProgressBar).update(progress=0.0)
+        self.query_one("#dataset-summary", Static).update("")
+        self.build()
+
+    def can_advance(self) -> bool:
+        summary = self.state.summary
+        return summary is not None and summary.train_windows(self.state.config.window_tokens) > 0

@@ -1,0 +1,31 @@
+"""What the wizard has learnt so far; each screen reads it and fills in its part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from elite_core.config import RunConfig
+
+
+@dataclass
+class WizardState:
+    config: RunConfig
+    profile: Any = None
+    """HardwareProfile, once profiled (or given by the caller)."""
+    shape: Any = None
+    """ModelShape of config.model, read from its config alone."""
+    plans: tuple[Any, ...] = ()
+    """TierPlan for every tier, for the current profile, shape and config."""
+    summary: Any = None
+    """DatasetSummary of the built training set."""
+    preflight_results: list[Any] = field(default_factory=list)
+    preflight_config: RunConfig | None = None
+    """The config the pre-flight results were checked against."""
+    finished: Any = None
+    """The Finished event of the training run, once it ended."""
+    training_error: Any = None
+    last_step: Any = None
+    """The last StepMetrics, for the report screen's numbers."""
+    resume: bool = False
+    """True when the user picked a resumable run on the setup screen."""
