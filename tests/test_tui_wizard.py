@@ -1,4 +1,4 @@
-"""The whole wizard, keyboard only, on the real engine: demo model, a tiny repository, a 3-step training run."""
+"""The whole wizard, keyboard only, on the real engine: demo model, a tiny repository, an 8-step training run."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def test_keyboard_walk_reaches_a_finished_run(tiny_repo, tmp_path, monkeypatch):
     assert (Path(finished.adapter_path) / "adapter_config.json").is_file()
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     steps = [event for event in events if event["type"] == "step"]
-    assert [event["step"] for event in steps] == [1, 2, 3]
+    assert [event["step"] for event in steps] == list(range(1, 9))
     assert all(isinstance(event["loss"], float) for event in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"], "the loss did not fall"
     assert (run_dir / "report.md").is_file()
 
 
@@ -50,12 +51,12 @@ async def walk_the_wizard(tiny_repo: Path, output_dir: Path):
         # Focus starts on the first field; Tab selects a field's text, so typing replaces it.
         await pilot.press(*["tab"] * 7)
         assert app.focused is app.screen.query_one("#field-max_steps")
-        await pilot.press("3")
+        await pilot.press("8")
         await pilot.pause()
         await pilot.press("ctrl+n")
 
         await wait_until(pilot, lambda: screen_name(pilot) == "DatasetScreen", 5, "the dataset screen")
-        assert app.state.config.max_steps == 3
+        assert app.state.config.max_steps == 8
         await wait_until(pilot, lambda: app.state.summary is not None or error_text(pilot), 120, "the dataset")
         assert not error_text(pilot)
         assert app.state.summary.files > 0
@@ -72,7 +73,7 @@ async def walk_the_wizard(tiny_repo: Path, output_dir: Path):
         await wait_until(pilot, lambda: app.state.finished is not None or app.state.training_error is not None, 240,
                          "the end of training")
         assert app.state.training_error is None, app.state.training_error
-        assert app.screen.steps[-1] == 3
+        assert app.screen.steps[-1] == 8
         await pilot.press("ctrl+n")
 
         await wait_until(pilot, lambda: screen_name(pilot) == "ReportScreen", 5, "the report")
