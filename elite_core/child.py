@@ -19,6 +19,7 @@ from elite_core import protocol
 from elite_core.config import ConfigError, RunConfig
 
 EVENTS_FILE = "events.jsonl"
+CHILD_PID_FILE = "child.pid"
 
 
 class EventSink:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: RUN_DIR/dataset")
     args = parser.parse_args(argv)
 
-    run_dir: Path = args.run_dir
+    run_dir: Path = args.run_dir.resolve()
+    (run_dir / CHILD_PID_FILE).write_text(str(os.getpid()))
     sink = EventSink(run_dir, args.event_fd)
     try:
         config = RunConfig.load(run_dir / "config.yaml")

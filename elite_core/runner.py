@@ -3,16 +3,80 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 from elite_core import protocol
+from elite_core.child import CHILD_PID_FILE, EVENTS_FILE
 from elite_core.config import RunConfig
 
 CHILD_LOG = "child.log"
+CONTROLLER_LOCK = "controller.lock"
 TERMINAL_EVENTS = (protocol.Finished, protocol.Error)
+FOLLOW_POLL_S = 0.2
+
+
+class RunLockedError(RuntimeError):
+    """Another live elite-tui process controls this run."""
+
+
+def _process_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class ControllerLock:
+    """One controller (wizard, headless runner or attach) per run. The lock file holds the controller's pid; a lock
+    whose process is gone is stale and is taken over, not obeyed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / CONTROLLER_LOCK
+
+    def holder(self) -> int | None:
+        try:
+            pid = int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid != os.getpid() and _process_alive(pid) else None
+
+    def acquire(self) -> None:
+        holder = self.holder()
+        if holder is not None:
+            raise RunLockedError(f"another elite-tui (pid {holder}) controls {self.path.parent}; close it first")
+        staging = self.path.with_suffix(f".{os.getpid()}")
+        staging.write_text(str(os.getpid()))
+        os.replace(staging, self.path)
+
+    def release(self) -> None:
+        try:
+            if int(self.path.read_text().strip()) == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def live_child_pid(run_dir: Path) -> int | None:
+    """The pid of the training child of this run if it is still running (checked by its command line, so a reused
+    pid is not mistaken for it)."""
+    import psutil
+
+    run_dir = Path(run_dir).resolve()
+    try:
+        pid = int((run_dir / CHILD_PID_FILE).read_text().strip())
+        command = psutil.Process(pid).cmdline()
+    except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if "elite_core.child" in command and str(run_dir) in command and _process_alive(pid):
+        return pid
+    return None
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
@@ -26,10 +90,11 @@ def prepare_run_dir(config: RunConfig) -> Path:
 class TrainingProcess:
     """One running training child. `events()` is a blocking generator: run it in a worker thread."""
 
-    def __init__(self, run_dir: Path, process: subprocess.Popen, event_stream):
+    def __init__(self, run_dir: Path, process: subprocess.Popen, event_stream, lock: ControllerLock):
         self.run_dir = run_dir
         self.process = process
         self._events = event_stream
+        self._lock = lock
 
     @classmethod
     def start(cls, config: RunConfig, resume: bool = False, probe_steps: int = 0) -> "TrainingProcess":
@@ -39,6 +104,12 @@ class TrainingProcess:
     @classmethod
     def spawn(cls, run_dir: Path, resume: bool = False, probe_steps: int = 0,
               dataset_dir: Path | None = None) -> "TrainingProcess":
+        run_dir = Path(run_dir).resolve()
+        lock = ControllerLock(run_dir)
+        lock.acquire()
+        if live_child_pid(run_dir) is not None:
+            lock.release()
+            raise RunLockedError(f"{run_dir} is still training: attach to it (elite-tui attach {run_dir})")
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", "elite_core.child", str(run_dir), "--event-fd", str(write_fd)]
         if resume:
@@ -66,7 +137,7 @@ class TrainingProcess:
         finally:
             os.close(write_fd)
             log.close()
-        return cls(Path(run_dir), process, os.fdopen(read_fd, "r", encoding="utf-8"))
+        return cls(run_dir, process, os.fdopen(read_fd, "r", encoding="utf-8"), lock)
 
     def events(self) -> Iterator[protocol.Event]:
         """Every event until the child exits; a child that dies without saying why yields an Error of kind 'crash'."""
@@ -84,6 +155,7 @@ class TrainingProcess:
             yield event
         self._events.close()
         code = self.process.wait()
+        self._lock.release()
         if not ended:
             yield protocol.Error(
                 message=f"the training process exited with code {code} without reporting an error",
@@ -140,3 +212,66 @@ class TrainingProcess:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs([*children, parent], timeout=5)
+
+
+class AttachedRun:
+    """A run whose child was started by another controller that is gone (an SSH drop, a closed terminal).
+
+    Events come from RUN_DIR/events.jsonl, the whole history first, then followed as the child appends; commands go to
+    the child as signals (SIGUSR1: checkpoint now, SIGTERM: checkpoint and stop), which it handles like pipe commands.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir).resolve()
+        self._lock = ControllerLock(self.run_dir)
+        self._lock.acquire()
+        self.pid = live_child_pid(self.run_dir)
+
+    def events(self) -> Iterator[protocol.Event]:
+        ended = False
+        buffer = ""
+        try:
+            with open(self.run_dir / EVENTS_FILE, "r", encoding="utf-8", errors="replace") as stream:
+                while True:
+                    chunk = stream.read()
+                    if not chunk:
+                        if ended:
+                            break
+                        if self.is_alive():
+                            time.sleep(FOLLOW_POLL_S)
+                            continue
+                        chunk = stream.read()  # lines written just before the child exited
+                        if not chunk:
+                            break
+                    buffer += chunk
+                    *lines, buffer = buffer.split("\n")
+                    for line in lines:
+                        try:
+                            event = protocol.decode_event(line)
+                        except protocol.ProtocolError:
+                            continue
+                        ended = ended or isinstance(event, TERMINAL_EVENTS)
+                        yield event
+        finally:
+            self._lock.release()
+        if not ended:
+            yield protocol.Error(message="the training process is gone without reporting an end; resume the run",
+                                 kind="crash")
+
+    def _signal(self, signum: int) -> bool:
+        if self.pid is None or not self.is_alive():
+            return False
+        os.kill(self.pid, signum)
+        return True
+
+    def checkpoint_now(self) -> bool:
+        return self._signal(signal.SIGUSR1)
+
+    def stop(self) -> bool:
+        return self._signal(signal.SIGTERM)
+
+    def is_alive(self) -> bool:
+        return self.pid is not None and _process_alive(self.pid)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)

@@ -22,6 +22,8 @@ class RunInfo:
     resumable: bool
     """A verified checkpoint exists and the run did not finish."""
     updated: float
+    live: bool = False
+    """Its training child is running now (started by a controller that may be gone): attach, do not resume."""
 
 
 def new_run_name(now: float | None = None) -> str:
@@ -61,10 +63,15 @@ def run_info(run_dir: Path) -> RunInfo:
     checkpoint = latest_valid(run_dir)
     if checkpoint is not None and status != "finished":
         step = max(step, read_state(checkpoint)["step"])
+    from elite_core.runner import live_child_pid
+
+    live = live_child_pid(run_dir) is not None
+    if live:
+        status = "training"
     updated = max((p.stat().st_mtime for p in (run_dir / EVENTS_FILE, run_dir / "config.yaml") if p.exists()), default=0.0)
     return RunInfo(
         run_dir=str(run_dir), name=run_dir.name, status=status, step=step, total_steps=total,
-        resumable=checkpoint is not None and status != "finished", updated=updated,
+        resumable=checkpoint is not None and status not in ("finished", "training"), updated=updated, live=live,
     )
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from elite_core.config import DEMO_MODEL, ConfigError, RunConfig, default_config
+from elite_core.runner import RunLockedError
 
 
 def _add_model_args(parser: argparse.ArgumentParser, repo: bool = True) -> None:
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its last good checkpoint")
     resume.add_argument("run_dir", type=Path)
 
+    attach = sub.add_parser("attach", help="re-attach to a run that is still training (after an SSH drop)")
+    attach.add_argument("run_dir", type=Path)
+    attach.add_argument("--print", action="store_true", help="print the events instead of opening the monitor")
+
     profile = sub.add_parser("profile", help="print the hardware profile as JSON")
     profile.add_argument("--output", default="elite-runs")
     profile.add_argument("--reprofile", action="store_true")
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             return _wizard(args)
-        handler = {"run": _run, "resume": _resume, "profile": _profile, "plan": _plan, "dataset": _dataset}[args.command]
+        handler = {"run": _run, "resume": _resume, "attach": _attach, "profile": _profile, "plan": _plan, "dataset": _dataset}[args.command]
         return handler(args)
     except ConfigError as exc:
         print("invalid settings:", file=sys.stderr)
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {message}", file=sys.stderr)
         return 2
     except CliError as exc:
+        print(f"elite-tui: {exc}", file=sys.stderr)
+        return 2
+    except RunLockedError as exc:
         print(f"elite-tui: {exc}", file=sys.stderr)
         return 2
 
@@ -211,6 +219,25 @@ def _resume(args) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
     return _follow(TrainingProcess.spawn(args.run_dir, resume=True))
+
+
+def _attach(args) -> int:
+    from elite_core.runner import AttachedRun, live_child_pid
+
+    run_dir = args.run_dir
+    if not (run_dir / "config.yaml").is_file():
+        raise CliError(f"{run_dir} is not a run directory (no config.yaml)")
+    if live_child_pid(run_dir) is None:
+        raise CliError(f"nothing is training in {run_dir}: continue it with `elite-tui resume {run_dir}`")
+    if args.print:
+        return _follow(AttachedRun(run_dir))
+    from elite_tui.app import EliteApp
+    from elite_tui.state import WizardState
+
+    config = RunConfig.load(run_dir / "config.yaml")
+    app = EliteApp(config, start_at="monitor", state=WizardState(config=config, attach=True))
+    result = app.run()
+    return result if isinstance(result, int) else (app.return_code or 0)
 
 
 def _follow(process) -> int:

@@ -71,6 +71,11 @@ class Engine:
 
         return TrainingProcess.start(config, resume=resume)
 
+    def attach_training(self, run_dir: Path) -> Any:
+        from elite_core.runner import AttachedRun
+
+        return AttachedRun(run_dir)
+
     def list_runs(self, output_dir: str) -> list[Any]:
         from elite_core.runs import list_runs
 

@@ -29,3 +29,5 @@ class WizardState:
     """The last StepMetrics, for the report screen's numbers."""
     resume: bool = False
     """True when the user picked a resumable run on the setup screen."""
+    attach: bool = False
+    """True when the monitor follows a child that is already training (elite-tui attach, or a live run on Setup)."""

@@ -77,7 +77,10 @@ class MonitorScreen(WizardScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="training", name="training")
     def train(self, config: Any, resume: bool) -> None:
-        self.process = self.engine.start_training(config, resume=resume)
+        if self.state.attach:
+            self.process = self.engine.attach_training(config.run_dir)
+        else:
+            self.process = self.engine.start_training(config, resume=resume)
         for event in self.process.events():
             self.post_message(TrainingEvent(event))
 

@@ -84,7 +84,7 @@ class SetupScreen(WizardScreen):
                     yield Static(label, classes="field-label")
                     yield Input(values[name], placeholder=placeholder, id=f"field-{name}", compact=True)
                 yield Static("", id=f"message-{name}", classes="field-message")
-        yield Static("Resumable runs in the output dir (Enter resumes one):", id="runs-title")
+        yield Static("Resumable and live runs in the output dir (Enter resumes or attaches):", id="runs-title")
         yield DataTable(id="runs", cursor_type="row")
         yield self.error_panel()
         yield self.footer()
@@ -140,7 +140,7 @@ class SetupScreen(WizardScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="runs", name="listing runs")
     def load_runs(self, output_dir: str) -> None:
-        runs = [run for run in self.engine.list_runs(output_dir) if run.resumable]
+        runs = [run for run in self.engine.list_runs(output_dir) if run.resumable or run.live]
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self.show_runs, runs)
 
@@ -192,6 +192,13 @@ class SetupScreen(WizardScreen):
             self.show_error("Cannot resume", f"{run.run_dir}/config.yaml: {exc}")
             return
         self.state.config = config
+        if run.live:
+            # Still training (its controller went away): follow it on the monitor instead of starting anything.
+            from elite_tui.screens.monitor import MonitorScreen
+
+            self.state.attach = True
+            self.app.push_screen(self.wizard.make_screen(MonitorScreen))
+            return
         self.state.resume = True
         self.wizard.next_step(self)
 

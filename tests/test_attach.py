@@ -1,0 +1,96 @@
+"""An SSH drop: the controller dies of SIGHUP, the child trains on, and `attach` takes the run back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from elite_core import protocol
+from elite_core.runner import AttachedRun, ControllerLock, live_child_pid
+from elite_core.runs import list_runs, read_events
+
+SMALL = ["context_tokens=192", "target_tokens=64", "lora_rank=8", "lora_alpha=16", "eval_every_steps=0",
+         "checkpoint_every_seconds=0", "eval_fraction=0.0"]
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def steps_in(run_dir):
+    return [e.step for e in read_events(run_dir) if isinstance(e, protocol.StepMetrics)]
+
+
+def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(tiny_repo, tmp_path):
+    output = tmp_path / "runs"
+    run_dir = output / "drop"
+    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(tiny_repo), "--output", str(output),
+               "--run-name", "drop", "--tier", "1", "--max-steps", "100000"]
+    for setting in SMALL:
+        command += ["--set", setting]
+    controller = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+    try:
+        wait_for(lambda: len(steps_in(run_dir)) >= 2, 180, "the first steps")
+        assert ControllerLock(run_dir).holder() == controller.pid
+        os.kill(controller.pid, signal.SIGHUP)  # what a dropped SSH session sends
+        assert controller.wait(timeout=30) != 0
+        child = live_child_pid(run_dir)
+        assert child is not None, "the training child died with its controller"
+        seen = len(steps_in(run_dir))
+        wait_for(lambda: len(steps_in(run_dir)) >= seen + 3, 60, "steps after the drop")
+
+        assert [run.live for run in list_runs(output)] == [True]
+        attached = AttachedRun(run_dir)
+        second = subprocess.run([sys.executable, "-m", "elite_tui.cli", "attach", str(run_dir), "--print"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "controls" in second.stderr  # one controller at a time
+        history, asked = [], []
+        for event in attached.events():
+            history.append(event)
+            if isinstance(event, protocol.StepMetrics) and event.step >= seen + 5 and not asked:
+                asked.append(attached.checkpoint_now())
+            if isinstance(event, protocol.CheckpointSaved) and event.reason == "requested":
+                assert attached.stop()
+        assert asked == [True]
+        assert isinstance(history[0], protocol.Started), "attach starts from the full history"
+        reasons = [e.reason for e in history if isinstance(e, protocol.CheckpointSaved)]
+        assert reasons[:1] == ["requested"] and reasons[-1] == "signal"
+        assert isinstance(history[-1], protocol.Finished) and history[-1].stopped_early
+        wait_for(lambda: live_child_pid(run_dir) is None, 30, "the child to exit")
+        assert list_runs(output)[0].resumable
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        pid = live_child_pid(run_dir)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "controller.lock").write_text(str(dead.pid))
+    lock = ControllerLock(tmp_path)
+    assert lock.holder() is None
+    lock.acquire()
+    assert (tmp_path / "controller.lock").read_text() == str(os.getpid())
+    lock.release()
+    assert not (tmp_path / "controller.lock").exists()
+
+
+def test_attach_refuses_a_run_that_is_not_training(tmp_path, capsys):
+    from elite_tui.cli import main
+
+    (tmp_path / "config.yaml").write_text(json.dumps({"model": "demo"}))
+    assert main(["attach", str(tmp_path)]) == 2
+    assert "nothing is training" in capsys.readouterr().err
