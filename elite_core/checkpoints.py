@@ -89,6 +89,10 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunCon
 
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-*"):
+        # A save that a kill interrupted: never renamed into place, so never read; only its disk space is reclaimed.
+        if f"-{os.getpid()}-" not in leftover.name:
+            shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"{PREFIX}{state['step']:08d}"
     staging = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
     staging.mkdir()
