@@ -97,6 +97,9 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunCon
     staging = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
     staging.mkdir()
     try:
+        fault = os.environ.get("ELITE_FAULT_SAVE_ERRNO")
+        if fault:  # fault injection for tests: fail the way a full or read-only disk does
+            raise OSError(int(fault), os.strerror(int(fault)))
         save_file(_trainable_state(model), staging / "adapter.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")

@@ -67,6 +67,8 @@ class RunConfig:
     eval_every_steps: int = 50
     checkpoint_every_seconds: int = 600
     keep_checkpoints: int = 3
+    stop_on_save_failure: bool = False
+    """When a checkpoint cannot be written (disk full): stop the run (true) or report it and train on (false)."""
     log_every_steps: int = 1
     version: int = CONFIG_VERSION
 

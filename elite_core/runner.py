@@ -275,3 +275,79 @@ class AttachedRun:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+
+def step_down(config: RunConfig) -> tuple[RunConfig, str] | None:
+    """The next smaller setup after an out-of-memory error, and what changed; None when nothing smaller is left.
+
+    First halve the micro-batch and double accumulation (same tokens per update), then a lower tier. The LoRA rank is
+    kept when the tier drops, so the last checkpoint's adapter still loads.
+    """
+    from elite_core.tiers import tier_by_number
+
+    if config.micro_batch > 1:
+        smaller = config.replace(micro_batch=config.micro_batch // 2, grad_accum=config.grad_accum * 2)
+        return smaller, (f"micro-batch {config.micro_batch} -> {smaller.micro_batch}, gradient accumulation "
+                         f"{config.grad_accum} -> {smaller.grad_accum} (same tokens per update)")
+    if config.tier > 1:
+        lower = tier_by_number(config.tier - 1)
+        smaller = config.replace(tier=lower.number, context_tokens=lower.context_tokens, target_tokens=lower.target_tokens)
+        return smaller, (f"tier {config.tier} -> {lower.number}: windows of {lower.total_tokens:,} tokens "
+                         f"(LoRA rank kept at {config.lora_rank})")
+    return None
+
+
+class SupervisedRun:
+    """A training run that recovers from running out of memory: on an OOM error it steps the config down, records why
+    in events.jsonl, and resumes from the last checkpoint, up to MAX_RESTARTS times. Same interface as TrainingProcess."""
+
+    MAX_RESTARTS = 6
+
+    def __init__(self, config: RunConfig, resume: bool = False):
+        self.config = config
+        self.current = TrainingProcess.start(config, resume=resume)
+        self.run_dir = self.current.run_dir
+
+    def events(self) -> Iterator[protocol.Event]:
+        restarts = 0
+        while True:
+            oom = None
+            for event in self.current.events():
+                if isinstance(event, protocol.Error) and event.kind == "oom" and restarts < self.MAX_RESTARTS:
+                    oom = event
+                    continue
+                yield event
+            if oom is None:
+                return
+            change = step_down(self.config)
+            if change is None:
+                yield protocol.Error(message=f"{oom.message}; nothing smaller is left to try", traceback=oom.traceback,
+                                     kind="oom")
+                return
+            self.config, what_changed = change
+            self.config.save(self.run_dir / "config.yaml")
+            notice = protocol.Warning(message=f"out of memory: {what_changed}; resuming from the last checkpoint")
+            with open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8") as log:
+                log.write(protocol.encode(notice) + "\n")
+            yield notice
+            restarts += 1
+            self.current = TrainingProcess.spawn(self.run_dir, resume=True)
+
+    def checkpoint_now(self) -> bool:
+        return self.current.checkpoint_now()
+
+    def stop(self) -> bool:
+        return self.current.stop()
+
+    def is_alive(self) -> bool:
+        return self.current.is_alive()
+
+    def kill(self) -> None:
+        self.current.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.current.wait(timeout)
+
+    @property
+    def process(self):
+        return self.current.process

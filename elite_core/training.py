@@ -35,6 +35,14 @@ EmitFn = Callable[[object], None]
 PollFn = Callable[[], Iterable[object]]
 
 
+def simulate_oom(micro_batch_tokens: int) -> None:
+    """Fault injection for tests on machines without a GPU: ELITE_FAULT_OOM_ABOVE_TOKENS=N makes any micro-batch of
+    more than N tokens fail exactly as a CUDA out-of-memory error does."""
+    limit = os.environ.get("ELITE_FAULT_OOM_ABOVE_TOKENS")
+    if limit and micro_batch_tokens > int(limit):
+        raise torch.cuda.OutOfMemoryError(f"simulated: {micro_batch_tokens} tokens in one micro-batch")
+
+
 def resolve_device(config: RunConfig) -> str:
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,6 +376,7 @@ class TrainingEngine:
         for _ in range(config.grad_accum):
             input_ids, labels = self._batch(self._next_windows(config.micro_batch), self.train_data)
             tokens += input_ids.numel()
+            simulate_oom(input_ids.numel())
             with self._forward_context():
                 loss = model_loss(self.model, input_ids, labels, self.loss_mode) / config.grad_accum
             if self.grad_scaler is not None:
@@ -401,13 +410,26 @@ class TrainingEngine:
         self.model.train()
         return sum(losses) / len(losses)
 
-    def save_checkpoint(self, reason: str) -> None:
+    def save_checkpoint(self, reason: str) -> bool:
+        """Save; a failed save (disk full, permissions) leaves the previous checkpoint intact and is reported, and
+        training goes on unless the config says to stop."""
         started = time.monotonic()
         state = {"step": self.step, "position": vars(self.position).copy(), "losses": self.losses[-10000:]}
-        path = checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.config,
-                                keep=self.config.keep_checkpoints)
+        try:
+            path = checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.config,
+                                    keep=self.config.keep_checkpoints)
+        except OSError as exc:
+            previous = checkpoints.latest_valid(self.run_dir)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            then = "stopping" if self.config.stop_on_save_failure else "training goes on"
+            self.emit(protocol.Warning(message=f"checkpoint at step {self.step} failed: {exc.strerror or exc}; "
+                                               f"{kept}; {then}"))
+            if self.config.stop_on_save_failure:
+                self.request_stop("save-failed")
+            return False
         self.emit(protocol.CheckpointSaved(step=self.step, path=str(path), reason=reason,
                                            seconds=time.monotonic() - started))
+        return True
 
     def run(self) -> protocol.Finished:
         started = time.monotonic()
@@ -430,7 +452,17 @@ class TrainingEngine:
                 stopped_early = True
                 break
             step_started = time.monotonic()
-            loss, grad_norm, tokens = self.train_step()
+            position_before = DataPosition(self.position.epoch, self.position.index)
+            try:
+                loss, grad_norm, tokens = self.train_step()
+            except torch.cuda.OutOfMemoryError:
+                # The weights and optimizer are as after the last full step; rewind the data so resume redoes this one.
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                self.position = position_before
+                self.save_checkpoint("oom")
+                raise
             if self.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.monotonic() - step_started

@@ -208,17 +208,20 @@ def _run(args) -> int:
         raise CliError(f"repository not found: {config.repo}")
     print(f"run directory: {config.run_dir}")
     _build_dataset(config)
-    from elite_core.runner import TrainingProcess
+    from elite_core.runner import SupervisedRun
 
-    return _follow(TrainingProcess.start(config))
+    return _follow(SupervisedRun(config))
 
 
 def _resume(args) -> int:
-    from elite_core.runner import TrainingProcess
+    from elite_core.runner import SupervisedRun
 
-    if not (args.run_dir / "config.yaml").is_file():
+    run_dir = args.run_dir.resolve()
+    if not (run_dir / "config.yaml").is_file():
         raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
-    return _follow(TrainingProcess.spawn(args.run_dir, resume=True))
+    # The run directory may have moved, or this shell may stand elsewhere: it is where the run is.
+    config = RunConfig.load(run_dir / "config.yaml").replace(output_dir=str(run_dir.parent), run_name=run_dir.name)
+    return _follow(SupervisedRun(config, resume=True))
 
 
 def _attach(args) -> int:

@@ -67,9 +67,9 @@ class Engine:
         return run_preflight(config, profile, summary, shape)
 
     def start_training(self, config: Any, resume: bool = False) -> Any:
-        from elite_core.runner import TrainingProcess
+        from elite_core.runner import SupervisedRun
 
-        return TrainingProcess.start(config, resume=resume)
+        return SupervisedRun(config, resume=resume)
 
     def attach_training(self, run_dir: Path) -> Any:
         from elite_core.runner import AttachedRun

@@ -1,0 +1,70 @@
+"""Out of memory and full disks, simulated on CPU through the engine's fault-injection variables."""
+
+import pytest
+
+from elite_core import protocol
+from elite_core.checkpoints import latest_valid, list_checkpoints
+from elite_core.config import RunConfig, default_config
+from elite_core.runner import SupervisedRun, TrainingProcess, step_down
+
+SMALL = {"context_tokens": 192, "target_tokens": 64, "lora_rank": 8, "lora_alpha": 16, "eval_every_steps": 0,
+         "eval_fraction": 0.0, "checkpoint_every_seconds": 0}
+
+
+def run_to_end(process):
+    events = list(process.events())
+    assert isinstance(events[-1], (protocol.Finished, protocol.Error))
+    return events
+
+
+def test_step_down_halves_the_micro_batch_then_drops_a_tier():
+    config = RunConfig().with_tier(3).replace(micro_batch=4, grad_accum=2)
+    ladder = []
+    while (change := step_down(config)) is not None:
+        config, text = change
+        ladder.append((config.micro_batch, config.grad_accum, config.tier))
+    assert ladder == [(2, 4, 3), (1, 8, 3), (1, 8, 2), (1, 8, 1)]
+    assert config.lora_rank == RunConfig().with_tier(3).lora_rank  # the adapter shape never changes
+
+
+def test_an_oom_steps_down_and_resumes_with_the_same_tokens_per_update(tiny_repo, tmp_path, monkeypatch):
+    # 4 windows of 256 tokens per micro-batch run out of "memory"; 2 fit.
+    monkeypatch.setenv("ELITE_FAULT_OOM_ABOVE_TOKENS", "600")
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="oom", max_steps=4,
+                            micro_batch=4, grad_accum=1, **SMALL)
+    events = run_to_end(SupervisedRun(config))
+    notices = [e.message for e in events if isinstance(e, protocol.Warning) and e.message.startswith("out of memory")]
+    assert notices == ["out of memory: micro-batch 4 -> 2, gradient accumulation 1 -> 2 (same tokens per update); "
+                       "resuming from the last checkpoint"]
+    assert isinstance(events[-1], protocol.Finished) and not events[-1].stopped_early
+    saved = RunConfig.load(config.run_dir / "config.yaml")
+    assert (saved.micro_batch, saved.grad_accum) == (2, 2)
+    steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
+    assert [s.step for s in steps] == [1, 2, 3, 4]
+    assert "out of memory: micro-batch 4 -> 2" in (config.run_dir / "events.jsonl").read_text()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tiny_repo, tmp_path, monkeypatch):
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="full", max_steps=3, **SMALL)
+    first = run_to_end(TrainingProcess.start(config))
+    assert isinstance(first[-1], protocol.Finished)
+    good = latest_valid(config.run_dir)
+
+    monkeypatch.setenv("ELITE_FAULT_SAVE_ERRNO", "28")  # ENOSPC
+    more = config.replace(max_steps=6)
+    more.save(config.run_dir / "config.yaml")
+    events = run_to_end(TrainingProcess.spawn(config.run_dir, resume=True))
+    warnings = [e.message for e in events if isinstance(e, protocol.Warning) and "failed" in e.message]
+    assert warnings and "No space left on device" in warnings[0] and f"{good.name} is intact" in warnings[0]
+    assert [e.step for e in events if isinstance(e, protocol.StepMetrics)] == [4, 5, 6]
+    assert list_checkpoints(config.run_dir)[-1] == good and latest_valid(config.run_dir) == good
+
+
+def test_a_full_disk_can_stop_the_run_instead(tiny_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("ELITE_FAULT_SAVE_ERRNO", "28")
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="stop", max_steps=50,
+                            stop_on_save_failure=True, **{**SMALL, "checkpoint_every_seconds": 1})
+    events = run_to_end(TrainingProcess.start(config))
+    assert isinstance(events[-1], protocol.Finished) and events[-1].stopped_early
+    assert events[-1].step < 50
+    assert any(isinstance(e, protocol.Warning) and "stopping" in e.message for e in events)
