@@ -1,0 +1,408 @@
+"""Predicted vs measured peak GPU memory of the engine's LoRA training step, over a matrix of real architectures.
+
+On one CUDA GPU, in one command:
+
+    python bench/memory_accuracy.py run --out bench/results            # writes memory-<gpu>.jsonl and .txt
+    python bench/memory_accuracy.py score bench/results/memory-h100.jsonl   # re-predict with the current model, print table
+
+Models are random-initialised from their configs (memory does not depend on weight values). Each point runs the engine's
+own code (elite_core.training: build_lora_model, make_optimizer, model_loss, autocast and checkpoint offload as in
+TrainingEngine.train_step) for a few optimizer steps. Measured peak = torch's peak reserved + memory outside torch that
+NVML sees for this process (CUDA context, cuBLAS), the number a user's nvidia-smi shows at the worst moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as elite_core.runner starts the child
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 1024**3
+
+MODELS = {
+    "Qwen2.5-Coder-1.5B": dict(kind="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                               num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                               tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
+    "Llama-3.1-8B": dict(kind="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=5e5),
+    "Qwen2.5-Coder-7B": dict(kind="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                             tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6),
+}
+
+
+def hf_config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    values = dict(MODELS[name])
+    kind = values.pop("kind")
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    return cls(**values, use_cache=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    model: str
+    seq: int
+    rank: int
+    checkpointing: str
+    micro_batch: int = 1
+    lora_dropout: float = 0.0
+    target_tokens: int = 0
+    tier: int = 0
+    tiled_mlp: bool = False
+    """Non-zero when the planner chose this point as its setup for that tier on the measured profile."""
+
+    @property
+    def target(self) -> int:
+        return self.target_tokens or self.seq // 8
+
+    @property
+    def options(self) -> list[str]:
+        names = [{"on": "ckpt", "off": "no-ckpt", "offload": "ckpt-offload"}[self.checkpointing], "chunked-loss"]
+        if self.tier:
+            names.insert(0, f"tier-{self.tier}")
+        if self.lora_dropout:
+            names.append(f"dropout-{self.lora_dropout:g}")
+        if self.micro_batch > 1:
+            names.append(f"batch-{self.micro_batch}")
+        if self.tiled_mlp:
+            names.append("tiled-mlp")
+        return names
+
+
+def matrix(models: list[str]) -> list[Point]:
+    """3 lengths x 2 ranks x checkpointing on/off, then dropout, micro-batch 2 and offloaded checkpoints."""
+    points = []
+    for model in models:
+        for seq in (4096, 8192, 16384):
+            for rank in (8, 32):
+                for checkpointing in ("on", "off"):
+                    points.append(Point(model, seq, rank, checkpointing))
+        for seq in (4096, 16384):
+            points.append(Point(model, seq, 16, "on", lora_dropout=0.05))
+            points.append(Point(model, seq, 16, "off", lora_dropout=0.05))
+            points.append(Point(model, seq, 16, "on", micro_batch=2))
+            points.append(Point(model, seq, 16, "offload"))
+    # Grouped so each model is built once per rank, dropout and checkpointing choice; lengths ascend within a group.
+    order = {model: index for index, model in enumerate(models)}
+    return sorted(points, key=lambda p: (order[p.model], p.rank, p.lora_dropout, p.checkpointing == "off",
+                                         p.checkpointing, p.micro_batch, p.seq))
+
+
+def long_tier_points(profile) -> list[Point]:
+    """The planner's fitting tiers beyond 64K tokens (minutes per step): the riskiest promise, run last and apart."""
+    from elite_core.config import RunConfig
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.planner import plan_tiers
+
+    points = []
+    for model in ("Llama-3.1-8B", "Qwen2.5-Coder-1.5B"):
+        shape = shape_from_hf_config(hf_config(model), name=model)
+        for plan in plan_tiers(shape, profile, RunConfig(model=model)):
+            setup = plan.setup
+            if plan.fits and setup.seq_tokens > 65536:
+                points.append(Point(model, setup.seq_tokens, setup.lora_rank, setup.checkpointing, setup.micro_batch,
+                                    setup.lora_dropout, setup.target_tokens, plan.tier.number))
+    return points
+
+
+def tiled_points() -> list[Point]:
+    """The sequence-tiled MLP (each tile checkpointed inside the checkpointed layer) at long windows."""
+    return [
+        Point("Qwen2.5-Coder-1.5B", 65536, 8, "on", target_tokens=7168, tiled_mlp=True),
+        Point("Qwen2.5-Coder-1.5B", 150528, 8, "on", target_tokens=16384, tiled_mlp=True),
+        Point("Llama-3.1-8B", 32768, 16, "on", tiled_mlp=True),
+        Point("Llama-3.1-8B", 65536, 8, "on", target_tokens=7168, tiled_mlp=True),
+        Point("Llama-3.1-8B", 65536, 8, "offload", target_tokens=7168, tiled_mlp=True),
+    ]
+
+
+def validation_points(profile) -> list[Point]:
+    """Points the constants were not fitted on: other lengths, ranks and batches, and the planner's own tier choices."""
+    from elite_core.config import RunConfig
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.planner import plan_tiers
+
+    points = [
+        Point("Qwen2.5-Coder-1.5B", 12288, 16, "on"), Point("Qwen2.5-Coder-1.5B", 24576, 16, "on"),
+        Point("Qwen2.5-Coder-1.5B", 32768, 64, "on"), Point("Qwen2.5-Coder-1.5B", 12288, 16, "off"),
+        Point("Qwen2.5-Coder-1.5B", 8192, 16, "on", micro_batch=4),
+        Point("Llama-3.1-8B", 32768, 16, "on"), Point("Llama-3.1-8B", 24576, 64, "on"),
+        Point("Llama-3.1-8B", 32768, 16, "offload"), Point("Llama-3.1-8B", 8192, 16, "on", micro_batch=4),
+        Point("Llama-3.1-8B", 6144, 16, "off", lora_dropout=0.1),
+        Point("Qwen2.5-Coder-7B", 32768, 16, "on"), Point("Qwen2.5-Coder-7B", 12288, 48, "on", lora_dropout=0.05),
+    ]
+    for model in ("Qwen2.5-Coder-1.5B", "Llama-3.1-8B"):
+        shape = shape_from_hf_config(hf_config(model), name=model)
+        for plan in plan_tiers(shape, profile, RunConfig(model=model)):
+            if plan.fits and plan.setup.seq_tokens <= 65536:
+                setup = plan.setup
+                points.append(Point(model, setup.seq_tokens, setup.lora_rank, setup.checkpointing, setup.micro_batch,
+                                    setup.lora_dropout, setup.target_tokens, plan.tier.number))
+    order = {model: index for index, model in enumerate(MODELS)}
+    return sorted(points, key=lambda p: (order[p.model], p.rank, p.lora_dropout, p.checkpointing == "off", p.seq))
+
+
+def setup_for(point: Point):
+    from elite_core.memory_model import TrainingSetup
+
+    return TrainingSetup(device="cuda", seq_tokens=point.seq, target_tokens=point.target, micro_batch=point.micro_batch,
+                         lora_rank=point.rank, weight_dtype="bf16", compute_dtype="bf16",
+                         checkpointing=point.checkpointing, lora_dropout=point.lora_dropout,
+                         tiled_mlp=point.tiled_mlp)
+
+
+def predict(point: Point):
+    from elite_core.memory_model import predict_memory, shape_from_hf_config
+
+    return predict_memory(shape_from_hf_config(hf_config(point.model), name=point.model), setup_for(point))
+
+
+def _from_config_loader(name_to_config):
+    """Stands in for model_loading.load_causal_lm: the same model, built from its config with random weights."""
+
+    def load(source, *, dtype, device, trust_remote_code=False, attn_implementation="sdpa", quantization_config=None,
+             seed=0, rope_scaling_factor=1.0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from elite_core import model_loading
+
+        config = name_to_config(source)
+        if hasattr(model_loading, "scale_rope"):
+            model_loading.scale_rope(config, rope_scaling_factor)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+    return load
+
+
+class Measurer:
+    def __init__(self):
+        from elite_core import nvml
+
+        self.nvml = nvml
+        before = nvml.memory_now(0)
+        self.used_before_init = before.used_bytes if before else 0
+
+    def outside_torch_bytes(self) -> int:
+        import torch
+
+        now = self.nvml.memory_now(0)
+        if now is None:
+            free, total = torch.cuda.mem_get_info()
+            return max(0, total - free - torch.cuda.memory_reserved())
+        return max(0, now.used_bytes - self.used_before_init - torch.cuda.memory_reserved())
+
+
+def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) -> dict:
+    import torch
+
+    from elite_core.training import model_loss
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    input_ids = torch.randint(0, vocab, (point.micro_batch, point.seq), device="cuda", generator=generator)
+    labels = input_ids.clone()
+    labels[:, : point.seq - point.target] = -100
+    step_seconds = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if point.checkpointing == "offload":
+                with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                    loss = model_loss(model, input_ids, labels, "chunked")
+            else:
+                loss = model_loss(model, input_ids, labels, "chunked")
+        loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        float(loss.item())
+        torch.cuda.synchronize()
+        step_seconds.append(time.perf_counter() - started)
+    del input_ids, labels, loss
+    return {
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+        "outside_torch_bytes": int(measurer.outside_torch_bytes()),
+        "step_s": round(min(step_seconds[1:] or step_seconds), 3),
+        "tokens_per_s": round(point.micro_batch * point.seq / min(step_seconds[1:] or step_seconds), 1),
+    }
+
+
+def record(point: Point, gpu: str, measured: dict | None, error: str = "") -> dict:
+    breakdown = predict(point)
+    row = {
+        "model": point.model, "seq": point.seq, "target": point.target, "rank": point.rank,
+        "micro_batch": point.micro_batch, "checkpointing": point.checkpointing, "lora_dropout": point.lora_dropout,
+        "options": point.options, "gpu": gpu, "tier": point.tier, "tiled_mlp": point.tiled_mlp,
+        "predicted_gib": round(breakdown.total_bytes / GIB, 3),
+        "predicted_components": dict(breakdown.components()),
+        "ok": measured is not None, "error": error,
+    }
+    if measured:
+        total = measured["peak_reserved_bytes"] + measured["outside_torch_bytes"]
+        row.update(measured)
+        row["measured_gib"] = round(total / GIB, 3)
+        row["error_pct"] = round(100.0 * (breakdown.total_bytes - total) / total, 2)
+    return row
+
+
+def command_run(args) -> int:
+    import torch
+
+    from elite_core import training
+    from elite_core.config import RunConfig
+    from elite_core.hardware import profile_hardware
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    measurer = Measurer()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile_started = time.perf_counter()
+    profile = profile_hardware(use_cache=False, cache_dir=out / "cache")
+    profile_s = time.perf_counter() - profile_started
+    gpu_name = profile.gpus[0].name
+    tag = args.tag or ("h200" if "H200" in gpu_name else "h100" if "H100" in gpu_name else "gpu")
+    (out / f"hardware-{tag}.json").write_text(json.dumps({**profile.to_dict(), "wall_s": round(profile_s, 2)}, indent=2))
+    print(f"profile: {profile_s:.1f} s, usable {profile.gpus[0].usable_bytes / GIB:.2f} GiB, "
+          f"bf16 {profile.gpus[0].tflops_bf16} TFLOPS, copy {profile.gpus[0].bandwidth_bytes_per_s / 1e12:.2f} TB/s",
+          flush=True)
+    capacity = profile.gpus[0].usable_bytes
+
+    training.load_causal_lm = _from_config_loader(lambda name: hf_config(name))
+    models = args.models.split(",")
+    points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
+              "long": lambda: long_tier_points(profile), "tiled": tiled_points}[args.set]()
+    if args.limit:
+        points = points[: args.limit]
+    jsonl = out / (f"memory-{tag}.jsonl" if args.set == "matrix" else f"memory-{tag}-{args.set}.jsonl")
+    written = 0
+    with jsonl.open("a") as sink:
+        current_key = None
+        model = optimizer = None
+        for point in points:
+            if time.monotonic() - started > args.time_limit_s:
+                print("time limit reached; stopping", flush=True)
+                break
+            predicted = predict(point).total_bytes
+            if predicted > capacity * args.skip_above:
+                print(f"skip {point} predicted {predicted / GIB:.1f} GiB over the GPU", flush=True)
+                continue
+            key = (point.model, point.rank, point.lora_dropout, point.checkpointing == "off", point.tiled_mlp)
+            if key != current_key:
+                model = optimizer = None
+                import gc
+
+                gc.collect()
+                torch.cuda.empty_cache()
+                config = RunConfig(model=point.model, lora_rank=point.rank, lora_alpha=2 * point.rank,
+                                   lora_dropout=point.lora_dropout)
+                model = training.build_lora_model(config, setup_for(point), "cuda")
+                optimizer = training.make_optimizer(model, config, setup_for(point), "cuda")
+                current_key = key
+            try:
+                measured = run_point(point, model, optimizer, measurer, args.steps)
+                row = record(point, gpu_name, measured)
+            except torch.OutOfMemoryError as error:
+                row = record(point, gpu_name, None, f"OOM: {str(error).splitlines()[0][:160]}")
+                model = optimizer = None
+                current_key = None
+            row["set"] = args.set
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            written += 1
+            print(_line(row), flush=True)
+    print(f"{written} points in {time.monotonic() - started:.0f} s -> {jsonl}", flush=True)
+    return 0
+
+
+def _line(row: dict) -> str:
+    head = f"{row['model']:<19} seq {row['seq']:>6} r {row['rank']:>2} {','.join(row['options']):<36}"
+    if not row.get("ok"):
+        return f"{head} predicted {row['predicted_gib']:7.2f} GiB  {row.get('error', 'failed')}"
+    return (f"{head} predicted {row['predicted_gib']:7.2f}  measured {row['measured_gib']:7.2f} GiB  "
+            f"error {row['error_pct']:+6.2f} %  {row.get('tokens_per_s', 0):>8.0f} tok/s")
+
+
+def command_score(args) -> int:
+    """Re-predict every measured point with the model as it is now and print the table and the bar."""
+    rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+    scored = []
+    for row in rows:
+        point = Point(row["model"], row["seq"], row["rank"], row["checkpointing"], row.get("micro_batch", 1),
+                      row.get("lora_dropout", 0.0), row.get("target", 0), row.get("tier", 0),
+                      row.get("tiled_mlp", False))
+        measured = None
+        if row.get("ok"):
+            measured = {key: row[key] for key in ("peak_allocated_bytes", "peak_reserved_bytes", "outside_torch_bytes",
+                                                  "step_s", "tokens_per_s")}
+        fresh = record(point, row["gpu"], measured, row.get("error", ""))
+        if "predicted_gib" in row and row.get("predicted_gib_at_run") is None:
+            fresh["predicted_gib_at_run"] = row["predicted_gib"]
+        else:
+            fresh["predicted_gib_at_run"] = row.get("predicted_gib_at_run")
+        fresh["set"] = row.get("set", "matrix")
+        scored.append(fresh)
+    lines = [_line(row) for row in scored]
+    errors = [row["error_pct"] for row in scored if row.get("ok")]
+    if errors:
+        absolute = [abs(e) for e in errors]
+        lines.append("")
+        lines.append(f"{len(errors)} measured points on {scored[0]['gpu']}: median |error| {statistics.median(absolute):.2f} %, "
+                     f"max |error| {max(absolute):.2f} %, worst under-prediction {min(errors):+.2f} %, "
+                     f"mean error {statistics.mean(errors):+.2f} %")
+        passed = statistics.median(absolute) <= 5 and max(absolute) <= 10 and min(errors) >= -3
+        lines.append("bar (median <= 5 %, max <= 10 %, no under-prediction beyond 3 %): " + ("PASS" if passed else "FAIL"))
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        Path(args.jsonl).write_text("".join(json.dumps(row) + "\n" for row in scored))
+        Path(args.jsonl).with_suffix(".txt").write_text(text + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure on this machine's GPU")
+    run.add_argument("--out", default="bench/results")
+    run.add_argument("--models", default=",".join(MODELS))
+    run.add_argument("--steps", type=int, default=2)
+    run.add_argument("--limit", type=int, default=0, help="only the first N points (a smoke test)")
+    run.add_argument("--time-limit-s", type=float, default=540.0, help="start no new point after this many seconds")
+    run.add_argument("--skip-above", type=float, default=0.97, help="skip points predicted above this share of usable memory")
+    run.add_argument("--tag", default="", help="file tag instead of the GPU's (h100, h200)")
+    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled"), default="matrix",
+                     help="the fitting matrix, or points the constants were not fitted on (incl. the planner's tiers)")
+    score = sub.add_parser("score", help="re-predict a results file with the current model")
+    score.add_argument("jsonl")
+    score.add_argument("--write", action="store_true", help="rewrite the file's predictions and its .txt table")
+    args = parser.parse_args(argv)
+    return command_run(args) if args.command == "run" else command_score(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

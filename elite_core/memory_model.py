@@ -1,0 +1,466 @@
+"""Peak-memory model of LoRA training: pure functions from a model's shape and a training setup to a typed breakdown.
+
+The formulas follow the operations the engine (elite_core.training) runs and what autograd saves for each of them, per token
+and per layer, rather than a lookup table of measured points. Notation in comments: s tokens of a micro-batch (batch x
+sequence), h hidden, a query heads, d head dim, kv key/value heads, I MLP intermediate, V vocabulary, L layers, r LoRA rank.
+Constants that cannot be derived (CUDA context, allocator slack, backward working memory) live in MemoryConstants and are
+calibrated against bench/memory_accuracy.py on an H100.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MIB = 1024**2
+
+# Architectures whose layer structure (GQA attention, gated SiLU MLP, RMSNorm) the formulas below describe exactly.
+KNOWN_ARCHITECTURES = frozenset(
+    {"llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "granite", "olmo2", "phi3", "starcoder2", "gemma", "gemma2", "gemma3_text"}
+)
+_BIAS_QKV_ARCHITECTURES = frozenset({"qwen2", "qwen2_moe", "starcoder2"})
+_UNGATED_MLP_ARCHITECTURES = frozenset({"starcoder2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon"})
+
+DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.516}
+"""Bytes per weight: NF4 is 4 bits + absmax with double quantisation (QLoRA); int8 adds one fp32 scale per row, ignored."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    architecture: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    max_position_embeddings: int
+    total_params: int
+    known: bool
+    """False when the architecture is not one the formulas were checked on: the numbers are an estimate."""
+    attention_bias: bool = False
+    gated_mlp: bool = True
+    experts: int = 1
+    experts_per_token: int = 1
+
+    def layer_linears(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, in_features, out_features) of every linear layer in one decoder layer: what "all-linear" LoRA targets."""
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        attention = (
+            ("q_proj", self.hidden, q_out),
+            ("k_proj", self.hidden, kv_out),
+            ("v_proj", self.hidden, kv_out),
+            ("o_proj", q_out, self.hidden),
+        )
+        if self.gated_mlp:
+            mlp = (
+                ("gate_proj", self.hidden, self.intermediate),
+                ("up_proj", self.hidden, self.intermediate),
+                ("down_proj", self.intermediate, self.hidden),
+            )
+        else:
+            mlp = (("up_proj", self.hidden, self.intermediate), ("down_proj", self.intermediate, self.hidden))
+        return attention + mlp * max(1, self.experts)
+
+    @property
+    def layer_linear_params(self) -> int:
+        weights = sum(fan_in * fan_out for _, fan_in, fan_out in self.layer_linears())
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        return weights + bias
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def other_params(self) -> int:
+        """Parameters outside the decoder layers' linears: embeddings, output head, norms."""
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.embedding_params + head + norms
+
+
+def count_params(shape: ModelShape) -> int:
+    return shape.layers * shape.layer_linear_params + shape.other_params
+
+
+def _config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def shape_from_hf_config(config, name: str = "") -> ModelShape:
+    """A ModelShape from a transformers PretrainedConfig; unknown architectures are estimated (known=False), never an error."""
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and getattr(text_config, "hidden_size", None):
+        config = text_config
+    architecture = str(getattr(config, "model_type", "") or "unknown")
+    hidden = int(_config_value(config, "hidden_size", "n_embd", "d_model", default=0) or 0)
+    heads = int(_config_value(config, "num_attention_heads", "n_head", "num_heads", default=0) or 0)
+    if hidden <= 0 or heads <= 0:
+        raise ValueError(f"cannot read hidden size and attention heads from the {architecture} config")
+    layers = int(_config_value(config, "num_hidden_layers", "n_layer", "num_layers", default=1))
+    kv_heads = int(_config_value(config, "num_key_value_heads", "n_head_kv", "num_kv_heads", default=heads))
+    head_dim = int(_config_value(config, "head_dim", default=0) or hidden // heads)
+    intermediate = int(
+        _config_value(config, "moe_intermediate_size", "intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden
+    )
+    vocab = int(_config_value(config, "vocab_size", default=32000))
+    max_positions = int(
+        _config_value(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len", default=4096)
+    )
+    experts = int(_config_value(config, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
+    experts_per_token = int(_config_value(config, "num_experts_per_tok", "moe_topk", default=1) or 1)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    shape = ModelShape(
+        name=name or str(getattr(config, "_name_or_path", "") or architecture),
+        architecture=architecture,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        tied_embeddings=tied,
+        max_position_embeddings=max_positions,
+        total_params=0,
+        known=architecture in KNOWN_ARCHITECTURES and experts <= 1,
+        attention_bias=bool(getattr(config, "attention_bias", False)) or architecture in _BIAS_QKV_ARCHITECTURES,
+        gated_mlp=architecture not in _UNGATED_MLP_ARCHITECTURES,
+        experts=experts,
+        experts_per_token=min(experts_per_token, experts),
+    )
+    from dataclasses import replace
+
+    return replace(shape, total_params=count_params(shape))
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the engine does in a run; elite_core.training reads it, so every field here must be something it acts on."""
+
+    device: str
+    """"cuda" or "cpu"."""
+    seq_tokens: int
+    """Whole window: context + target."""
+    target_tokens: int
+    """Tokens at the end of each window that carry the loss."""
+    micro_batch: int = 1
+    lora_rank: int = 16
+    lora_targets: str = "all-linear"
+    extra_trainable: tuple[str, ...] = ()
+    weight_dtype: str = "bf16"
+    """bf16, fp16, fp32, nf4 (QLoRA) or int8."""
+    compute_dtype: str = "bf16"
+    checkpointing: str = "on"
+    """off, on (non-reentrant recompute) or offload (layer inputs kept in CPU RAM)."""
+    adamw_8bit: bool = False
+    loss: str = "chunked"
+    """chunked: the engine's cross-entropy over target rows a chunk at a time; full: the model's own loss (fp32 logits)."""
+    attention: str = "sdpa"
+    tiled_mlp: bool = False
+    deepspeed: str = "off"
+    lora_dropout: float = 0.0
+    gpus: int = 1
+    loss_chunk_tokens: int = 4096
+    rope_scaling_factor: float = 1.0
+    """Above 1 when the window exceeds the model's native context (linear RoPE scaling)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_tokens
+
+    @property
+    def autocast(self) -> bool:
+        """The engine runs forward under torch.autocast on CUDA whenever it computes in 16 bits."""
+        return self.device == "cuda" and self.compute_dtype in ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights_bytes: int
+    lora_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    cpu_offload_bytes: int
+    """Bytes moved to CPU RAM (offloaded checkpoints, ZeRO optimizer state); not part of total_bytes."""
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak on the training device (the GPU, or RAM when training on the CPU)."""
+        return (
+            self.weights_bytes
+            + self.lora_bytes
+            + self.gradients_bytes
+            + self.optimizer_bytes
+            + self.activations_bytes
+            + self.logits_bytes
+            + self.overhead_bytes
+        )
+
+    def components(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights_bytes),
+            ("lora", self.lora_bytes),
+            ("gradients", self.gradients_bytes),
+            ("optimizer", self.optimizer_bytes),
+            ("activations", self.activations_bytes),
+            ("logits", self.logits_bytes),
+            ("overhead", self.overhead_bytes),
+        ]
+
+
+@dataclass(frozen=True)
+class MemoryConstants:
+    """The few numbers the formulas cannot derive; defaults calibrated on an H100 (bench/results/memory-h100.jsonl)."""
+
+    cuda_fixed_bytes: int = 785 * MIB
+    """Outside torch's allocator: CUDA context, cuBLAS handles and workspaces (H100: 764-786 MiB measured)."""
+    cuda_allocator_floor_bytes: int = 165 * MIB
+    """Reserved over allocated that even a small run shows (small-block pools, segment rounding)."""
+    cpu_fixed_bytes: int = 350 * MIB
+    """Resident set of a Python process with torch, transformers and peft imported (338 MiB measured)."""
+    allocator_margin: float = 1.4
+    """On CPU: resident memory over live tensors, per byte of them: backward buffers of the CPU kernels and freed
+    blocks the C allocator keeps (demo model, tiers 1-3: peak RSS 1.9-2.4x the modelled tensors)."""
+    cuda_margin_of_loss: float = 0.16
+    """Reserved over allocated on CUDA (expandable segments), per byte of the loss chunk's peak: its large blocks,
+    freed before each layer's backward, leave holes that smaller blocks cannot fill (H100 fit: 0.15)."""
+    cuda_margin_of_activations: float = 0.03
+    """The same per byte of activations (H100 fit: 0.031)."""
+    backward_transient_intermediate: float = 3.0
+    """Gradient buffers alive at a layer's backward peak, in bytes per token per intermediate unit, per byte of compute dtype."""
+    backward_transient_hidden: float = 4.0
+    """The same, per hidden unit (grad of the residual stream, the layer input's gradient being summed)."""
+    dropout_backward_intermediate: float = 3.0
+    """Extra backward buffers with LoRA dropout, bytes per token per intermediate unit (fp32 gradients through the
+    dropout of each adapter input; H100: 2.1-3.0)."""
+    loss_bytes_per_logit: float = 12.0
+    """Backward of one fp32 cross-entropy chunk: saved log-softmax output, its gradient, the input gradient (4 B each)."""
+    full_loss_bytes_per_logit: float = 12.0
+    """The model's own loss: bf16 logits upcast to fp32, cross-entropy and gradients over every position (12-14 B)."""
+
+
+DEFAULT_CONSTANTS = MemoryConstants()
+
+
+def _compute_bytes(setup: TrainingSetup) -> float:
+    if setup.device == "cpu":
+        return DTYPE_BYTES["fp32"] if setup.compute_dtype != "bf16" else 2.0
+    return DTYPE_BYTES.get(setup.compute_dtype, 2.0)
+
+
+def lora_param_count(shape: ModelShape, rank: int) -> int:
+    per_layer = sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in shape.layer_linears())
+    return shape.layers * per_layer
+
+
+def extra_trainable_param_count(shape: ModelShape, modules: tuple[str, ...]) -> int:
+    """Modules trained in full (peft modules_to_save); peft keeps the original and trains a copy."""
+    count = 0
+    for module in modules:
+        if module in ("embed_tokens", "wte", "word_embeddings"):
+            count += shape.embedding_params
+        elif module in ("lm_head", "output"):
+            count += shape.vocab * shape.hidden
+        elif "norm" in module:
+            count += (2 * shape.layers + 1) * shape.hidden
+    return count
+
+
+def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+    linear = shape.layers * shape.layer_linear_params
+    if setup.weight_dtype in ("nf4", "int8"):
+        # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised.
+        return int(linear * DTYPE_BYTES[setup.weight_dtype] + shape.other_params * _compute_bytes(setup))
+    return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, mlp_shards: int = 1) -> float:
+    """Bytes autograd keeps for one decoder layer and one token, without checkpointing.
+
+    With fp32 LoRA adapters and bf16 weights, peft casts each targeted module's input and the adapter matmul keeps that
+    copy (under autocast the copy is bf16); with an fp32 model the cast is a no-op and the adapters share the norm output.
+    """
+    e = _compute_bytes(setup)
+    h, d = shape.hidden, shape.head_dim
+    q_width = shape.heads * d
+    kv_width = shape.kv_heads * d
+    intermediate = shape.intermediate * max(1, shape.experts_per_token)
+    rank = setup.lora_rank
+    separate_copies = e < 4.0  # 16-bit weights: every targeted module keeps its own cast copy of its input
+    copy_bytes = e if setup.autocast else 4.0
+    dropout = setup.lora_dropout > 0.0
+
+    # RMSNorm upcasts its input to fp32 and keeps it (the fp32 input itself on an fp32 model): two norms per layer.
+    norms = 2 * 4.0 * h
+
+    attention_inputs = 3 * h + q_width  # q, k, v read the normed input; o reads the attention output
+    mlp_inputs = (2 * h + intermediate) if shape.gated_mlp else (h + intermediate)
+    if separate_copies:
+        per_input = copy_bytes + (1.0 if dropout else 0.0)
+        attention_lora = per_input * attention_inputs
+        mlp_lora = per_input * mlp_inputs
+    elif dropout:
+        # Dropout makes a new tensor and a mask for each module's input; the CPU kernel's mask has the input's dtype.
+        mask_bytes = e if setup.device == "cpu" else 1.0
+        attention_lora = (e + mask_bytes) * attention_inputs
+        mlp_lora = (e + mask_bytes) * mlp_inputs
+    else:
+        # No-op casts: q/k/v share the normed input, gate/up share theirs, o and down read tensors of their own.
+        attention_lora = e * (h + q_width)
+        mlp_lora = e * (h + intermediate)
+    # lora_B keeps lora_A's r-wide output, one per targeted module.
+    lora_b_inputs = len(shape.layer_linears()) * rank * copy_bytes
+
+    if setup.attention == "eager":
+        # Keys and values repeated to every query head; fp32 softmax output plus its 16-bit copy, s per head.
+        attention_core = e * 3 * q_width + (4.0 + e) * shape.heads * setup.seq_tokens + e * q_width
+    else:
+        # SDPA / flash keep q, k, v, the output and an fp32 log-sum-exp; grouped-query k/v stay at kv width.
+        attention_core = e * (2 * q_width + 2 * kv_width) + 4.0 * shape.heads
+
+    if shape.gated_mlp:
+        mlp_core = 3 * e * intermediate  # SiLU keeps the gate output; the product keeps SiLU's output and up's
+    else:
+        mlp_core = e * intermediate
+    mlp = (mlp_core + mlp_lora) / max(1, mlp_shards)
+    return norms + attention_lora + lora_b_inputs + attention_core + mlp
+
+
+def backward_transient_bytes_per_token(
+    shape: ModelShape, setup: TrainingSetup, constants: MemoryConstants, mlp_shards: int = 1
+) -> float:
+    e = _compute_bytes(setup)
+    intermediate = shape.intermediate * max(1, shape.experts_per_token) / max(1, mlp_shards)
+    transient = e * (constants.backward_transient_intermediate * intermediate + constants.backward_transient_hidden * shape.hidden)
+    if setup.lora_dropout > 0.0:
+        transient += constants.dropout_backward_intermediate * intermediate
+    return transient
+
+
+def mlp_shards_for(setup: TrainingSetup, shape: ModelShape) -> int:
+    """The tiled MLP splits the sequence into ceil(seq / hidden) shards (Unsloth's rule)."""
+    if not setup.tiled_mlp:
+        return 1
+    return max(1, math.ceil(setup.seq_tokens / shape.hidden))
+
+
+def loss_bytes(shape: ModelShape, setup: TrainingSetup, constants: MemoryConstants) -> int:
+    """Peak of the loss: one checkpointed chunk of target rows (chunked) or every position's fp32 logits (full)."""
+    e = _compute_bytes(setup)
+    target_rows = setup.micro_batch * setup.target_tokens
+    if setup.loss == "full":
+        per_logit = constants.full_loss_bytes_per_logit if e < 4.0 else 12.0
+        return int(setup.tokens * shape.vocab * per_logit)
+    chunk_rows = min(target_rows, setup.loss_chunk_tokens)
+    # The gathered target rows stay for backward, and their gradient buffer joins them.
+    rows = 2 * e * shape.hidden * target_rows
+    return int(chunk_rows * shape.vocab * constants.loss_bytes_per_logit + rows)
+
+
+def predict_memory(
+    shape: ModelShape, setup: TrainingSetup, constants: MemoryConstants = DEFAULT_CONSTANTS
+) -> MemoryBreakdown:
+    """Peak memory of a training step (steady state: optimizer state allocated, gradients alive during backward)."""
+    e = _compute_bytes(setup)
+    tokens = setup.tokens
+    gpus = max(1, setup.gpus)
+    on_cpu = setup.device == "cpu"
+
+    weights = weight_bytes(shape, setup)
+    cpu_offload = 0.0
+    lora_params = lora_param_count(shape, setup.lora_rank)
+    extra_params = extra_trainable_param_count(shape, setup.extra_trainable)
+    extra_bytes_per_param = 4.0 if on_cpu else e
+    adapter_bytes = 4.0  # peft keeps adapters in fp32 (autocast_adapter_dtype)
+    lora = lora_params * adapter_bytes + extra_params * extra_bytes_per_param
+    gradients = lora_params * adapter_bytes + extra_params * extra_bytes_per_param
+    if setup.adamw_8bit:
+        optimizer = lora_params * 2.03 + extra_params * 2.03
+    else:
+        # AdamW keeps two moments in each parameter's dtype.
+        optimizer = lora_params * 2 * adapter_bytes + extra_params * 2 * extra_bytes_per_param
+
+    if setup.deepspeed in ("zero2", "zero3") and not on_cpu:
+        # ZeRO with CPU offload: optimizer state and fp32 master weights live in CPU RAM; 16-bit copies stay.
+        cpu_offload += optimizer + (lora_params + extra_params) * 4.0 * 2
+        optimizer = 0.0
+        lora = (lora_params + extra_params) * 2.0 / gpus
+        gradients = (lora_params + extra_params) * 2.0 / gpus
+        if setup.deepspeed == "zero3":
+            # Parameters are gathered a layer at a time (with one layer prefetched); the rest waits in CPU RAM.
+            resident = 2 * shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
+            cpu_offload += max(0.0, weights - resident)
+            weights = min(weights, resident)
+
+    shards = mlp_shards_for(setup, shape)
+    layer_tokens = layer_activation_bytes_per_token(shape, setup, shards) * tokens
+    layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
+    layer_input = e * shape.hidden * tokens
+    # The final norm's fp32 copy and the embedding output live until the loss is done.
+    outside_layers = (4.0 + e) * shape.hidden * tokens
+    backward_transient = backward_transient_bytes_per_token(shape, setup, constants, shards) * tokens
+    if setup.checkpointing == "off":
+        stored = shape.layers * layer_full
+        layer_peak = backward_transient
+    elif setup.checkpointing == "offload" and not on_cpu:
+        cpu_offload += shape.layers * layer_input
+        stored = 2 * layer_input  # the inputs in flight to and from CPU
+        layer_peak = layer_tokens + backward_transient
+    else:
+        stored = shape.layers * layer_input
+        layer_peak = layer_tokens + backward_transient
+    if setup.weight_dtype in ("nf4", "int8"):
+        # Each quantised matmul dequantises one weight to the compute dtype for the duration of the op.
+        layer_peak += max(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears()) * e
+
+    logits = loss_bytes(shape, setup, constants)
+    # The loss runs when every layer's saved tensors exist; the layer peak comes after it, so only the larger counts.
+    activations = stored + outside_layers + max(0.0, layer_peak - logits)
+
+    allocated = weights + lora + gradients + optimizer + activations + logits
+    if on_cpu:
+        overhead = constants.cpu_fixed_bytes + constants.allocator_margin * allocated
+    else:
+        overhead = (constants.cuda_fixed_bytes + constants.cuda_allocator_floor_bytes
+                    + constants.cuda_margin_of_loss * logits + constants.cuda_margin_of_activations * activations)
+    return MemoryBreakdown(
+        weights_bytes=int(weights),
+        lora_bytes=int(lora),
+        gradients_bytes=int(gradients),
+        optimizer_bytes=int(optimizer),
+        activations_bytes=int(activations),
+        logits_bytes=int(logits),
+        overhead_bytes=int(overhead),
+        cpu_offload_bytes=int(cpu_offload),
+    )
+
+
+def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
+    """Matmul FLOPs of one micro-batch step: forward 2N per token, input gradients 2N (frozen weights get none),
+    2N more when checkpointing recomputes the forward; causal attention and the target rows' output head on top."""
+    tokens = setup.tokens
+    linear_params = shape.layers * sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
+    if shape.experts > 1:
+        linear_params = linear_params * shape.experts_per_token // shape.experts
+    lora_params = lora_param_count(shape, setup.lora_rank)
+    passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
+    linear = 2.0 * (linear_params + lora_params) * tokens * passes + 2.0 * lora_params * tokens
+    # Causal attention: QK^T and AV over half the square, forward 1x, backward 2x, recompute 1x.
+    attention_forward = 2.0 * shape.layers * shape.heads * shape.head_dim * setup.seq_tokens * tokens
+    attention = attention_forward * (passes + 1.0)
+    head_rows = setup.micro_batch * setup.target_tokens if setup.loss == "chunked" else tokens
+    head = 2.0 * shape.vocab * shape.hidden * head_rows * (3.0 if setup.loss == "chunked" else 2.0)
+    return linear + attention + head

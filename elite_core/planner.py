@@ -1,0 +1,353 @@
+"""The planner: for each context tier, the fastest engine options whose predicted peak fits the measured memory.
+
+Options are tried from fastest to most frugal (no checkpointing, checkpointing, checkpoints offloaded to CPU RAM, tiled
+MLP, 8-bit AdamW, QLoRA) and the first whose prediction fits with a safety margin is taken. What the user fixed in the
+RunConfig (precision, checkpointing other than "auto", 8-bit AdamW, QLoRA, DeepSpeed) is never changed by the planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from elite_core.config import RunConfig
+from elite_core.hardware import HardwareProfile
+from elite_core.memory_model import (
+    DEFAULT_CONSTANTS,
+    MemoryBreakdown,
+    ModelShape,
+    TrainingSetup,
+    predict_memory,
+    training_flops_per_step,
+)
+from elite_core.tiers import TIERS, Tier, tier_by_number
+
+SAFETY_FRACTION = 0.03
+"""A tier fits only with this share of the budget left over: the model may under-predict by up to 3 %."""
+CPU_MAX_STEP_S = 20.0
+GPU_MATMUL_EFFICIENCY = 0.53
+"""Share of the measured matmul peak a LoRA training step reaches (H100 fit over bench/results/memory-h100*.jsonl)."""
+GPU_LAYER_PASS_S = 0.0034
+"""Launch-bound time per decoder layer per pass (forward, backward, recompute): LoRA's many small kernels (H100 fit)."""
+CPU_MATMUL_EFFICIENCY = 0.45
+"""The demo model on 2 cores: 0.6 s per 4.6K-token step measured against 0.75 s estimated at 0.35."""
+TOKENS_PER_UPDATE = 32 * 1024
+"""Gradient accumulation aims at about this many tokens per optimizer update."""
+ENGINE_HAS_TILED_MLP = False
+"""elite_core.training has no sequence-tiled MLP yet; the planner offers only what the engine does."""
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    tier: Tier
+    setup: TrainingSetup
+    breakdown: MemoryBreakdown
+    budget_bytes: int
+    headroom_bytes: int
+    fits: bool
+    options: tuple[str, ...]
+    step_time_s: float
+    """One optimizer step (grad_accum micro-batches), estimated from the measured TFLOPS (GFLOPS on a CPU)."""
+    note: str
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    cpu_ram_needed_bytes: int = 0
+    """CPU RAM the run needs beside the GPU: offloaded checkpoints and ZeRO state (0 on a CPU run: it is the budget)."""
+
+
+def resolve_precision(profile: HardwareProfile, requested: str) -> str:
+    """auto -> bf16 where the GPU supports it, else fp16 (with loss scaling) on a GPU, fp32 on a CPU."""
+    if requested == "auto":
+        if not profile.has_gpu:
+            return "fp32"
+        return "bf16" if profile.can("bf16") else "fp16"
+    if requested == "bf16" and profile.has_gpu and not profile.can("bf16"):
+        return "fp16"
+    return requested
+
+
+def rope_scaling_factor(shape: ModelShape, window_tokens: int) -> float:
+    """A power-of-two RoPE factor when the window is longer than the model's native context, else 1."""
+    if window_tokens <= shape.max_position_embeddings or shape.max_position_embeddings <= 0:
+        return 1.0
+    return float(2 ** math.ceil(math.log2(window_tokens / shape.max_position_embeddings)))
+
+
+def default_learning_rate(lora_rank: int, window_tokens: int) -> float:
+    """2e-4 at rank 16 and 4K tokens, scaled by 1/sqrt(rank) (rsLoRA's observation) and gently down for longer windows,
+    whose gradients average over more tokens but are noisier across updates at batch 1."""
+    rate = 2e-4 * math.sqrt(16 / max(1, lora_rank)) * (4096 / max(4096, window_tokens)) ** 0.15
+    return float(f"{min(5e-4, max(2e-5, rate)):.2g}")
+
+
+def grad_accum_for(window_tokens: int, micro_batch: int, tokens_per_update: int = TOKENS_PER_UPDATE) -> int:
+    return max(1, round(tokens_per_update / max(1, window_tokens * micro_batch)))
+
+
+def _budget(profile: HardwareProfile) -> int:
+    return int(profile.memory_budget_bytes)
+
+
+def _fits(breakdown: MemoryBreakdown, budget: int, profile: HardwareProfile) -> bool:
+    if breakdown.total_bytes > budget * (1.0 - SAFETY_FRACTION):
+        return False
+    if profile.has_gpu and breakdown.cpu_offload_bytes > profile.ram_available_bytes * 0.9:
+        return False
+    return True
+
+
+def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: HardwareProfile, grad_accum: int = 1) -> float:
+    flops = training_flops_per_step(shape, setup) * max(1, grad_accum)
+    if profile.has_gpu:
+        gpu = profile.gpus[0]
+        peak = {"bf16": gpu.tflops_bf16, "fp16": gpu.tflops_fp16}.get(setup.compute_dtype, gpu.tflops_fp32) or gpu.tflops_fp32
+        rate = max(peak, 1e-3) * 1e12 * GPU_MATMUL_EFFICIENCY
+    else:
+        rate = max(profile.cpu_gflops_fp32, 1.0) * 1e9 * CPU_MATMUL_EFFICIENCY
+    seconds = flops / rate
+    if profile.has_gpu:
+        passes = 3 if setup.checkpointing in ("on", "offload") else 2
+        seconds += GPU_LAYER_PASS_S * shape.layers * passes * max(1, grad_accum)
+    if setup.checkpointing == "offload":
+        seconds *= 1.05
+    if setup.tiled_mlp:
+        seconds *= 1.1
+    if setup.weight_dtype in ("nf4", "int8"):
+        seconds *= 1.6  # dequantising every weight on every matmul
+    if setup.deepspeed != "off":
+        seconds *= 1.2
+    return seconds
+
+
+def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, window: int, target: int, rank: int) -> TrainingSetup:
+    precision = resolve_precision(profile, config.precision)
+    device = profile.device
+    qlora = config.qlora and device == "cuda"
+    return TrainingSetup(
+        device=device,
+        seq_tokens=window,
+        target_tokens=target,
+        micro_batch=config.micro_batch,
+        lora_rank=rank,
+        lora_targets="all-linear" if config.lora_target_modules == ("all-linear",) else ",".join(config.lora_target_modules),
+        extra_trainable=tuple(config.extra_trainable_modules),
+        weight_dtype="nf4" if qlora else precision,
+        compute_dtype=precision,
+        checkpointing="on",
+        adamw_8bit=config.adamw_8bit and device == "cuda",
+        loss="chunked",
+        attention="sdpa",
+        tiled_mlp=False,
+        deepspeed=config.deepspeed if device == "cuda" else "off",
+        lora_dropout=config.lora_dropout,
+        gpus=max(1, len(profile.gpus)) if config.deepspeed != "off" else 1,
+        rope_scaling_factor=rope_scaling_factor(shape, window),
+    )
+
+
+def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunConfig, window: int, target: int,
+                     rank: int) -> list[TrainingSetup]:
+    """The ladder from fastest to most frugal, keeping whatever the user fixed in the config."""
+    base = _base_setup(shape, profile, config, window, target, rank)
+    on_gpu = profile.has_gpu
+    fixed_checkpointing = config.gradient_checkpointing != "auto"
+    if fixed_checkpointing:
+        checkpointing = config.gradient_checkpointing
+        if checkpointing == "offload" and not on_gpu:
+            checkpointing = "on"  # offloading to CPU RAM means nothing when training on the CPU
+        ladder = [dataclasses.replace(base, checkpointing=checkpointing)]
+    else:
+        ladder = [dataclasses.replace(base, checkpointing="off"), dataclasses.replace(base, checkpointing="on")]
+        if on_gpu:
+            ladder.append(dataclasses.replace(base, checkpointing="offload"))
+    last = ladder[-1]
+    if ENGINE_HAS_TILED_MLP and last.checkpointing != "off":
+        last = dataclasses.replace(last, tiled_mlp=True)
+        ladder.append(last)
+    if on_gpu and profile.can("bitsandbytes"):
+        if not last.adamw_8bit:
+            last = dataclasses.replace(last, adamw_8bit=True)
+            ladder.append(last)
+        if last.weight_dtype not in ("nf4", "int8"):
+            ladder.append(dataclasses.replace(last, weight_dtype="nf4"))
+    return ladder
+
+
+def options_of(setup: TrainingSetup) -> tuple[str, ...]:
+    """Short names for the tier table: what the planner turned on (or off) for this tier."""
+    options = {"off": "no-ckpt", "on": "ckpt", "offload": "ckpt-offload"}[setup.checkpointing]
+    names = [options, "chunked-loss" if setup.loss == "chunked" else "full-loss"]
+    if setup.tiled_mlp:
+        names.append("tiled-mlp")
+    if setup.adamw_8bit:
+        names.append("8bit-adam")
+    if setup.weight_dtype == "nf4":
+        names.append("qlora")
+    elif setup.weight_dtype == "int8":
+        names.append("int8")
+    if setup.deepspeed != "off":
+        names.append(setup.deepspeed)
+    if setup.compute_dtype != "bf16" and setup.device == "cuda":
+        names.append(setup.compute_dtype)
+    if setup.attention == "flash":
+        names.append("flash-attn")
+    if setup.rope_scaling_factor > 1:
+        names.append(f"rope-x{int(setup.rope_scaling_factor)}")
+    return tuple(names)
+
+
+def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
+          rank: int) -> TierPlan:
+    budget = _budget(profile)
+    ladder = candidate_setups(shape, profile, config, window, target, rank)
+    chosen = ladder[-1]
+    breakdown = predict_memory(shape, chosen, DEFAULT_CONSTANTS)
+    for setup in ladder:
+        candidate = predict_memory(shape, setup, DEFAULT_CONSTANTS)
+        if _fits(candidate, budget, profile):
+            chosen, breakdown = setup, candidate
+            break
+    fits = _fits(breakdown, budget, profile)
+    grad_accum = config.grad_accum
+    step_time = estimate_step_time_s(shape, chosen, profile, grad_accum)
+    notes = []
+    if not shape.known:
+        notes.append(f"{shape.architecture} is not a checked architecture: memory is an estimate")
+    if chosen.rope_scaling_factor > 1:
+        notes.append(f"window exceeds the model's {shape.max_position_embeddings:,} positions: RoPE scaled x{int(chosen.rope_scaling_factor)}")
+    if not fits:
+        where = "GPU memory" if profile.has_gpu else "RAM"
+        notes.append(f"needs more {where} than the budget even with every memory option on")
+    elif profile.device == "cpu" and step_time > CPU_MAX_STEP_S:
+        notes.append(f"about {step_time:.0f} s per step on this CPU")
+    if config.qlora and not profile.has_gpu:
+        notes.append("QLoRA needs a CUDA GPU: training in fp32")
+    return TierPlan(
+        tier=tier,
+        setup=chosen,
+        breakdown=breakdown,
+        budget_bytes=budget,
+        headroom_bytes=budget - breakdown.total_bytes,
+        fits=fits,
+        options=options_of(chosen),
+        step_time_s=step_time,
+        note="; ".join(notes),
+        grad_accum=grad_accum,
+        learning_rate=default_learning_rate(rank, window),
+        cpu_ram_needed_bytes=breakdown.cpu_offload_bytes if profile.has_gpu else 0,
+    )
+
+
+def plan_tiers(shape: ModelShape, profile: HardwareProfile, config: RunConfig) -> tuple[TierPlan, ...]:
+    """All seven tiers, each at its own window and default rank, with the config's other settings and overrides."""
+    return tuple(
+        _plan(shape, profile, config, tier, tier.total_tokens, tier.target_tokens, tier.default_lora_rank)
+        for tier in TIERS
+    )
+
+
+def select_tier(plans: tuple[TierPlan, ...] | list[TierPlan]) -> int:
+    """The highest tier predicted to fit; 1 when none fits.
+
+    On a CPU, tiers whose estimated optimizer step exceeds CPU_MAX_STEP_S (20 s) are left out as well: a CPU has the RAM
+    for a 262K window of the demo model but would need hours per step, which is no demo.
+    """
+    best = 1
+    for plan in plans:
+        if not plan.fits:
+            continue
+        if plan.setup.device == "cpu" and plan.step_time_s > CPU_MAX_STEP_S:
+            continue
+        best = max(best, plan.tier.number)
+    return best
+
+
+def plan_for_config(shape: ModelShape, profile: HardwareProfile, config: RunConfig) -> TierPlan:
+    """The plan for exactly this config: its window, rank, batch and overrides; "auto" fields are the planner's choice."""
+    return _plan(shape, profile, config, tier_by_number(config.tier), config.window_tokens, config.target_tokens,
+                 config.lora_rank)
+
+
+def config_for_plan(config: RunConfig, plan: TierPlan) -> RunConfig:
+    """Write the planner's choices into the config, so the run does what the tier table showed."""
+    setup = plan.setup
+    return config.replace(
+        tier=plan.tier.number,
+        context_tokens=setup.seq_tokens - setup.target_tokens,
+        target_tokens=setup.target_tokens,
+        lora_rank=setup.lora_rank,
+        lora_alpha=2 * setup.lora_rank,
+        gradient_checkpointing=setup.checkpointing,
+        adamw_8bit=setup.adamw_8bit,
+        qlora=setup.weight_dtype == "nf4",
+        deepspeed=setup.deepspeed,
+        micro_batch=setup.micro_batch,
+    )
+
+
+def max_micro_batch(shape: ModelShape, setup: TrainingSetup, budget_bytes: int, limit: int = 4096) -> int:
+    """The largest micro-batch the model predicts to fit (0 when not even 1 does)."""
+    usable = budget_bytes * (1.0 - SAFETY_FRACTION)
+
+    def fits(batch: int) -> bool:
+        return predict_memory(shape, dataclasses.replace(setup, micro_batch=batch)).total_bytes <= usable
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return "OutOfMemory" in type(error).__name__ or "out of memory" in str(error).lower()
+
+
+def _release_memory() -> None:
+    """Free what a failed probe left behind before the next one (torch only if the caller already loaded it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()  # an out-of-memory traceback holds the failed step's tensors in a reference cycle
+        torch.cuda.empty_cache()
+
+
+def find_micro_batch(try_step: Callable[[int], bool], predicted: int, max_probes: int = 6) -> int:
+    """The largest micro-batch that runs, confirmed with real probe steps: start at the prediction, then double or bisect.
+
+    try_step(batch) runs one real training step and returns True if it fits (an out-of-memory exception counts as
+    False). At most max_probes steps run; memory is released between them. Returns 0 when not even 1 runs.
+    """
+    known_good = 0
+    known_bad: int | None = None
+    candidate = max(1, predicted)
+    for _ in range(max_probes):
+        try:
+            ok = bool(try_step(candidate))
+        except Exception as error:
+            if not _is_out_of_memory(error):
+                raise
+            ok = False
+        _release_memory()
+        if ok:
+            known_good = candidate
+        else:
+            known_bad = candidate
+        if known_bad is None:
+            candidate = known_good * 2
+        else:
+            if known_bad - known_good <= 1:
+                break
+            candidate = (known_good + known_bad) // 2
+    return known_good

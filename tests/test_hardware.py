@@ -1,0 +1,100 @@
+"""The hardware profile on this (CPU-only) machine, its cache, and the fixed fake profiles the UI tests use."""
+
+import json
+import time
+
+import pytest
+
+from elite_core import nvml
+from elite_core.hardware import (
+    Capability,
+    HardwareProfile,
+    architecture_name,
+    fake_profile,
+    profile_hardware,
+)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_available(), reason="checks the CPU-only profile")
+def test_cpu_only_profile_is_clean_fast_and_cached(tmp_path):
+    stages = []
+    started = time.perf_counter()
+    profile = profile_hardware(tmp_path / "runs", use_cache=False, cache_dir=tmp_path / "cache",
+                               progress=lambda text, fraction: stages.append((text, fraction)))
+    assert time.perf_counter() - started < 3.0
+    assert profile.gpus == () and not profile.has_gpu and profile.device == "cpu"
+    assert profile.cpu_cores >= 1 and profile.cpu_gflops_fp32 > 0
+    assert 0 < profile.ram_available_bytes <= profile.ram_total_bytes
+    assert profile.memory_budget_bytes == profile.ram_available_bytes
+    assert profile.disk_free_bytes > 0  # measured on the nearest existing parent of a directory not yet made
+    assert not profile.can("bf16") and not profile.can("bitsandbytes")
+    assert all(c.fallback for c in profile.capabilities)
+    assert stages[-1][1] == 1.0 and all(0.0 <= f <= 1.0 for _, f in stages)
+    assert list((tmp_path / "cache").glob("hardware-*.json"))
+
+    again = profile_hardware(tmp_path / "runs", cache_dir=tmp_path / "cache")
+    assert again.from_cache and again.profiled_s == 0.0
+    assert again.cpu_gflops_fp32 == profile.cpu_gflops_fp32
+    fresh = profile_hardware(tmp_path / "runs", use_cache=False, cache_dir=tmp_path / "cache")
+    assert not fresh.from_cache
+
+
+def test_broken_cache_file_is_ignored(tmp_path):
+    profile_hardware(use_cache=False, cache_dir=tmp_path)
+    for path in tmp_path.glob("hardware-*.json"):
+        path.write_text("{not json")
+    assert not profile_hardware(cache_dir=tmp_path).from_cache
+
+
+def test_nvml_without_driver_reports_nothing_and_raises_nothing():
+    if nvml.available():
+        pytest.skip("this machine has an NVIDIA driver")
+    assert nvml.devices() == () and nvml.device_count() == 0
+    assert nvml.memory(0) is None and nvml.process_used_bytes(1, 0) is None
+
+
+@pytest.mark.parametrize("kind", ["h100", "h200", "cpu"])
+def test_fake_profiles_round_trip_through_json(kind):
+    profile = fake_profile(kind)
+    assert profile == fake_profile(kind)  # deterministic for snapshot tests
+    data = json.loads(json.dumps(profile.to_dict()))
+    assert HardwareProfile.from_dict(data) == profile
+
+
+def test_fake_profile_properties():
+    h100 = fake_profile("h100")
+    assert h100.has_gpu and h100.device == "cuda"
+    assert h100.memory_budget_bytes == h100.gpus[0].usable_bytes
+    assert h100.gpus[0].architecture == "Hopper" and h100.can("bf16")
+    cpu = fake_profile("cpu")
+    assert cpu.device == "cpu" and cpu.memory_budget_bytes == cpu.ram_available_bytes
+    assert isinstance(cpu.capability("bitsandbytes"), Capability)
+    with pytest.raises(ValueError):
+        fake_profile("tpu")
+
+
+def test_architecture_names():
+    assert architecture_name((7, 5)) == "Turing"
+    assert architecture_name((8, 0)) == "Ampere"
+    assert architecture_name((8, 6)) == "Ampere"
+    assert architecture_name((8, 9)) == "Ada"
+    assert architecture_name((9, 0)) == "Hopper"
+    assert architecture_name((10, 0)) == "Blackwell"
+    assert architecture_name((12, 0)) == "Blackwell"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_gpu_profile_measures_within_limits(tmp_path):
+    started = time.perf_counter()
+    profile = profile_hardware(use_cache=False, cache_dir=tmp_path)
+    assert time.perf_counter() - started < 20.0
+    gpu = profile.gpus[0]
+    assert 0 < gpu.usable_bytes <= gpu.total_bytes
+    assert gpu.tflops_fp16 > 10 and gpu.bandwidth_bytes_per_s > 1e11

@@ -1,0 +1,192 @@
+"""The memory model against numbers worked by hand for a small config, and shapes against real transformers models."""
+
+from dataclasses import replace
+
+import pytest
+
+from elite_core.memory_model import (
+    MemoryConstants,
+    ModelShape,
+    TrainingSetup,
+    count_params,
+    layer_activation_bytes_per_token,
+    lora_param_count,
+    predict_memory,
+    shape_from_hf_config,
+)
+
+MIB = 1024**2
+CONSTANTS = MemoryConstants(
+    cuda_fixed_bytes=785 * MIB,
+    cuda_allocator_floor_bytes=165 * MIB,
+    cuda_margin_of_loss=0.16,
+    cuda_margin_of_activations=0.03,
+    cpu_fixed_bytes=350 * MIB,
+    allocator_margin=1.4,
+    backward_transient_intermediate=3.0,
+    backward_transient_hidden=4.0,
+    dropout_backward_intermediate=3.0,
+    loss_bytes_per_logit=12.0,
+    full_loss_bytes_per_logit=12.0,
+)
+
+# h=64, I=128, 2 layers, 4 query heads and 2 KV heads of 16, vocabulary 100, untied.
+SMALL = ModelShape(
+    name="small", architecture="llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+    vocab=100, tied_embeddings=False, max_position_embeddings=4096, total_params=86848, known=True,
+)
+SETUP = TrainingSetup(device="cuda", seq_tokens=256, target_tokens=64, micro_batch=1, lora_rank=8, weight_dtype="bf16",
+                      compute_dtype="bf16", checkpointing="off")
+
+
+def test_parameter_counts_by_hand():
+    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate/up/down 3*64*128 = 36,864; embed + head 2*6,400; norms 5*64
+    assert count_params(SMALL) == 2 * 36864 + 2 * 6400 + 5 * 64 == 86848
+    # r * (in + out) per module: q 1024, k 768, v 768, o 1024, gate/up/down 1536 each
+    assert lora_param_count(SMALL, 8) == 2 * 8192
+
+
+def test_layer_activations_by_hand():
+    # norms 2*4h=512; bf16 LoRA input copies 2*(3h + h)=512 (attention) and 2*(2h + I)=512 (MLP); lora_B inputs 7*r*2=112;
+    # SDPA q,k,v,out 2*(2*64 + 2*32)=384 plus fp32 log-sum-exp 4*4=16; SwiGLU 3*2*I=768.
+    assert layer_activation_bytes_per_token(SMALL, SETUP) == 512 + 512 + 112 + 400 + 768 + 512 == 2816
+
+
+def test_breakdown_without_checkpointing_by_hand():
+    breakdown = predict_memory(SMALL, SETUP, CONSTANTS)
+    assert breakdown.weights_bytes == 86848 * 2
+    assert breakdown.lora_bytes == 16384 * 4
+    assert breakdown.gradients_bytes == 16384 * 4
+    assert breakdown.optimizer_bytes == 16384 * 8
+    # one chunk of 64 target rows x 100 logits x 12 B, plus the target rows and their gradient 2*2*64*64
+    assert breakdown.logits_bytes == 64 * 100 * 12 + 16384 == 93184
+    # stored 2 layers * 2816 * 256; final norm + embedding output 6*64*256; backward transient 2*(3*128 + 4*64)*256
+    # exceeds the loss peak by 327,680 - 93,184
+    assert breakdown.activations_bytes == 2 * 2816 * 256 + 98304 + (327680 - 93184) == 1774592
+    allocated = 173696 + 65536 + 65536 + 131072 + 1774592 + 93184
+    # outside torch + the allocator's floor, and the slack its large loss and activation blocks leave
+    assert breakdown.overhead_bytes == int(950 * MIB + 0.16 * 93184 + 0.03 * 1774592)
+    assert breakdown.total_bytes == allocated + breakdown.overhead_bytes
+    assert breakdown.cpu_offload_bytes == 0
+    assert [name for name, _ in breakdown.components()] == [
+        "weights", "lora", "gradients", "optimizer", "activations", "logits", "overhead"]
+
+
+def test_breakdown_with_checkpointing_by_hand():
+    breakdown = predict_memory(SMALL, replace(SETUP, checkpointing="on"), CONSTANTS)
+    # stored layer inputs 2*2*64*256; one layer recomputed 2816*256 plus the backward transient 327,680
+    assert breakdown.activations_bytes == 65536 + 98304 + (2816 * 256 + 327680 - 93184) == 1119232
+    offloaded = predict_memory(SMALL, replace(SETUP, checkpointing="offload"), CONSTANTS)
+    assert offloaded.cpu_offload_bytes == 2 * 2 * 64 * 256
+    # two layer inputs stay on the GPU in flight, so offloading pays off from three layers up
+    assert offloaded.activations_bytes == breakdown.activations_bytes
+    deeper = replace(SMALL, layers=8)
+    assert (predict_memory(deeper, replace(SETUP, checkpointing="offload"), CONSTANTS).activations_bytes
+            < predict_memory(deeper, replace(SETUP, checkpointing="on"), CONSTANTS).activations_bytes)
+
+
+def test_cpu_breakdown_counts_the_process_and_resident_slack():
+    cpu = replace(SETUP, device="cpu", weight_dtype="fp32", compute_dtype="fp32")
+    breakdown = predict_memory(SMALL, cpu, CONSTANTS)
+    allocated = breakdown.total_bytes - breakdown.overhead_bytes
+    assert breakdown.weights_bytes == 86848 * 4
+    assert breakdown.overhead_bytes == int(350 * MIB + 1.4 * allocated)
+    assert breakdown.cpu_offload_bytes == 0
+
+
+def test_options_move_memory_the_right_way():
+    long = replace(SETUP, seq_tokens=8192, target_tokens=1024)
+    base = predict_memory(SMALL, long).total_bytes
+    assert predict_memory(SMALL, replace(long, checkpointing="on")).total_bytes < base
+    assert predict_memory(SMALL, replace(long, micro_batch=2)).total_bytes > base
+    assert predict_memory(SMALL, replace(long, lora_dropout=0.05)).activations_bytes > predict_memory(SMALL, long).activations_bytes
+    assert predict_memory(SMALL, replace(long, attention="eager")).total_bytes > base
+    assert predict_memory(SMALL, replace(long, adamw_8bit=True)).optimizer_bytes == int(16384 * 2.03)
+    assert predict_memory(SMALL, replace(long, weight_dtype="nf4")).weights_bytes < predict_memory(SMALL, long).weights_bytes
+    full = predict_memory(SMALL, replace(long, loss="full"))
+    assert full.logits_bytes == 8192 * 100 * 12
+    zero3 = predict_memory(SMALL, replace(long, deepspeed="zero3"))
+    assert zero3.optimizer_bytes == 0 and zero3.cpu_offload_bytes > 0
+
+
+def test_memory_grows_linearly_with_sequence_under_sdpa():
+    one = predict_memory(SMALL, replace(SETUP, seq_tokens=4096)).activations_bytes
+    two = predict_memory(SMALL, replace(SETUP, seq_tokens=8192)).activations_bytes
+    assert 1.9 < two / one < 2.1
+
+
+def test_shape_matches_a_real_model_with_tied_embeddings_and_qkv_bias():
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=1024)
+    shape = shape_from_hf_config(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    real = sum(p.numel() for p in model.parameters())
+    assert shape.known and shape.attention_bias and shape.tied_embeddings
+    assert shape.total_params == real
+
+
+def test_shape_and_lora_count_match_the_demo_model_under_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from elite_core.demo_model import demo_model, demo_model_config
+
+    shape = shape_from_hf_config(demo_model_config(), name="demo")
+    model = demo_model()
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == lora_param_count(shape, 8)
+
+
+def test_unknown_architecture_is_estimated_not_refused():
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(hidden_size=256, num_attention_heads=8, num_hidden_layers=3, vocab_size=1000)
+    config.model_type = "somebody_new"
+    shape = shape_from_hf_config(config)
+    assert not shape.known
+    assert shape.intermediate == 1024 and shape.kv_heads == 8
+    assert predict_memory(shape, SETUP).total_bytes > 0
+
+
+def test_config_without_sizes_is_a_clear_error():
+    from transformers import PretrainedConfig
+
+    with pytest.raises(ValueError, match="hidden size"):
+        shape_from_hf_config(PretrainedConfig())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_activation_formula_matches_what_autograd_saves_on_cpu(dropout):
+    """Sum the bytes autograd really keeps for the demo model's decoder (fp32, LoRA on all linears) and compare."""
+    import torch
+
+    from elite_core import training
+    from elite_core.config import default_config
+    from elite_core.demo_model import demo_model_config
+
+    shape = shape_from_hf_config(demo_model_config())
+    seq = 512
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype="fp32",
+                          compute_dtype="fp32", checkpointing="off", lora_dropout=dropout)
+    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_dropout=dropout)
+    model = training.build_lora_model(config, setup, "cpu")
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    input_ids = torch.randint(0, shape.vocab, (1, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().model(input_ids=input_ids, use_cache=False)
+    measured_per_layer = sum(saved.values()) / shape.layers
+    predicted_per_layer = layer_activation_bytes_per_token(shape, setup) * seq
+    assert measured_per_layer == pytest.approx(predicted_per_layer, rel=0.05)

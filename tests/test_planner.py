@@ -1,0 +1,193 @@
+"""The planner on CPU (a RAM-based table for the demo model), on a fixed H100 profile, and the batch-size finder."""
+
+import dataclasses
+
+import pytest
+
+from elite_core.config import default_config
+from elite_core.demo_model import demo_model_config
+from elite_core.hardware import fake_profile
+from elite_core.memory_model import ModelShape, predict_memory, shape_from_hf_config
+from elite_core.planner import (
+    CPU_MAX_STEP_S,
+    config_for_plan,
+    default_learning_rate,
+    find_micro_batch,
+    grad_accum_for,
+    max_micro_batch,
+    plan_for_config,
+    plan_tiers,
+    resolve_precision,
+    select_tier,
+)
+from elite_core.tiers import TIERS
+
+GIB = 1024**3
+LLAMA_8B = ModelShape(name="Llama-3.1-8B", architecture="llama", hidden=4096, intermediate=14336, layers=32, heads=32,
+                      kv_heads=8, head_dim=128, vocab=128256, tied_embeddings=False, max_position_embeddings=131072,
+                      total_params=8030261248, known=True)
+
+
+@pytest.fixture(scope="module")
+def demo_shape():
+    return shape_from_hf_config(demo_model_config(), name="demo")
+
+
+def test_cpu_table_for_the_demo_model(demo_shape):
+    profile = fake_profile("cpu")
+    plans = plan_tiers(demo_shape, profile, default_config())
+    assert [plan.tier.number for plan in plans] == [tier.number for tier in TIERS]
+    for plan in plans:
+        assert plan.setup.device == "cpu" and plan.setup.compute_dtype == "fp32"
+        assert plan.budget_bytes == profile.ram_available_bytes
+        assert plan.headroom_bytes == plan.budget_bytes - plan.breakdown.total_bytes
+        assert plan.setup.loss == "chunked" and plan.setup.checkpointing in ("off", "on")
+        assert "ckpt-offload" not in plan.options and "qlora" not in plan.options
+        assert plan.setup.extra_trainable == ("embed_tokens", "lm_head")
+    # longer windows cost more time; where RAM runs short the planner turns checkpointing on
+    times = [plan.step_time_s for plan in plans]
+    assert times == sorted(times)
+    assert plans[0].options[0] == "no-ckpt" and plans[-1].options[0] == "ckpt"
+    assert all(plan.breakdown.total_bytes <= plan.budget_bytes for plan in plans if plan.fits)
+    # the tiny demo fits in RAM at tier 1 with room to spare, but a CPU cannot run its 262K window in a demo
+    assert plans[0].fits and plans[0].breakdown.total_bytes < 2 * GIB
+    selected = select_tier(plans)
+    assert plans[selected - 1].step_time_s <= CPU_MAX_STEP_S
+    assert selected < 7
+
+
+def test_select_tier_is_the_highest_that_fits_and_1_when_none_does():
+    profile = fake_profile("h100")
+    plans = plan_tiers(LLAMA_8B, profile, default_config(model="meta-llama/Llama-3.1-8B"))
+    fitting = [plan.tier.number for plan in plans if plan.fits]
+    assert select_tier(plans) == max(fitting)
+    tiny = dataclasses.replace(profile, gpus=(dataclasses.replace(profile.gpus[0], usable_bytes=4 * GIB),))
+    none_fit = plan_tiers(LLAMA_8B, tiny, default_config(model="x/y"))
+    assert not any(plan.fits for plan in none_fit)
+    assert select_tier(none_fit) == 1
+    assert all(plan.note for plan in none_fit)
+
+
+def test_planner_trades_speed_for_memory_as_tiers_grow():
+    plans = plan_tiers(LLAMA_8B, fake_profile("h100"), default_config(model="x/y"))
+    assert plans[0].options[0] == "no-ckpt"  # the fastest setup where it fits
+    for plan in plans:
+        if plan.fits:
+            assert plan.breakdown.total_bytes <= plan.budget_bytes * 0.97
+    assert any(plan.setup.checkpointing in ("on", "offload") for plan in plans)
+    # windows past the model's 131,072 positions need RoPE scaling, and the table says so
+    assert "rope-x4" in plans[6].options and "RoPE" in plans[6].note
+
+
+def test_plan_for_config_honours_overrides():
+    profile = fake_profile("h100")
+    config = default_config(model="x/y").with_tier(2)
+    auto = plan_for_config(LLAMA_8B, profile, config)
+    assert auto.setup.seq_tokens == config.window_tokens and auto.setup.lora_rank == config.lora_rank
+    forced = plan_for_config(LLAMA_8B, profile, config.replace(gradient_checkpointing="off", micro_batch=2,
+                                                               lora_dropout=0.05, precision="fp16"))
+    assert forced.setup.checkpointing == "off" and forced.setup.micro_batch == 2
+    assert forced.setup.compute_dtype == "fp16" and forced.setup.lora_dropout == 0.05
+    assert forced.breakdown.total_bytes > auto.breakdown.total_bytes
+    qlora = plan_for_config(LLAMA_8B, profile, config.replace(qlora=True, adamw_8bit=True))
+    assert qlora.setup.weight_dtype == "nf4" and qlora.setup.adamw_8bit
+    assert {"qlora", "8bit-adam"} <= set(qlora.options)
+    assert qlora.breakdown.weights_bytes < auto.breakdown.weights_bytes / 2
+
+
+def test_config_for_plan_writes_the_choices_back():
+    profile = fake_profile("h100")
+    plans = plan_tiers(LLAMA_8B, profile, default_config(model="x/y"))
+    plan = plans[4]
+    config = config_for_plan(default_config(model="x/y"), plan)
+    assert config.tier == plan.tier.number and config.window_tokens == plan.setup.seq_tokens
+    assert config.gradient_checkpointing == plan.setup.checkpointing
+    again = plan_for_config(LLAMA_8B, profile, config)
+    assert again.setup == plan.setup and again.breakdown == plan.breakdown
+
+
+def test_cpu_plan_for_the_demo_config(demo_shape):
+    plan = plan_for_config(demo_shape, fake_profile("cpu"), default_config().replace(gradient_checkpointing="offload"))
+    assert plan.setup.checkpointing == "on"  # nothing to offload to when the CPU is the device
+    assert plan.fits and plan.setup.device == "cpu"
+
+
+def test_resolve_precision():
+    assert resolve_precision(fake_profile("h100"), "auto") == "bf16"
+    assert resolve_precision(fake_profile("cpu"), "auto") == "fp32"
+    old_gpu = dataclasses.replace(
+        fake_profile("h100"),
+        capabilities=tuple(dataclasses.replace(c, available=False) if c.name == "bf16" else c
+                           for c in fake_profile("h100").capabilities),
+    )
+    assert resolve_precision(old_gpu, "auto") == "fp16"
+    assert resolve_precision(old_gpu, "bf16") == "fp16"
+    assert resolve_precision(fake_profile("h100"), "fp32") == "fp32"
+
+
+def test_learning_rate_and_accumulation_defaults():
+    assert default_learning_rate(16, 4096) == 2e-4
+    assert default_learning_rate(64, 4096) < default_learning_rate(16, 4096)
+    assert default_learning_rate(8, 262144) <= default_learning_rate(8, 4096)
+    assert grad_accum_for(4096, 1) == 8 and grad_accum_for(300000, 1) == 1
+
+
+def test_max_micro_batch_matches_the_model():
+    setup = plan_tiers(LLAMA_8B, fake_profile("h100"), default_config(model="x/y"))[0].setup
+    setup = dataclasses.replace(setup, checkpointing="on")
+    budget = 78 * GIB
+    best = max_micro_batch(LLAMA_8B, setup, budget)
+    assert best >= 1
+    assert predict_memory(LLAMA_8B, dataclasses.replace(setup, micro_batch=best)).total_bytes <= budget * 0.97
+    assert predict_memory(LLAMA_8B, dataclasses.replace(setup, micro_batch=best + 1)).total_bytes > budget * 0.97
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's, as the finder recognises it by name."""
+
+
+class FakeDevice:
+    """A device that runs any micro-batch up to `limit` and runs out of memory above it."""
+
+    def __init__(self, limit: int, raise_on_oom: bool = False):
+        self.limit = limit
+        self.raise_on_oom = raise_on_oom
+        self.probes: list[int] = []
+
+    def step(self, batch: int) -> bool:
+        self.probes.append(batch)
+        if batch > self.limit:
+            if self.raise_on_oom:
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return False
+        return True
+
+
+@pytest.mark.parametrize("limit,predicted", [(13, 8), (13, 20), (13, 13), (1, 4), (40, 40), (7, 1)])
+def test_batch_finder_finds_the_limit_from_either_side(limit, predicted):
+    device = FakeDevice(limit, raise_on_oom=True)
+    assert find_micro_batch(device.step, predicted) == limit
+    assert len(device.probes) <= 6
+
+
+def test_batch_finder_confirms_an_exact_prediction_in_two_probes():
+    device = FakeDevice(13)
+    assert find_micro_batch(device.step, 13) == 13
+    assert device.probes[:2] == [13, 26]
+
+
+def test_batch_finder_returns_0_when_nothing_fits_and_stays_within_probes():
+    device = FakeDevice(0)
+    assert find_micro_batch(device.step, 64, max_probes=6) == 0
+    assert len(device.probes) == 6
+    far = FakeDevice(1000)
+    found = find_micro_batch(far.step, 2, max_probes=4)
+    assert found == 16 and len(far.probes) == 4  # bounded: the best confirmed size when probes run out
+
+
+def test_batch_finder_lets_other_errors_through():
+    def broken(batch: int) -> bool:
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError):
+        find_micro_batch(broken, 4)
