@@ -2,8 +2,14 @@
 
 On one CUDA GPU, in one command:
 
-    python bench/memory_accuracy.py run --out bench/results            # writes memory-<gpu>.jsonl and .txt
-    python bench/memory_accuracy.py score bench/results/memory-h100.jsonl   # re-predict with the current model, print table
+    python bench/memory_accuracy.py run --out bench/results                 # the matrix: memory-<gpu>.jsonl
+    python bench/memory_accuracy.py run --set validation --out bench/results  # unfitted points + the planner's tiers 1-5
+    python bench/memory_accuracy.py run --set long --out bench/results        # the planner's fitting tiers beyond 64K
+    python bench/memory_accuracy.py run --set tiled --out bench/results       # the sequence-tiled MLP
+    python bench/memory_accuracy.py score --write bench/results/memory-h100.jsonl  # re-predict, print table, write .txt
+
+The constants in elite_core.memory_model.MemoryConstants were fitted on the matrix set, then frozen before the
+validation and long sets ran; the two tiled-MLP constants were fitted on the tiled set itself.
 
 Models are random-initialised from their configs (memory does not depend on weight values). Each point runs the engine's
 own code (elite_core.training: build_lora_model, make_optimizer, model_loss, autocast and checkpoint offload as in

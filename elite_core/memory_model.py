@@ -239,6 +239,11 @@ class MemoryConstants:
     freed before each layer's backward, leave holes that smaller blocks cannot fill (H100 fit: 0.15)."""
     cuda_margin_of_activations: float = 0.03
     """The same per byte of activations (H100 fit: 0.031)."""
+    cuda_margin_of_loss_tiled: float = 0.33
+    """With the tiled MLP the loss chunk's holes stay unfilled by the tiles' smaller blocks (H100, 5 points: 0.28-0.36)."""
+    tiled_mlp_transient_hidden: float = 2.5
+    """Tiled MLP: the tiles' outputs and their concatenation, bytes per token per hidden unit per byte of compute dtype
+    (H100, 5 points: 1.5-2.4)."""
     backward_transient_intermediate: float = 3.0
     """Gradient buffers alive at a layer's backward peak, in bytes per token per intermediate unit, per byte of compute dtype."""
     backward_transient_hidden: float = 4.0
@@ -407,6 +412,8 @@ def predict_memory(
 
     shards = mlp_shards_for(setup, shape)
     layer_tokens = layer_activation_bytes_per_token(shape, setup, shards) * tokens
+    if shards > 1:
+        layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
     layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
     layer_input = e * shape.hidden * tokens
     # The final norm's fp32 copy and the embedding output live until the loss is done.
@@ -434,8 +441,9 @@ def predict_memory(
     if on_cpu:
         overhead = constants.cpu_fixed_bytes + constants.allocator_margin * allocated
     else:
+        margin_of_loss = constants.cuda_margin_of_loss_tiled if shards > 1 else constants.cuda_margin_of_loss
         overhead = (constants.cuda_fixed_bytes + constants.cuda_allocator_floor_bytes
-                    + constants.cuda_margin_of_loss * logits + constants.cuda_margin_of_activations * activations)
+                    + margin_of_loss * logits + constants.cuda_margin_of_activations * activations)
     return MemoryBreakdown(
         weights_bytes=int(weights),
         lora_bytes=int(lora),

@@ -37,8 +37,9 @@ CPU_MATMUL_EFFICIENCY = 0.45
 """The demo model on 2 cores: 0.6 s per 4.6K-token step measured against 0.75 s estimated at 0.35."""
 TOKENS_PER_UPDATE = 32 * 1024
 """Gradient accumulation aims at about this many tokens per optimizer update."""
-ENGINE_HAS_TILED_MLP = False
-"""elite_core.training has no sequence-tiled MLP yet; the planner offers only what the engine does."""
+ENGINE_HAS_TILED_MLP = True
+"""elite_core.training tiles the MLP when the setup says so (add_lora). Measured on an H100 up to 150K tokens
+(bench/results/memory-h100-tiled.jsonl); beyond that the prediction is extrapolated. False takes it off the ladder."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,10 @@ def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, 
 
 def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunConfig, window: int, target: int,
                      rank: int) -> list[TrainingSetup]:
-    """The ladder from fastest to most frugal, keeping whatever the user fixed in the config."""
+    """The ladder from fastest to most frugal, keeping whatever the user fixed in the config.
+
+    Offloading checkpoints comes before the tiled MLP: its copies overlap with compute, the tiles cost recompute time.
+    """
     base = _base_setup(shape, profile, config, window, target, rank)
     on_gpu = profile.has_gpu
     fixed_checkpointing = config.gradient_checkpointing != "auto"
