@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from elite_core import protocol
+from elite_core import distributed, protocol
 from elite_core.config import ConfigError, RunConfig
 
 EVENTS_FILE = "events.jsonl"
@@ -99,11 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--probe-steps", type=int, default=0)
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: RUN_DIR/dataset")
+    parser.add_argument("--event-pipe", default=None, help="FD:DEV:INODE of the runner's event pipe, under a launcher")
     args = parser.parse_args(argv)
 
     run_dir: Path = args.run_dir.resolve()
-    (run_dir / CHILD_PID_FILE).write_text(str(os.getpid()))
-    sink = EventSink(run_dir, args.event_fd)
+    # distributed: under a launcher only rank 0 owns child.pid, events.jsonl, the pipe and the commands on stdin
+    rank = distributed.rank_info()
+    if rank.is_main:
+        (run_dir / CHILD_PID_FILE).write_text(str(os.getpid()))
+        distributed.clear_rank_failures(run_dir)
+        sink = EventSink(run_dir, distributed.event_fd_for(rank, args.event_fd, args.event_pipe))
+    else:
+        sink = distributed.RankLog(rank)
     try:
         config = RunConfig.load(run_dir / "config.yaml")
     except (OSError, ConfigError) as exc:
@@ -114,23 +121,34 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: torch takes seconds, and a bad config should be reported before that.
     from elite_core.training import TrainingEngine, describe_exception
 
-    reader = CommandReader(sys.stdin, sink)
-    engine = TrainingEngine(config, run_dir, emit=sink, poll_commands=reader.poll, resume=args.resume,
+    poll = CommandReader(sys.stdin, sink).poll if rank.is_main else (lambda: [])
+    emit = sink
+    if rank.is_main and not args.probe_steps:
+        from elite_core.metric_sinks import FanOut, default_sinks
+
+        emit = FanOut(sink, default_sinks(run_dir))  # TensorBoard event files beside events.jsonl
+    engine = TrainingEngine(config, run_dir, emit=emit, poll_commands=poll, resume=args.resume,
                             probe_steps=args.probe_steps, dataset_dir=args.dataset_dir)
     install_signal_handlers(engine)
     try:
         finished = engine.run()
-        if finished.report_path:
+        if finished.report_path and rank.is_main:
+            from elite_core.evaluation import evaluate_run
             from elite_core.report import write_report
 
+            # Compile rate of held-out completions, with and without the adapter; fewer prompts on a CPU.
+            evaluate_run(engine, prompts=4 if engine.device == "cpu" else 16)
             write_report(run_dir, finished)
         sink(finished)
         return 0
     except BaseException as exc:  # every failure reaches the parent as an Error event, never a silent exit
-        sink(describe_exception(exc))
+        distributed.report_failure(run_dir, describe_exception(exc), rank, sink, args.event_pipe)
         return 1
     finally:
+        if emit is not sink:
+            emit.close()
         sink.close()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

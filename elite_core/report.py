@@ -8,10 +8,14 @@ from pathlib import Path
 from elite_core import protocol
 from elite_core.config import RunConfig
 from elite_core.runs import read_events
-from elite_core.units import format_bytes
+from elite_core.units import format_bytes, format_duration
 
 REPORT_FILE = "report.md"
 PLAN_FILE = "plan.json"
+PLOTS_DIR = "plots"
+PLOT_FILES = {"loss": "loss.png", "memory": "memory.png", "throughput": "throughput.png"}
+ETA_CHECK_AFTER_S = 30.0
+PROJECTION_FROM_FRACTION = 0.2
 
 
 def write_plan(run_dir: Path, profile, plan) -> None:
@@ -73,10 +77,20 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
         where = "GPU" if started and started.device == "cuda" else "process RAM"
         lines.append(f"- peak memory ({where}): predicted {format_bytes(predicted)}, measured {format_bytes(measured)} ({error:+.1f} %)")
     lines.append("")
+    lines += _estimates_section(steps, started)
+    lines += _evaluation_section(run_dir)
+    plots = write_plots(run_dir, steps, evals, plan, started)
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{name}]({path.relative_to(run_dir)})" for name, path in plots.items()]
+        lines.append("")
     if plan:
         lines += ["## Hardware and plan", "", f"- hardware: {_hardware_line(plan['hardware'])}",
                   f"- tier {plan['tier']}: {config.context_tokens:,} context + {config.target_tokens:,} target tokens",
-                  f"- options: {', '.join(plan['options']) or 'none'}", ""]
+                  f"- options: {', '.join(plan['options']) or 'none'}"]
+        if plan.get("note"):
+            lines.append(f"- why this tier: {plan['note']}")
+        lines.append("")
         lines += ["| component | predicted |", "|---|---|"]
         lines += [f"| {name} | {format_bytes(value)} |" for name, value in plan["components"]]
         lines.append("")
@@ -92,6 +106,12 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
     if saved:
         artefacts.append(("last checkpoint", Path(saved[-1].path)))
     artefacts.append(("dataset", run_dir / "dataset"))
+    artefacts += [(f"{name} plot", path) for name, path in plots.items()]
+    for name, relative in (("compile-rate evaluation", "evaluation.json"), ("TensorBoard events", "tensorboard"),
+                           ("merged model", "merged"), ("plan", PLAN_FILE)):
+        if (run_dir / relative).exists():
+            artefacts.append((name, run_dir / relative))
+    artefacts.append(("this report", run_dir / REPORT_FILE))
     lines += [f"- {name}: `{path}`" for name, path in artefacts]
     return "\n".join(lines) + "\n"
 
@@ -108,4 +128,156 @@ def _dataset_section(dataset_dir: Path) -> str:
 def write_report(run_dir: Path, finished: protocol.Finished | None = None) -> Path:
     path = Path(run_dir) / REPORT_FILE
     path.write_text(render_report(run_dir, finished), encoding="utf-8")
+    return path
+
+
+def eta_check(steps: list[protocol.StepMetrics], total_steps: int, after_s: float = ETA_CHECK_AFTER_S):
+    """The ETA the monitor showed at the first step `after_s` into training, beside the time the rest really took:
+    (elapsed_s at that step, predicted remaining_s, actual remaining_s), or None for runs too short to tell."""
+    from elite_core.estimates import estimate_eta
+
+    if len(steps) < 3:
+        return None
+    origin = steps[0].elapsed_s
+    for index, step in enumerate(steps[:-1]):
+        if step.elapsed_s - origin >= after_s:
+            eta = estimate_eta([s.step for s in steps[:index + 1]], [s.elapsed_s for s in steps[:index + 1]],
+                               total_steps)
+            if eta is None:
+                return None
+            return step.elapsed_s, eta.remaining_s, steps[-1].elapsed_s - step.elapsed_s
+    return None
+
+
+def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJECTION_FROM_FRACTION):
+    """The loss projected from the first `fraction` of the steps beside the smoothed final loss actually reached."""
+    from elite_core.estimates import project_loss, smoothed_final_loss
+
+    count = int(len(steps) * fraction)
+    if count < 2:
+        return None
+    projection = project_loss([s.step for s in steps[:count]], [s.loss for s in steps[:count]], steps[-1].step,
+                              [s.lr for s in steps[:count]])
+    if projection is None:
+        return None
+    return projection, smoothed_final_loss([s.loss for s in steps])
+
+
+def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Started | None) -> list[str]:
+    if not steps or started is None:
+        return []
+    from elite_core.estimates import project_loss
+
+    lines = []
+    total = steps[-1].step
+    eta = eta_check(steps, total)
+    if eta is not None:
+        at_s, predicted_s, actual_s = eta
+        error = (predicted_s - actual_s) / actual_s * 100 if actual_s > 0 else 0.0
+        lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
+                     f"{format_duration(actual_s)} ({error:+.1f} %)")
+    checked = projection_check(steps)
+    if checked is not None:
+        projection, actual = checked
+        error = (projection.final_loss - actual) / actual * 100 if actual else 0.0
+        lines.append(f"- loss projected from the first {PROJECTION_FROM_FRACTION:.0%} of steps: "
+                     f"{projection.final_loss:.4f} (band {projection.final_loss_low:.4f} to "
+                     f"{projection.final_loss_high:.4f}); reached {actual:.4f}, mean of the last tenth ({error:+.1f} %)")
+    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps],
+                        steps_per_epoch=_steps_per_epoch(steps))
+    if full is not None and full.recommended_epochs is not None:
+        lines.append(f"- recommended epochs: {full.recommended_epochs} (one more would lower the fitted loss by "
+                     f"less than 1 %; fit: {full.fit.kind}, exponent {full.fit.exponent:.3g})")
+    if not lines:
+        return []
+    return ["## Estimates against what happened", "", *lines, ""]
+
+
+def _steps_per_epoch(steps: list[protocol.StepMetrics]) -> int | None:
+    last = steps[-1]
+    return max(1, round(last.step / last.epoch)) if last.epoch > 0 else None
+
+
+def _evaluation_section(run_dir: Path) -> list[str]:
+    from elite_core.evaluation import read_evaluation
+
+    evaluation = read_evaluation(run_dir)
+    if evaluation is None:
+        return []
+    lines = ["## Compile rate on held-out files", "",
+             f"Greedy completions of {evaluation['target_tokens']:,} tokens (KV cache) after up to "
+             f"{evaluation['context_tokens']:,} tokens of context; the first unit written must parse in its file.", "",
+             "| | prompts | parse | syntax error | unfinished | rate |", "|---|---|---|---|---|---|"]
+    for key in ("before", "after"):
+        result = evaluation[key]
+        lines.append(f"| {key} training | {result['prompts']} | {result['parses']} | {result['syntax_errors']} | "
+                     f"{result['unfinished']} | {result['rate']:.0%} |")
+    lines.append("")
+    return lines
+
+
+def write_plots(run_dir: Path, steps: list[protocol.StepMetrics], evals: list[protocol.EvalMetrics],
+                plan: dict | None, started: protocol.Started | None) -> dict[str, Path]:
+    """PNG plots under RUN_DIR/plots: loss with the projection from the first fifth of the run, memory predicted vs
+    measured, throughput. Empty when matplotlib is missing or there are no steps."""
+    if not steps:
+        return {}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    plots_dir = Path(run_dir) / PLOTS_DIR
+    plots_dir.mkdir(exist_ok=True)
+    numbers = [s.step for s in steps]
+    paths = {}
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(numbers, [s.loss for s in steps], lw=1, label="train loss")
+    if evals:
+        axes.plot([e.step for e in evals], [e.loss for e in evals], "o", label="held-out loss")
+    checked = projection_check(steps)
+    if checked is not None:
+        projection, _ = checked
+        axes.plot(projection.curve_steps, projection.curve_loss, "--", label=f"projection from first {PROJECTION_FROM_FRACTION:.0%}")
+        axes.fill_between(projection.curve_steps, projection.curve_low, projection.curve_high, alpha=0.2, label="band")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    paths["loss"] = _save(figure, plots_dir / PLOT_FILES["loss"])
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(numbers, [s.memory_bytes / 2**30 for s in steps], label="measured")
+    predicted = plan["predicted_peak_bytes"] if plan else (started.predicted_peak_bytes if started else 0)
+    if predicted:
+        axes.axhline(predicted / 2**30, color="red", ls="--", label="predicted peak")
+    where = "GPU" if started and started.device == "cuda" else "process RAM"
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"{where} GiB")
+    axes.legend()
+    paths["memory"] = _save(figure, plots_dir / PLOT_FILES["memory"])
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(numbers, [s.tokens_per_s for s in steps], lw=1, label="per step")
+    if len(steps) > 1:
+        mean_rate = [(steps[i].step - steps[0].step) / max(steps[i].elapsed_s - steps[0].elapsed_s, 1e-9)
+                     for i in range(1, len(steps))]
+        tokens_per_step = started.tokens_per_step if started else 0
+        if tokens_per_step:
+            axes.plot(numbers[1:], [r * tokens_per_step for r in mean_rate], label="running mean (wall time)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("tokens/s")
+    axes.legend()
+    paths["throughput"] = _save(figure, plots_dir / PLOT_FILES["throughput"])
+    return paths
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
     return path

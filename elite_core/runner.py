@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,6 +12,7 @@ from typing import Iterator
 from elite_core import protocol
 from elite_core.child import CHILD_PID_FILE, EVENTS_FILE
 from elite_core.config import RunConfig
+from elite_core.distributed import spawn_command
 
 CHILD_LOG = "child.log"
 CONTROLLER_LOCK = "controller.lock"
@@ -111,13 +111,15 @@ class TrainingProcess:
             lock.release()
             raise RunLockedError(f"{run_dir} is still training: attach to it (elite-tui attach {run_dir})")
         read_fd, write_fd = os.pipe()
-        command = [sys.executable, "-m", "elite_core.child", str(run_dir), "--event-fd", str(write_fd)]
+        command = ["--event-fd", str(write_fd)]
         if resume:
             command.append("--resume")
         if probe_steps:
             command += ["--probe-steps", str(probe_steps)]
         if dataset_dir is not None:
             command += ["--dataset-dir", str(dataset_dir)]
+        # The plain child, or torchrun / deepspeed when RUN_DIR/launch.json asks for several processes.
+        command = spawn_command(run_dir, command)
         env = dict(os.environ)
         # Long runs with varying shapes fragment the default CUDA allocator.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

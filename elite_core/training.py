@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from elite_core import checkpoints, protocol
+from elite_core import checkpoints, distributed, protocol
 from elite_core.config import RunConfig
 from elite_core.memory_model import TrainingSetup
 from elite_core.model_loading import load_causal_lm
@@ -224,7 +224,9 @@ def forward_context(setup: TrainingSetup) -> contextlib.ExitStack:
     if setup.device == "cuda" and setup.compute_dtype in ("bf16", "fp16"):
         stack.enter_context(torch.autocast("cuda", dtype=torch_dtype(setup.compute_dtype)))
     if setup.checkpointing == "offload" and setup.device == "cuda":
-        stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=True))
+        # Pageable, not pinned: the pinned host allocator rounds every block up to a power of two, which turned the
+        # 79 GB of an 8B model's 301K-token checkpoints into more than the host's 128 GB.
+        stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=False))
     return stack
 
 
@@ -273,6 +275,7 @@ class TrainingEngine:
         self.checkpoint_requested = False
         self.stop_requested = False
         self.stop_reason = "stop"
+        self.rank = distributed.RankInfo()  # distributed: set by setup() from the launcher's environment
 
     # Signal handlers and the command reader call these; the loop acts on them between optimizer steps.
     def request_checkpoint(self) -> None:
@@ -288,6 +291,9 @@ class TrainingEngine:
                 self.request_checkpoint()
             elif isinstance(command, protocol.Stop):
                 self.request_stop("stop")
+        # distributed: every rank acts on a request made of any one of them, at the same step
+        self.checkpoint_requested, self.stop_requested = distributed.any_rank(
+            self.rank, self.checkpoint_requested, self.stop_requested)
 
     def setup(self) -> None:
         from elite_core.dataset import WindowDataset, build_dataset
@@ -297,32 +303,37 @@ class TrainingEngine:
 
         config = self.config
         self.device = resolve_device(config)
+        # distributed: join the launcher's process group (one process: nothing happens)
+        self.rank = distributed.init_process_group(self.device)
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
 
-        profile = profile_hardware(config.output_dir)
-        shape = load_model_shape(config.model, config.trust_remote_code)
-        self.plan = plan_for_config(shape, profile, config)
-        self.setup_choice = self.plan.setup
-        if not self.probe_steps:
-            write_plan(self.run_dir, profile, self.plan)
-        hf_config = load_hf_config(config.model, config.trust_remote_code)
-        self.loss_mode = "full" if uses_plain_logits(hf_config) else "chunked"
-        if self.loss_mode == "full":
-            self.emit(protocol.Warning(message="this model post-processes its logits: using the model's own loss"))
+        # distributed: rank 0 writes the shared files (hardware cache, plan, dataset) first; the other ranks reuse them
+        with distributed.main_first(self.rank):
+            profile = profile_hardware(config.output_dir)
+            shape = load_model_shape(config.model, config.trust_remote_code)
+            self.plan = plan_for_config(shape, profile, config)
+            self.setup_choice = self.plan.setup
+            if not self.probe_steps and self.rank.is_main:
+                write_plan(self.run_dir, profile, self.plan)
+            hf_config = load_hf_config(config.model, config.trust_remote_code)
+            self.loss_mode = "full" if uses_plain_logits(hf_config) else "chunked"
+            if self.loss_mode == "full":
+                self.emit(protocol.Warning(message="this model post-processes its logits: using the model's own loss"))
 
-        dataset_dir = self.dataset_dir
-        build_dataset(config.repo, dataset_dir, tokenizer_source=config.model, trust_remote_code=config.trust_remote_code,
-                      eval_fraction=config.eval_fraction, seed=config.seed)
-        self.train_data = WindowDataset(dataset_dir, "train", config.context_tokens, config.target_tokens)
-        self.eval_data = WindowDataset(dataset_dir, "eval", config.context_tokens, config.target_tokens)
+            dataset_dir = self.dataset_dir
+            build_dataset(config.repo, dataset_dir, tokenizer_source=config.model,
+                          trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction, seed=config.seed)
+            self.train_data = WindowDataset(dataset_dir, "train", config.context_tokens, config.target_tokens)
+            self.eval_data = WindowDataset(dataset_dir, "eval", config.context_tokens, config.target_tokens)
         if len(self.train_data) == 0:
             raise RuntimeError(f"the dataset built from {config.repo} has no training windows")
 
         self.model = build_lora_model(config, self.setup_choice, self.device)
         self.optimizer = make_optimizer(self.model, config, self.setup_choice, self.device)
-        windows_per_step = config.micro_batch * config.grad_accum
+        # distributed: a step takes micro_batch x grad_accum windows on each rank
+        windows_per_step = config.micro_batch * config.grad_accum * self.rank.world_size
         steps_per_epoch = max(1, math.ceil(len(self.train_data) / windows_per_step))
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -331,6 +342,10 @@ class TrainingEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
         fp16 = self.device == "cuda" and self.setup_choice.compute_dtype == "fp16"
         self.grad_scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        # distributed: the training forward runs through DDP (or DeepSpeed ZeRO) when there are several ranks
+        self.parallel_loss = distributed.ParallelLoss(
+            self.model, lambda model, ids, labels: model_loss(model, ids, labels, self.loss_mode), self.rank,
+            self.device, config, self.optimizer, self.scheduler, self.setup_choice.compute_dtype)
         self.step = 0
         self.position = DataPosition()
         self.losses: list[float] = []
@@ -373,12 +388,19 @@ class TrainingEngine:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for _ in range(config.grad_accum):
-            input_ids, labels = self._batch(self._next_windows(config.micro_batch), self.train_data)
+        distributed.inject_rank_failure(self.rank, self.step + 1)
+        if self.parallel_loss.deepspeed is not None:  # distributed: ZeRO steps through DeepSpeed
+            batches = (self._batch(distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size),
+                                                          self.rank), self.train_data) for _ in range(config.grad_accum))
+            return self.parallel_loss.deepspeed_step(batches, config.grad_accum)
+        for micro in range(config.grad_accum):
+            # distributed: each rank trains on its own slice of the next micro_batch x world windows
+            windows = distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size), self.rank)
+            input_ids, labels = self._batch(windows, self.train_data)
             tokens += input_ids.numel()
             simulate_oom(input_ids.numel())
-            with self._forward_context():
-                loss = model_loss(self.model, input_ids, labels, self.loss_mode) / config.grad_accum
+            with self._forward_context(), self.parallel_loss.sync_gradients(micro == config.grad_accum - 1):
+                loss = self.parallel_loss(input_ids, labels) / config.grad_accum
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss).backward()
             else:
@@ -394,6 +416,9 @@ class TrainingEngine:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        # distributed: the step's loss is the mean over the ranks' slices, its tokens their sum
+        loss_sum = distributed.mean_across_ranks(loss_sum, self.rank)
+        tokens = distributed.sum_across_ranks(tokens, self.rank)
         # .item() waits for the GPU: once per optimizer step, not per micro-batch
         return float(loss_sum.item()), float(grad_norm.item()), tokens
 
@@ -411,6 +436,13 @@ class TrainingEngine:
         return sum(losses) / len(losses)
 
     def save_checkpoint(self, reason: str) -> bool:
+        # distributed: rank 0 writes (DDP keeps every rank's weights equal); the others wait so none trains past a save
+        distributed.barrier(self.rank)
+        saved = self._write_checkpoint(reason) if self.rank.is_main else True
+        distributed.barrier(self.rank)
+        return saved
+
+    def _write_checkpoint(self, reason: str) -> bool:
         """Save; a failed save (disk full, permissions) leaves the previous checkpoint intact and is reported, and
         training goes on unless the config says to stop."""
         started = time.monotonic()
@@ -440,7 +472,7 @@ class TrainingEngine:
         meter = MemoryMeter(self.device)
         self.emit(protocol.Started(
             run_dir=str(self.run_dir), pid=os.getpid(), device=self.device, total_steps=self.total_steps,
-            tokens_per_step=config.micro_batch * config.grad_accum * config.window_tokens,
+            tokens_per_step=config.micro_batch * config.grad_accum * config.window_tokens * self.rank.world_size,
             trainable_params=trainable, total_params=total, predicted_peak_bytes=self.plan.breakdown.total_bytes,
             start_step=self.step,
         ))
@@ -461,7 +493,9 @@ class TrainingEngine:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 self.position = position_before
-                self.save_checkpoint("oom")
+                # distributed: the other ranks wait in a collective; a multi-rank run resumes from its last checkpoint
+                if not self.rank.is_distributed:
+                    self.save_checkpoint("oom")
                 raise
             if self.device == "cuda":
                 torch.cuda.synchronize()
@@ -496,12 +530,15 @@ class TrainingEngine:
             return self._finish(started, stopped_early, adapter_path="", report_path="")
         self._emit_eval()
         adapter_dir = self.run_dir / "adapter"
-        self.model.save_pretrained(adapter_dir)
+        if self.rank.is_main:  # distributed: one writer
+            self.model.save_pretrained(adapter_dir)
         self.save_checkpoint("final")
         return self._finish(started, stopped_early, adapter_path=str(adapter_dir),
                             report_path=str(self.run_dir / "report.md"))
 
     def _emit_eval(self) -> None:
+        if not self.rank.is_main:  # distributed: rank 0 evaluates alone; evaluation has no collectives
+            return
         eval_loss = self.evaluate()
         if eval_loss is not None:
             self.emit(protocol.EvalMetrics(step=self.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0))))

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("dataset", help="build the training set from a repository and print its summary")
     _add_model_args(dataset)
     dataset.add_argument("--preview", type=Path, metavar="FILE", help="also write the decoded training text to FILE")
+
+    export = sub.add_parser("export", help="merge a finished run's adapter into its base model")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/merged)")
     return parser
 
 
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             return _wizard(args)
-        handler = {"run": _run, "resume": _resume, "attach": _attach, "profile": _profile, "plan": _plan, "dataset": _dataset}[args.command]
+        handler = {"run": _run, "resume": _resume, "attach": _attach, "profile": _profile, "plan": _plan, "dataset": _dataset, "export": _export}[args.command]
         return handler(args)
     except ConfigError as exc:
         print("invalid settings:", file=sys.stderr)
@@ -169,6 +173,20 @@ def _dataset(args) -> int:
     if args.preview:
         args.preview.write_text(preview_text(config.run_dir / "dataset", tokenizer_source=config.model), encoding="utf-8")
         print(f"preview written to {args.preview}")
+    return 0
+
+
+def _export(args) -> int:
+    from elite_core.export import ExportError, export_merged
+    from elite_core.model_loading import ModelSourceError
+
+    if not (args.run_dir / "config.yaml").is_file():
+        raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    try:
+        out_dir = export_merged(args.run_dir, args.out)
+    except (ExportError, ModelSourceError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"merged model written to {out_dir}")
     return 0
 
 

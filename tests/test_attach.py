@@ -46,6 +46,7 @@ def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(t
         assert controller.wait(timeout=30) != 0
         child = live_child_pid(run_dir)
         assert child is not None, "the training child died with its controller"
+        os.kill(child, signal.SIGHUP)  # even a hang-up sent to the child itself does not end it
         seen = len(steps_in(run_dir))
         wait_for(lambda: len(steps_in(run_dir)) >= seen + 3, 60, "steps after the drop")
 

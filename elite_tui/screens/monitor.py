@@ -50,6 +50,10 @@ class MonitorScreen(WizardScreen):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.memory_bytes: list[int] = []
+        self.elapsed_s: list[float] = []
+        self.lrs: list[float] = []
+        self.steps_per_epoch: int | None = None
+        self.projection: Any = None
         self.eval_steps: list[int] = []
         self.eval_losses: list[float] = []
         self.notes: deque[str] = deque(maxlen=NOTES_KEPT)
@@ -102,6 +106,10 @@ class MonitorScreen(WizardScreen):
             self.steps.append(event.step)
             self.losses.append(event.loss)
             self.memory_bytes.append(event.memory_bytes)
+            self.elapsed_s.append(event.elapsed_s)
+            self.lrs.append(event.lr)
+            if event.epoch > 0:
+                self.steps_per_epoch = max(1, round(event.step / event.epoch))
             self.plots_dirty = True
             self.show_step(event)
         elif isinstance(event, protocol.EvalMetrics):
@@ -131,8 +139,7 @@ class MonitorScreen(WizardScreen):
     def show_step(self, event: Any) -> None:
         total = self.started.total_steps if self.started else 0
         start_step = self.started.start_step if self.started else 0
-        steps_done = event.step - start_step
-        eta = (total - event.step) * event.elapsed_s / steps_done if total and steps_done > 0 else None
+        eta = self.eta_s(total) if event.step > start_step else None
         parts = [
             f"[b]step {event.step}/{total}[/b]" if total else f"[b]step {event.step}[/b]",
             f"loss [b]{format_loss(event.loss)}[/b]",
@@ -142,7 +149,34 @@ class MonitorScreen(WizardScreen):
             f"ETA {format_duration(eta)}",
             f"mem {format_bytes(event.memory_bytes)}",
         ]
+        if self.projection is not None:
+            projection = self.projection
+            parts.append(f"final ~{format_loss(projection.final_loss)} "
+                         f"({format_loss(projection.final_loss_low)}-{format_loss(projection.final_loss_high)})")
+            if projection.recommended_epochs is not None:
+                parts.append(f"epochs worth it {projection.recommended_epochs}")
         self.query_one("#stats", Static).update("  ".join(parts))
+
+    def eta_s(self, total_steps: int) -> float | None:
+        """From the wall time between recent steps, so setup time and the slow first step do not skew it."""
+        from elite_core.estimates import estimate_eta
+
+        if not total_steps:
+            return None
+        eta = estimate_eta(self.steps, self.elapsed_s, total_steps)
+        return eta.remaining_s if eta is not None else None
+
+    def update_projection(self) -> None:
+        from elite_core.estimates import project_loss
+
+        total = self.started.total_steps if self.started else 0
+        if not total or not self.steps:
+            self.projection = None
+            return
+        # A fit over at most ~2,000 points keeps a redraw cheap on runs of many thousand steps.
+        stride = max(1, len(self.steps) // 2000)
+        self.projection = project_loss(self.steps[::stride], self.losses[::stride], total, self.lrs[::stride],
+                                       steps_per_epoch=self.steps_per_epoch)
 
     def note(self, text: str, markup: bool = False) -> None:
         self.notes.append(text if markup else escape(text))
@@ -155,7 +189,8 @@ class MonitorScreen(WizardScreen):
 
     def redraw_plots(self) -> None:
         self.plots_dirty = False
-        self.query_one(LossPlot).draw(self.steps, self.losses, self.eval_steps, self.eval_losses)
+        self.update_projection()
+        self.query_one(LossPlot).draw(self.steps, self.losses, self.eval_steps, self.eval_losses, self.projection)
         predicted = self.started.predicted_peak_bytes if self.started else None
         self.query_one(MemoryPlot).draw(self.steps, self.memory_bytes, predicted)
 

@@ -9,6 +9,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Markdown, Static
 
+from elite_core.report import PLOT_FILES, PLOTS_DIR
 from elite_tui.format import format_duration, format_loss
 from elite_tui.screens.base import WizardScreen
 
@@ -24,6 +25,12 @@ def artefact_lines(run_dir: Path, finished) -> list[tuple[str, str]]:
         ("checkpoints", str(run_dir / "checkpoints")),
         ("child log", str(run_dir / "child.log")),
     ]
+    # Plots are PNG files: a terminal cannot show them, so their paths are what the screen gives.
+    rows += [(f"{name} plot", str(run_dir / PLOTS_DIR / file_name)) for name, file_name in PLOT_FILES.items()
+             if (run_dir / PLOTS_DIR / file_name).is_file()]
+    for name, relative in (("evaluation", "evaluation.json"), ("tensorboard", "tensorboard"), ("merged model", "merged")):
+        if (run_dir / relative).exists():
+            rows.append((name, str(run_dir / relative)))
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Loss per step and memory per step (GiB, with the predicted peak as a line), redrawn on demand."""
+"""Loss per step (with the projected curve and its band to the last step) and memory per step (GiB, with the
+predicted peak as a line), redrawn on demand."""
 
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ class LossPlot(PlotextPlot):
     def on_mount(self) -> None:
         self.draw([], [], [], [])
 
-    def draw(self, steps: list[int], losses: list[float], eval_steps: list[int], eval_losses: list[float]) -> None:
+    def draw(self, steps: list[int], losses: list[float], eval_steps: list[int], eval_losses: list[float],
+             projection=None) -> None:
+        """`projection` is an elite_core.estimates.LossProjection, or None before there are enough steps to fit."""
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("loss")
+        plt.title("loss" if projection is None else f"loss (projected final {projection.final_loss:.3f})")
         plt.xlabel("step")
         if steps:
             plt.plot(steps, losses, marker="braille", label="train")
         if eval_steps:
             plt.scatter(eval_steps, eval_losses, marker="o", label="eval")
+        if projection is not None and len(projection.curve_steps) > 1:
+            curve_steps = list(projection.curve_steps)
+            plt.plot(curve_steps, list(projection.curve_loss), marker="braille", color="orange", label="projected")
+            # plotext has no filled band: its edges as two dotted lines
+            plt.plot(curve_steps, list(projection.curve_low), marker="dot", color="gray")
+            plt.plot(curve_steps, list(projection.curve_high), marker="dot", color="gray")
         self.refresh()
 
 

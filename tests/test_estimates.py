@@ -1,0 +1,128 @@
+"""Estimates: the ETA from the running step rate and the projected final loss, on exact curves and on a real CPU run."""
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from elite_core import protocol
+from elite_core.config import default_config
+from elite_core.estimates import (epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs,
+                                  smoothed_final_loss)
+
+TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
+                "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0}
+ETA_CHECK_AFTER_S = 30.0
+RUN_TARGET_S = 40.0
+
+
+def test_eta_ignores_setup_time_and_the_first_step():
+    # 20 s of setup before step 1, then exactly 0.5 s a step
+    steps = list(range(1, 21))
+    elapsed = [20.0 + 0.5 * (s - 1) for s in steps]
+    eta = estimate_eta(steps, elapsed, total_steps=100)
+    assert eta.seconds_per_step == pytest.approx(0.5)
+    assert eta.remaining_s == pytest.approx(80 * 0.5)
+    assert estimate_eta([1], [20.0], 100) is None
+
+
+def test_eta_follows_a_change_of_rate_through_its_window():
+    steps = list(range(1, 401))
+    elapsed = [float(s) if s <= 100 else 100.0 + 2.0 * (s - 100) for s in steps]
+    assert estimate_eta(steps, elapsed, 500, window_steps=200).seconds_per_step == pytest.approx(2.0)
+
+
+def test_power_law_with_noise_is_projected_within_two_percent_and_inside_its_band():
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 1001)
+    truth = 1.2 + 4.0 * steps ** -0.6
+    noisy = truth + rng.normal(0, 0.05, size=steps.shape)
+    projection = project_loss(steps[:200], noisy[:200], total_steps=1000)
+    assert projection.final_loss == pytest.approx(truth[-1], rel=0.02)
+    assert projection.final_loss_low <= truth[-1] <= projection.final_loss_high
+    assert projection.curve_steps[0] == 200 and projection.curve_steps[-1] == 1000
+
+
+def test_exponential_decay_is_recognised():
+    steps = np.arange(1, 301)
+    losses = 0.8 + 3.0 * np.exp(-0.02 * steps)
+    fit, _ = fit_loss_curve(steps[:100], losses[:100])
+    assert fit.kind == "exponential"
+    assert fit.loss_at([300])[0] == pytest.approx(losses[-1], rel=0.01)
+
+
+def test_warmup_steps_before_the_peak_rate_are_left_out_of_the_fit():
+    steps = np.arange(1, 101)
+    losses = 1.0 + 5.0 * steps ** -0.5
+    losses[:9] = 8.0  # flat while the learning rate ramps up to its peak at step 10
+    lrs = np.minimum(1.0, steps / 10)
+    fit, _ = fit_loss_curve(steps, losses, lrs)
+    assert fit.fitted_points == 91
+    assert fit.loss_at([100])[0] == pytest.approx(losses[-1], rel=0.01)
+
+
+def test_recommended_epochs_is_where_an_epoch_stops_paying():
+    steps = np.arange(1, 501)
+    fast = project_loss(steps, 2.0 + 3.0 * np.exp(-0.05 * steps), 500, steps_per_epoch=100)
+    slow = project_loss(steps, 0.5 + 6.0 * steps ** -0.3, 500, steps_per_epoch=100)
+    assert fast.recommended_epochs == 1
+    assert 1 < slow.recommended_epochs <= 20
+    assert recommend_epochs(slow.fit, 100) == slow.recommended_epochs
+    assert epoch_seconds(1_000_000, 2_000.0) == 500.0 and math.isinf(epoch_seconds(10, 0.0))
+
+
+def test_no_projection_without_enough_points():
+    assert project_loss([1, 2, 3], [3.0, 2.0, 1.5], 100) is None
+
+
+def _engine(tmp_path, repo, run_name, **overrides):
+    from elite_core.training import TrainingEngine
+
+    config = default_config("demo", str(repo), str(tmp_path / "runs"), run_name=run_name, **TINY_WINDOWS, **overrides)
+    config.run_dir.mkdir(parents=True)
+    config.save(config.run_dir / "config.yaml")
+    events: list = []
+    probe = overrides.get("max_steps", 0) == 0
+    engine = TrainingEngine(config, config.run_dir, emit=events.append, poll_commands=lambda: [],
+                            probe_steps=8 if probe else 0, dataset_dir=tmp_path / "dataset")
+    return engine, events
+
+
+def test_eta_after_30_s_is_within_10_percent_on_a_real_cpu_run(tmp_path, tiny_repo):
+    """A real demo run of about 40 s, sized from a probe of 8 steps; the ETA at the first step 30 s in is compared
+    with the wall time the remaining steps really took. (The loss projection's 5 % target is measured on a 200-step
+    run over real code, not here: on the tiny repository the loss falls to near zero, where a relative error means
+    nothing.)"""
+    probe, probe_events = _engine(tmp_path, tiny_repo, "probe")
+    probe.run()
+    probe_steps = [e for e in probe_events if isinstance(e, protocol.StepMetrics)]
+    seconds_per_step = (probe_steps[-1].elapsed_s - probe_steps[1].elapsed_s) / (len(probe_steps) - 2)
+    total = max(60, int(RUN_TARGET_S / seconds_per_step))
+
+    engine, events = _engine(tmp_path, tiny_repo, "timed", max_steps=total)
+    asked_at: list = []
+
+    def poll():
+        steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
+        if not asked_at and steps and steps[-1].elapsed_s - steps[0].elapsed_s >= ETA_CHECK_AFTER_S:
+            eta = estimate_eta([s.step for s in steps], [s.elapsed_s for s in steps], total)
+            asked_at.append((steps[-1].step, eta.remaining_s, time.monotonic()))
+        return []
+
+    engine.poll_commands = poll
+    engine.run()
+    last_step_at = time.monotonic()
+    assert asked_at, "the run ended before 30 s of training"
+    step, predicted_s, asked = asked_at[0]
+    actual_s = last_step_at - asked
+    assert step < total
+    print(f"ETA at step {step}/{total}: predicted {predicted_s:.1f} s, actual {actual_s:.1f} s")
+    # The run itself loads about 2 cores; more than one core's worth beyond that is other work changing the rate
+    # mid-run, which no running-rate ETA can foresee.
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) + 1 and abs(predicted_s - actual_s) > 0.1 * actual_s:
+        pytest.skip(f"machine overloaded by other work (load {load:.1f}): ETA {predicted_s:.0f} s vs {actual_s:.0f} s")
+    assert predicted_s == pytest.approx(actual_s, rel=0.10), (step, total, predicted_s, actual_s)
+

@@ -1,0 +1,51 @@
+"""The report of a real (short, in-process) demo run: sections, PNG plots, compile rate, TensorBoard event files."""
+
+import pytest
+
+from elite_core import protocol
+from elite_core.config import default_config
+from elite_core.evaluation import evaluate_run
+from elite_core.metric_sinks import TENSORBOARD_DIR, FanOut, default_sinks, read_scalars
+from elite_core.report import PLOT_FILES, PLOTS_DIR, write_report
+
+SMALL = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
+         "eval_every_steps": 5, "checkpoint_every_seconds": 0, "eval_fraction": 0.2, "max_steps": 12}
+
+
+def test_a_finished_run_gets_plots_estimates_evaluation_and_tensorboard(tmp_path, tiny_repo):
+    from elite_core.training import TrainingEngine
+
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="r", **SMALL)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True)
+    config.save(run_dir / "config.yaml")
+    events: list = []
+    sinks = default_sinks(run_dir)
+    assert sinks, "the tensorboard package is missing"
+    emit = FanOut(events.append, sinks)
+    engine = TrainingEngine(config, run_dir, emit=emit, poll_commands=lambda: [])
+    finished = engine.run()
+    emit(finished)
+    emit.close()
+    evaluation = evaluate_run(engine, prompts=2)
+    # the child appends events to events.jsonl; this test runs the engine in-process, so it writes them itself
+    (run_dir / "events.jsonl").write_text("".join(protocol.encode(e) + "\n" for e in events), encoding="utf-8")
+
+    report = write_report(run_dir, finished).read_text(encoding="utf-8")
+    for heading in ("## Results", "## Plots", "## Compile rate on held-out files", "## Hardware and plan",
+                    "## Configuration", "## Dataset", "## Artefacts"):
+        assert heading in report, heading
+    for file_name in PLOT_FILES.values():
+        png = run_dir / PLOTS_DIR / file_name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({PLOTS_DIR}/{file_name})" in report and str(png) in report
+    assert "held-out loss" in report and "peak memory" in report
+    assert f"| before training | {evaluation.before.prompts} |" in report
+    # 12 steps are too few to project from their first fifth, enough to fit the whole curve
+    assert "## Estimates against what happened" in report and "recommended epochs" in report
+
+    scalars = read_scalars(run_dir / TENSORBOARD_DIR)
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
+    losses = [e.loss for e in events if isinstance(e, protocol.StepMetrics)]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in scalars["eval/loss"]] == [5, 10, 12]
