@@ -23,7 +23,7 @@ demo_tokenizer().save_pretrained("/tmp/qwen-1.5b-random")
 PY
 python3 -m elite_tui.cli plan --model /tmp/qwen-1.5b-random --output $runs 2>&1 | tee "$out/plan-qwen.txt"
 python3 -m elite_tui.cli run --model /tmp/qwen-1.5b-random --repo . --output $runs --tier 3 --max-steps 3 \
-    --run-name qwen-gpu 2>&1 | tee "$out/run-qwen.txt"
+    --run-name qwen-gpu --set compile_eval_prompts=2 2>&1 | tee "$out/run-qwen.txt"
 cp $runs/demo-gpu/report.md "$out/report-demo.md" 2>/dev/null
 cp $runs/qwen-gpu/report.md "$out/report-qwen.md" 2>/dev/null
 tail -20 $runs/qwen-gpu/child.log > "$out/child-qwen.log" 2>/dev/null

@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             from elite_core.evaluation import evaluate_run
             from elite_core.report import write_report
 
-            # Compile rate of held-out completions, with and without the adapter; fewer prompts on a CPU.
-            evaluate_run(engine, prompts=4 if engine.device == "cpu" else 16)
+            # Compile rate of held-out completions, with and without the adapter.
+            if config.compile_eval_prompts:
+                evaluate_run(engine, prompts=config.compile_eval_prompts)
             write_report(run_dir, finished)
         sink(finished)
         return 0

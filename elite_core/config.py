@@ -65,6 +65,8 @@ class RunConfig:
     eval_fraction: float = 0.05
     """Share of files held out for evaluation (split by file, not by window)."""
     eval_every_steps: int = 50
+    compile_eval_prompts: int = 8
+    """Held-out prompts completed before and after training to measure the compile rate; 0 turns it off."""
     checkpoint_every_seconds: int = 600
     keep_checkpoints: int = 3
     stop_on_save_failure: bool = False
@@ -204,6 +206,7 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     require("device", config.device in DEVICES, f"one of {', '.join(DEVICES)}")
     require("eval_fraction", 0.0 <= config.eval_fraction < 0.5, "from 0 up to 0.5")
     require("eval_every_steps", config.eval_every_steps >= 0, "0 (never) or more")
+    require("compile_eval_prompts", 0 <= config.compile_eval_prompts <= 1000, "from 0 (off) to 1000")
     require("checkpoint_every_seconds", config.checkpoint_every_seconds >= 0, "0 (never) or more")
     require("keep_checkpoints", config.keep_checkpoints >= 1, "keep at least 1")
     require("log_every_steps", config.log_every_steps >= 1, "1 or more")
@@ -248,6 +251,7 @@ def demo_defaults() -> dict[str, Any]:
         "learning_rate": 3e-3,
         "warmup_steps": 5,
         "max_steps": 50,
+        "compile_eval_prompts": 4,
         "eval_every_steps": 20,
         "checkpoint_every_seconds": 120,
     }

@@ -29,6 +29,9 @@ TREE_SITTER_NAMES = {
 PYTHON_CONTINUATION_WORDS = frozenset({"else", "elif", "except", "finally"})
 PYTHON_CONTINUATION_MARKS = (")", "]", "}", "#", "@")
 """Column-0 lines that do not start a new top-level unit in Python (a decorator belongs to what follows it)."""
+MAX_COMPLETION_TOKENS = 512
+"""Completions stop here even when the target window is longer: the check reads the first definition written, and
+greedy decoding of a 32K target for every prompt would take longer than many training runs."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def compile_rate(model, tokenizer, prompts: list[HeldOutPrompt], context_tokens:
             input_ids = torch.tensor([ids], device=device)
             with torch.no_grad():
                 output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=target_tokens, do_sample=False, use_cache=True,
+                                        max_new_tokens=min(target_tokens, MAX_COMPLETION_TOKENS), do_sample=False, use_cache=True,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_ids = output[0, input_ids.shape[1]:].tolist()
             generated_tokens += len(new_ids)
