@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elite_core.config import RunConfig  # noqa: E402
 from elite_core.memory_model import TrainingSetup, shape_from_hf_config  # noqa: E402
-from elite_core.training import add_lora, forward_context, model_loss, torch_dtype  # noqa: E402
+from elite_core.training import add_lora, compile_decoder_layers, forward_context, model_loss, torch_dtype  # noqa: E402
 
 MODELS = {
     "qwen1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -37,6 +37,7 @@ MODELS = {
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256),
 }
 LORA_RANK = 16
+COMPILE = False
 
 
 def hf_config(name: str):
@@ -113,6 +114,8 @@ def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = Fal
     config = RunConfig(model="bench", lora_rank=LORA_RANK, lora_alpha=2 * LORA_RANK,
                        context_tokens=seq - target, target_tokens=target)
     model = add_lora(model, config, setup)
+    if COMPILE:
+        compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if setup.adamw_8bit:
         import bitsandbytes as bnb
@@ -134,7 +137,8 @@ def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = Fal
     options = [o for o in (
         f"ckpt-{setup.checkpointing}", "chunked-loss", "target-only-loss",
         "tiled-mlp" if setup.tiled_mlp else "", "8bit-adam" if setup.adamw_8bit else "",
-        f"rope-x{setup.rope_scaling_factor:g}" if setup.rope_scaling_factor > 1 else "") if o]
+        f"rope-x{setup.rope_scaling_factor:g}" if setup.rope_scaling_factor > 1 else "",
+        "compiled-layers" if COMPILE else "") if o]
     return model, step, tuple(options), setup
 
 
@@ -146,6 +150,8 @@ def same_batch_losses(name: str, device: str, seq: int) -> tuple[float, float]:
     input_ids = batch(model.config.vocab_size, seq, device, seed=1)
     with torch.no_grad():
         plain = model(input_ids=input_ids, labels=input_ids).loss.float().item()
+        if COMPILE:
+            compile_decoder_layers(model)  # the check then covers the compiled layers' numerics too
         setup = TrainingSetup(device=device, seq_tokens=seq, target_tokens=seq, compute_dtype="bf16" if device == "cuda" else "fp32")
         with forward_context(setup):
             ours = model_loss(model, input_ids, input_ids, "chunked").float().item()
@@ -237,7 +243,10 @@ def main() -> int:
     parser.add_argument("--max-seq", type=int, default=524288)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers of the elite engine")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

@@ -56,6 +56,8 @@ class RunConfig:
     """Optimizer steps to run; 0 means run `epochs` full passes."""
     precision: str = "auto"
     gradient_checkpointing: str = "auto"
+    compile_layers: str = "auto"
+    """torch.compile the decoder layers on a GPU: "auto" lets the planner decide (planner.wants_compile), "on", "off"."""
     adamw_8bit: bool = False
     qlora: bool = False
     deepspeed: str = "off"
@@ -202,6 +204,7 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
         config.gradient_checkpointing in CHECKPOINTING,
         f"one of {', '.join(CHECKPOINTING)}",
     )
+    require("compile_layers", config.compile_layers in ("auto", "on", "off"), "one of auto, on, off")
     require("deepspeed", config.deepspeed in DEEPSPEED_MODES, f"one of {', '.join(DEEPSPEED_MODES)}")
     require("device", config.device in DEVICES, f"one of {', '.join(DEVICES)}")
     require("eval_fraction", 0.0 <= config.eval_fraction < 0.5, "from 0 up to 0.5")

@@ -167,6 +167,8 @@ class TrainingSetup:
     """chunked: the engine's cross-entropy over target rows a chunk at a time; full: the model's own loss (fp32 logits)."""
     attention: str = "sdpa"
     tiled_mlp: bool = False
+    compiled: bool = False
+    """Decoder layers run through torch.compile: fused kernels keep fewer intermediate tensors for backward."""
     deepspeed: str = "off"
     lora_dropout: float = 0.0
     gpus: int = 1
@@ -373,6 +375,12 @@ def loss_bytes(shape: ModelShape, setup: TrainingSetup, constants: MemoryConstan
     # The gathered target rows stay for backward, and their gradient buffer joins them.
     rows = 2 * e * shape.hidden * target_rows
     return int(chunk_rows * shape.vocab * constants.loss_bytes_per_logit + rows)
+
+
+COMPILED_ACTIVATION_SHARE = 0.72
+"""Share of a decoder layer's saved activations left when the layer is compiled (H100, bench/results/engine-compiled-h100
+and gpu-smoke-h100 against their eager twins: 0.70 for Llama-3.1-8B at 4K, 0.71-0.73 for Qwen2.5-Coder-1.5B at 4K-18K,
+all without checkpointing). A first calibration on four points, not yet part of the memory-accuracy matrix."""
 
 
 def predict_memory(
