@@ -82,6 +82,23 @@ def _rng_state() -> dict:
     return state
 
 
+_injected_save_faults = 0
+
+
+def _inject_save_fault() -> None:
+    """Fault injection for tests: ELITE_FAULT_SAVE_ERRNO=28 fails every save the way a full disk does; "28:2" fails
+    only the first two saves of the process."""
+    global _injected_save_faults
+    fault = os.environ.get("ELITE_FAULT_SAVE_ERRNO")
+    if not fault:
+        return
+    errno_text, _, limit = fault.partition(":")
+    if limit and _injected_save_faults >= int(limit):
+        return
+    _injected_save_faults += 1
+    raise OSError(int(errno_text), os.strerror(int(errno_text)))
+
+
 def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunConfig, keep: int = 3) -> Path:
     """Write a checkpoint atomically and prune to the newest `keep`. Returns the final directory."""
     import torch
@@ -97,9 +114,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunCon
     staging = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
     staging.mkdir()
     try:
-        fault = os.environ.get("ELITE_FAULT_SAVE_ERRNO")
-        if fault:  # fault injection for tests: fail the way a full or read-only disk does
-            raise OSError(int(fault), os.strerror(int(fault)))
+        _inject_save_fault()
         save_file(_trainable_state(model), staging / "adapter.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")

@@ -71,8 +71,10 @@ class RunConfig:
     """Held-out prompts completed before and after training to measure the compile rate; 0 turns it off."""
     checkpoint_every_seconds: int = 600
     keep_checkpoints: int = 3
-    stop_on_save_failure: bool = False
-    """When a checkpoint cannot be written (disk full): stop the run (true) or report it and train on (false)."""
+    on_save_failure: str = "continue"
+    """When a checkpoint cannot be written (disk full): "continue" training, "pause" until a retried save lands, or
+    "stop" the run. The previous checkpoint stays intact in every case."""
+    save_retry_seconds: int = 30
     log_every_steps: int = 1
     version: int = CONFIG_VERSION
 
@@ -212,6 +214,8 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     require("compile_eval_prompts", 0 <= config.compile_eval_prompts <= 1000, "from 0 (off) to 1000")
     require("checkpoint_every_seconds", config.checkpoint_every_seconds >= 0, "0 (never) or more")
     require("keep_checkpoints", config.keep_checkpoints >= 1, "keep at least 1")
+    require("on_save_failure", config.on_save_failure in ("continue", "pause", "stop"), "one of continue, pause, stop")
+    require("save_retry_seconds", config.save_retry_seconds >= 1, "1 or more")
     require("log_every_steps", config.log_every_steps >= 1, "1 or more")
     require("version", config.version == CONFIG_VERSION, f"this elite-tui reads config version {CONFIG_VERSION}")
     return errors

@@ -461,25 +461,52 @@ class TrainingEngine:
         return saved
 
     def _write_checkpoint(self, reason: str) -> bool:
-        """Save; a failed save (disk full, permissions) leaves the previous checkpoint intact and is reported, and
-        training goes on unless the config says to stop."""
+        """Save. A failed save (disk full, permissions) leaves the previous checkpoint intact and is reported; then the
+        config's on_save_failure decides: train on, pause (retry the save until it lands or a stop comes), or stop."""
         started = time.monotonic()
         state = {"step": self.step, "position": vars(self.position).copy(), "losses": self.losses[-10000:]}
-        try:
-            path = checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.config,
-                                    keep=self.config.keep_checkpoints)
-        except OSError as exc:
-            previous = checkpoints.latest_valid(self.run_dir)
-            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-            then = "stopping" if self.config.stop_on_save_failure else "training goes on"
-            self.emit(protocol.Warning(message=f"checkpoint at step {self.step} failed: {exc.strerror or exc}; "
-                                               f"{kept}; {then}"))
-            if self.config.stop_on_save_failure:
-                self.request_stop("save-failed")
-            return False
+        policy = self.config.on_save_failure
+        paused = False
+        while True:
+            try:
+                path = checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.config,
+                                        keep=self.config.keep_checkpoints)
+                break
+            except OSError as exc:
+                if paused:
+                    self._wait_for_retry()
+                    if self.stop_requested:
+                        return False
+                    continue
+                previous = checkpoints.latest_valid(self.run_dir)
+                kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+                then = {"continue": "training goes on",
+                        "pause": f"training is paused; the save is retried every {self.config.save_retry_seconds} s "
+                                 "(free some space, or stop the run)",
+                        "stop": "stopping"}[policy]
+                self.emit(protocol.Warning(message=f"checkpoint at step {self.step} failed: {exc.strerror or exc}; "
+                                                   f"{kept}; {then}"))
+                if policy == "stop":
+                    self.request_stop("save-failed")
+                    return False
+                if policy == "continue":
+                    return False
+                paused = True
+                self._wait_for_retry()
+                if self.stop_requested:
+                    return False
+        if paused:
+            self.emit(protocol.Warning(message=f"checkpoint at step {self.step} saved after the pause; training goes on"))
         self.emit(protocol.CheckpointSaved(step=self.step, path=str(path), reason=reason,
                                            seconds=time.monotonic() - started))
         return True
+
+    def _wait_for_retry(self) -> None:
+        """Sleep until the next save attempt, still answering a stop command or signal."""
+        deadline = time.monotonic() + self.config.save_retry_seconds
+        while time.monotonic() < deadline and not self.stop_requested:
+            self._drain_commands()
+            time.sleep(0.2)
 
     def run(self) -> protocol.Finished:
         started = time.monotonic()

@@ -62,9 +62,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tiny_rep
 
 def test_a_full_disk_can_stop_the_run_instead(tiny_repo, tmp_path, monkeypatch):
     monkeypatch.setenv("ELITE_FAULT_SAVE_ERRNO", "28")
-    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="stop", max_steps=50,
-                            stop_on_save_failure=True, **{**SMALL, "checkpoint_every_seconds": 1})
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="stop", max_steps=100_000,
+                            on_save_failure="stop", **{**SMALL, "checkpoint_every_seconds": 1})
     events = run_to_end(TrainingProcess.start(config))
     assert isinstance(events[-1], protocol.Finished) and events[-1].stopped_early
-    assert events[-1].step < 50
+    assert events[-1].step < 100_000
     assert any(isinstance(e, protocol.Warning) and "stopping" in e.message for e in events)
+
+
+def test_a_full_disk_can_pause_training_until_a_save_lands(tiny_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("ELITE_FAULT_SAVE_ERRNO", "28:2")  # the first two saves fail, the third lands
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="pause", max_steps=6,
+                            on_save_failure="pause", save_retry_seconds=1,
+                            **{**SMALL, "checkpoint_every_seconds": 1})
+    events = run_to_end(TrainingProcess.start(config))
+    paused = next(i for i, e in enumerate(events) if isinstance(e, protocol.Warning) and "paused" in e.message)
+    saved = next(i for i, e in enumerate(events[paused:], paused) if isinstance(e, protocol.CheckpointSaved))
+    # No training step runs between the failed save and the save that lands.
+    assert not any(isinstance(e, protocol.StepMetrics) for e in events[paused:saved])
+    assert any(isinstance(e, protocol.Warning) and "saved after the pause" in e.message for e in events)
+    assert isinstance(events[-1], protocol.Finished) and not events[-1].stopped_early
+    assert [e.step for e in events if isinstance(e, protocol.StepMetrics)] == [1, 2, 3, 4, 5, 6]
