@@ -28,7 +28,7 @@ from elite_core.tiers import TIERS, Tier, tier_by_number
 
 SAFETY_FRACTION = 0.03
 """A tier fits only with this share of the budget left over: the model may under-predict by up to 3 %."""
-CPU_MAX_STEP_S = 20.0
+CPU_MAX_STEP_S = 3.0
 GPU_MATMUL_EFFICIENCY = 0.53
 """Share of the measured matmul peak a LoRA training step reaches (H100 fit over bench/results/memory-h100*.jsonl)."""
 GPU_LAYER_PASS_S = 0.0034
@@ -268,7 +268,7 @@ def plan_tiers(shape: ModelShape, profile: HardwareProfile, config: RunConfig) -
 def select_tier(plans: tuple[TierPlan, ...] | list[TierPlan]) -> int:
     """The highest tier predicted to fit; 1 when none fits.
 
-    On a CPU, tiers whose estimated optimizer step exceeds CPU_MAX_STEP_S (20 s) are left out as well: a CPU has the RAM
+    On a CPU, tiers whose estimated optimizer step exceeds CPU_MAX_STEP_S (3 s) are left out as well: a CPU has the RAM
     for a 262K window of the demo model but would need hours per step, which is no demo.
     """
     best = 1

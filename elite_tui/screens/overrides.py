@@ -29,6 +29,8 @@ CHOICE_FIELDS = (
     ("gradient_checkpointing", "Grad checkpointing", CHECKPOINTING),
     ("adamw_8bit", "8-bit AdamW", (False, True)),
     ("deepspeed", "DeepSpeed", DEEPSPEED_MODES),
+    ("compile_layers", "Compile layers", ("auto", "on", "off")),
+    ("on_save_failure", "If a save fails", ("continue", "pause", "stop")),
 )
 
 
