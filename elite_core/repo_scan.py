@@ -227,7 +227,8 @@ def scan_repository(
 
 
 def _name_reason(relative: str, size_bytes: int, max_file_bytes: int, name_rule) -> str | None:
-    name = PurePosixPath(relative).name
+    # The walk builds clean relative paths, so the name is what follows the last slash.
+    name = relative.rpartition("/")[2]
     if name_rule is not None:
         reason = name_rule(relative)
         if reason:
@@ -263,6 +264,10 @@ def read_file_no_follow(path: str, max_bytes: int) -> bytes:
         os.close(descriptor)
 
 
+# Below U+0020, all but tab, newline, vertical tab, form feed, carriage return and escape.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f]")
+
+
 def decode_text(data: bytes) -> tuple[str | None, str]:
     """(text, how it was decoded) or (None, why it is not text), following the policy in MAX_INVALID_UTF8_FRACTION."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -284,7 +289,7 @@ def decode_text(data: bytes) -> tuple[str | None, str]:
             return None, "binary or unknown encoding (not UTF-8)"
         policy = "utf-8 with replacement"
     head = text[:BINARY_SNIFF_BYTES]
-    control = sum(1 for ch in head if ch < "\x20" and ch not in "\t\n\r\x0c\x0b\x1b")
+    control = len(_CONTROL_CHARACTERS.findall(head))
     if control > MAX_CONTROL_CHAR_FRACTION * max(1, len(head)):
         return None, "binary (control characters)"
     return text, policy

@@ -49,6 +49,9 @@ SECRET_FILE_NAME_RULES: tuple[tuple[str, str], ...] = (
     ("kubeconfig", "Kubernetes credentials (kubeconfig)"),
 )
 
+_ANY_SECRET_FILE_NAME = re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern, _ in SECRET_FILE_NAME_RULES), re.S)
+_CREDENTIAL_DIRECTORIES = (".aws", ".ssh", ".gnupg", ".docker", ".kube")
+
 # Public key halves are not secret; keep them out of the id_rsa* rule.
 _PUBLIC_KEY_SUFFIXES = (".pub",)
 
@@ -77,6 +80,26 @@ _FORMAT_DETECTORS = (
 )
 _KEYWORD_DETECTOR = "detect_secrets.plugins.keyword.KeywordDetector"
 
+# Cheap necessary conditions for the detector regexes that scan slowly: text without the gate cannot match the pattern,
+# so the pattern is skipped. Keyed by the exact pattern text: a changed detect-secrets pattern runs ungated.
+# ("literal", words): one of the words occurs; ("ascii-lower", words): one occurs in the lower-cased text (exact only
+# for ASCII text, so non-ASCII text always runs the pattern); ("regex", pattern): a looser regex that starts with a
+# literal (which re searches fast) matches.
+_PATTERN_GATES: dict[str, tuple[str, object]] = {
+    r"aws.{0,20}?(?:key|pwd|pw|password|pass|token).{0,20}?[\'\"]([0-9a-zA-Z/+]{40})[\'\"]": ("ascii-lower", ("aws",)),
+    r"xox(?:a|b|p|o|s|r)-(?:\d+-)+[a-z0-9]+": ("ascii-lower", ("xox",)),
+    r"https://hooks\.slack\.com/services/T[a-zA-Z0-9_]+/B[a-zA-Z0-9_]+/[a-zA-Z0-9_]+": ("ascii-lower", ("hooks.slack.com",)),
+    r"(?:r|s)k_live_[0-9a-zA-Z]{24}": ("literal", ("k_live_",)),
+    r"[0-9a-z]{32}-us[0-9]{1,2}": ("literal", ("-us",)),
+    r"[MNO][a-zA-Z\d_-]{23,25}\.[a-zA-Z\d_-]{6}\.[a-zA-Z\d_-]{27}": ("regex", r"\.[a-zA-Z\d_-]{6}\.[a-zA-Z\d_-]{27}"),
+    r"\d{8,10}:[0-9A-Za-z_-]{35}": ("regex", r":[0-9A-Za-z_-]{35}"),
+    r"sk-[A-Za-z0-9-_]*[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}": ("literal", ("T3BlbkFJ",)),
+    r"\/\/.+\/:_authToken=\s*((npm_.+)|([A-Fa-f0-9-]{36})).*": ("literal", ("/:_authToken=",)),
+    r"(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[0-9A-Z]{16}": ("literal", ("A3T", "ABIA", "ACCA", "AKIA", "ASIA")),
+    r"(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9_]{36}": ("literal", ("gh",)),
+    r"(glpat|gldt|glft|glsoat|glrt)-[A-Za-z0-9_\-]{20,50}(?!\w)": ("literal", ("gl",)),
+}
+
 # A keyword hit ("password = ...") counts only when the value looks like a real credential, not a name or a placeholder.
 _MIN_KEYWORD_VALUE_CHARS = 12
 _MIN_KEYWORD_VALUE_ENTROPY_BITS = 3.0
@@ -98,14 +121,22 @@ class SecretFinding:
 
 def secret_file_name_rule(relative_path: str) -> SecretFinding | None:
     """The name rule a path breaks, if any, e.g. `.env.production` or `deploy/id_rsa`."""
-    name = PurePosixPath(relative_path).name.lower()
+    name = relative_path.rpartition("/")[2]
+    if name in ("", "."):
+        name = PurePosixPath(relative_path).name
+    name = name.lower()
     if name.endswith(_PUBLIC_KEY_SUFFIXES):
         return None
-    for pattern, description in SECRET_FILE_NAME_RULES:
-        if fnmatch.fnmatchcase(name, pattern):
-            return SecretFinding(rule=f"file name: {description}", line_number=0)
-    parts = PurePosixPath(relative_path.lower()).parts
-    if len(parts) >= 2 and parts[-2] in (".aws", ".ssh", ".gnupg", ".docker", ".kube"):
+    # One combined regex rules out most names at once; the loop then finds the first rule that matches.
+    if _ANY_SECRET_FILE_NAME.match(name):
+        for pattern, description in SECRET_FILE_NAME_RULES:
+            if fnmatch.fnmatchcase(name, pattern):
+                return SecretFinding(rule=f"file name: {description}", line_number=0)
+    lowered = relative_path.lower()
+    if not any(directory in lowered for directory in _CREDENTIAL_DIRECTORIES):
+        return None
+    parts = PurePosixPath(lowered).parts
+    if len(parts) >= 2 and parts[-2] in _CREDENTIAL_DIRECTORIES:
         return SecretFinding(rule=f"file name: inside a credential directory ({parts[-2]}/)", line_number=0)
     return None
 
@@ -149,7 +180,7 @@ class SecretScanner:
         self._detectors = []
         for dotted in _FORMAT_DETECTORS:
             plugin = _import_plugin(dotted)
-            prefilters = [re.compile(p.pattern, p.flags | re.MULTILINE) for p in plugin.denylist]
+            prefilters = [(re.compile(p.pattern, p.flags | re.MULTILINE), _compile_gate(p.pattern)) for p in plugin.denylist]
             self._detectors.append((plugin, prefilters))
         self._keyword = _import_plugin(_KEYWORD_DETECTOR)
         from detect_secrets.plugins.keyword import DENYLIST
@@ -160,12 +191,15 @@ class SecretScanner:
 
     def scan(self, text: str) -> SecretFinding | None:
         """The first secret found in the text, or None."""
+        lowered = text.lower()
+        is_ascii = text.isascii()
         for plugin, prefilters in self._detectors:
-            for prefilter in prefilters:
+            for prefilter, gate in prefilters:
+                if gate is not None and not _gate_open(gate, text, lowered, is_ascii):
+                    continue
                 for line_number, line in _hit_lines(prefilter, text):
                     for _value in plugin.analyze_string(line):
                         return SecretFinding(rule=_rule_name(plugin), line_number=line_number)
-        lowered = text.lower()
         if len(lowered) == len(text):
             keyword_lines = ((n, text_line) for n, text_line in _hit_lines(self._keyword_prefilter_lower, lowered, text))
         else:
@@ -175,6 +209,22 @@ class SecretScanner:
                 if value and looks_like_credential(value):
                     return SecretFinding(rule=_rule_name(self._keyword), line_number=line_number)
         return None
+
+
+def _compile_gate(pattern: str):
+    gate = _PATTERN_GATES.get(pattern)
+    if gate is not None and gate[0] == "regex":
+        return "regex", re.compile(gate[1])
+    return gate
+
+
+def _gate_open(gate, text: str, lowered: str, is_ascii: bool) -> bool:
+    kind, value = gate
+    if kind == "literal":
+        return any(word in text for word in value)
+    if kind == "ascii-lower":
+        return not is_ascii or any(word in lowered for word in value)
+    return value.search(text) is not None
 
 
 def _rule_name(plugin) -> str:

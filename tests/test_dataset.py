@@ -140,6 +140,30 @@ def test_exact_duplicates_are_removed(tmp_path):
     assert text.count("def function_1()") == 1
 
 
+def test_copies_reuse_the_first_decision_but_keep_their_own_language(tmp_path):
+    repo = tmp_path / "repo"
+    source = "from .z_models import User\n\ndef view():\n    return User()\n"
+    write(repo, "app/a_views.py", source)
+    write(repo, "app/notes.txt", source)
+    secret = "AWS = '" + "AKIA" + "Z3MHQ7RT2XW4PB5N" + "'\n"
+    write(repo, "a/keys.py", secret)
+    write(repo, "b/keys.py", secret)
+    summary = build_dataset(repo, tmp_path / "ds", workers=1, eval_fraction=0.0)
+    files = manifest_files(tmp_path / "ds")
+    assert files["app/a_views.py"]["language"] == "Python" and set(files["app/a_views.py"]["imports"]) == {"z_models", "User"}
+    assert files["app/notes.txt"]["language"] == "Text" and files["app/notes.txt"]["imports"] == []
+    assert files["app/notes.txt"]["status"] == "duplicate"
+    assert {item.path for item in summary.secrets_excluded} == {"a/keys.py", "b/keys.py"}
+
+
+def test_tasks_are_capped_by_files_and_bytes():
+    small = [(f"s{i}", 10, 0) for i in range(40)]
+    big = [(f"b{i}", dataset.TASK_CHUNK_BYTES // 2, 0) for i in range(5)]
+    chunks = dataset._chunks(small + big)
+    assert [len(chunk) for chunk in chunks] == [16, 16, 8 + 2, 2, 1]
+    assert [c for chunk in chunks for c in chunk] == small + big
+
+
 def test_related_files_are_placed_together_imports_first(tmp_path):
     repo = tmp_path / "repo"
     write(repo, "app/a_views.py", "from .z_models import User\n\ndef view():\n    return User()\n")

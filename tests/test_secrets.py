@@ -120,3 +120,37 @@ def test_a_later_line_is_found_after_a_hit_that_spans_lines():
     scanner = SecretScanner()
     text = "x = 1\n" * 50 + f"token = '{GITHUB_TOKEN}'\n"
     assert scanner.scan(text).line_number == 51
+
+
+def _gate_samples() -> dict[str, str]:
+    """One planted value per gated detector pattern, assembled so that this file carries none of them."""
+    alnum = "Q7w2E9r4T1y6U3i8O5p0A2s7D4f9G1h6J3k8L5z0X2c7V4b9N1m6"
+    return {
+        "aws secret": 'aws_secret_key = "' + alnum[:40] + '"\n',
+        "aws secret, long s": 'AW\u017f_KEY = "' + alnum[:40] + '"\n',
+        "aws access key": "key = '" + "ASIA" + "Z3MHQ7RT2XW4PB5N" + "'\n",
+        "slack token": "token = '" + "xoxb-" + "1234567890-0987654321-abcdefghij0123" + "'\n",
+        "slack webhook": "url = '" + "https://hooks.slack.com" + "/services/T0123ABCD/B0123ABCD/" + alnum[:24] + "'\n",
+        "stripe": "key = '" + "sk_" + "live_" + alnum[:24] + "'\n",
+        "mailchimp": "key = '" + alnum.lower()[:32] + "-us" + "12'\n",
+        "discord": "token = '" + "M" + alnum[:24] + "." + alnum[24:30] + "." + alnum[:27] + "'\n",
+        "telegram": "token = '" + "123456789" + ":" + alnum[:35] + "'\n",
+        "openai": "key = '" + "sk-" + alnum[:20] + "T3Blbk" + "FJ" + alnum[20:40] + "'\n",
+        "npm": "//registry.npmjs.org/" + ":_authToken=" + "npm_" + alnum[:36] + "\n",
+        "github": "token = '" + "gho_" + alnum[:36] + "'\n",
+        "gitlab": "token = '" + "glpat-" + alnum[:24] + "'\n",
+    }
+
+
+def test_pattern_gates_never_hide_a_finding():
+    gated = SecretScanner()
+    ungated = SecretScanner()
+    ungated._detectors = [(plugin, [(pattern, None) for pattern, _ in prefilters]) for plugin, prefilters in ungated._detectors]
+    assert sum(gate is not None for _, prefilters in gated._detectors for _, gate in prefilters) >= 10
+    filler = "def f(x):\n    return {'a': x}  # d\u00e9j\u00e0 vu\n" * 20
+    for name, sample in _gate_samples().items():
+        ascii_filler = filler.encode("ascii", "ignore").decode("ascii")
+        for text in (sample, filler + sample + filler, ascii_filler + sample):
+            expected = ungated.scan(text)
+            assert expected is not None, name
+            assert gated.scan(text) == expected, name
