@@ -61,6 +61,12 @@ class Engine:
             progress=progress,
         )
 
+    def preview_text(self, config: Any, max_files: int) -> str:
+        from elite_core.dataset import preview_text
+
+        return preview_text(self.dataset_dir(config), tokenizer_source=config.model,
+                            trust_remote_code=config.trust_remote_code, max_files=max_files)
+
     def run_preflight(self, config: Any, profile: Any, summary: Any, shape: Any) -> Iterator[Any]:
         from elite_core.preflight import run_preflight
 

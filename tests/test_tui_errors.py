@@ -101,3 +101,28 @@ def test_a_crashing_child_shows_an_error_panel_and_keeps_the_run_dir(tiny_repo, 
     assert str(config.run_dir) in text
     assert (config.run_dir / "config.yaml").is_file()
     assert Path(config.run_dir / "events.jsonl").exists() or Path(config.run_dir / "child.log").exists()
+
+
+def test_the_dataset_screen_pages_through_the_decoded_training_text(tiny_repo, tmp_path):
+    """`p` on the Dataset screen shows what will be trained on: each file's path, then its text."""
+    import asyncio
+
+    from elite_core.config import default_config
+    from elite_tui.app import EliteApp
+    from elite_tui.screens.preview import PreviewScreen
+    from tui_helpers import wait_until
+
+    async def walk():
+        app = EliteApp(default_config("demo", str(tiny_repo), str(tmp_path / "runs")), start_at="dataset")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: app.state.summary is not None, 120, "the dataset")
+            await pilot.press("p")
+            await wait_until(pilot, lambda: isinstance(app.screen, PreviewScreen), 30, "the preview")
+            text = app.screen.text
+            await pilot.press("escape")
+            await pilot.pause()
+            return text, type(app.screen).__name__
+
+    text, after = asyncio.run(walk())
+    assert "tiny/module_00.py" in text and "def add_0_0(left: int, right: int) -> int:" in text
+    assert after == "DatasetScreen"

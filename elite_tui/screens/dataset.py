@@ -78,7 +78,7 @@ def summary_renderable(summary: Any, window_tokens: int) -> Group:
 
 class DatasetScreen(WizardScreen):
     STEP_NAME = "Dataset"
-    BINDINGS = [Binding("r", "rebuild", "Rebuild")]
+    BINDINGS = [Binding("r", "rebuild", "Rebuild"), Binding("p", "preview", "Preview text")]
 
     def compose(self) -> ComposeResult:
         yield self.step_title()
@@ -99,6 +99,17 @@ class DatasetScreen(WizardScreen):
     def build(self) -> None:
         summary = self.engine.build_dataset(self.state.config, lambda progress: self.post_message(DatasetProgress(progress)))
         self.post_message(DatasetReady(summary))
+
+    def action_preview(self) -> None:
+        if self.state.summary is not None:
+            self.load_preview()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="preview", name="decoding the training text")
+    def load_preview(self) -> None:
+        from elite_tui.screens.preview import PREVIEW_FILES, PreviewScreen
+
+        text = self.engine.preview_text(self.state.config, PREVIEW_FILES)
+        self.app.call_from_thread(self.app.push_screen, PreviewScreen(text))
 
     @on(DatasetProgress)
     def dataset_progress(self, message: DatasetProgress) -> None:
