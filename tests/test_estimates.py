@@ -14,7 +14,7 @@ from elite_core.estimates import (epoch_seconds, estimate_eta, fit_loss_curve, p
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
                 "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0}
 ETA_CHECK_AFTER_S = 30.0
-RUN_TARGET_S = 40.0
+RUN_TARGET_S = 60.0
 
 
 def test_eta_ignores_setup_time_and_the_first_step():
