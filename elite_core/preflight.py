@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from elite_core import protocol

@@ -8,8 +8,7 @@ import pytest
 
 from elite_core import protocol
 from elite_core.config import default_config
-from elite_core.estimates import (epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs,
-                                  smoothed_final_loss)
+from elite_core.estimates import (epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs)
 
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
                 "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0}

@@ -2,9 +2,8 @@
 
 import pytest
 
-from elite_core.config import default_config
 from elite_core.dataset import build_dataset
-from elite_core.evaluation import (check_completion, compile_rate, evaluate_compile_rate, heldout_prompts,
+from elite_core.evaluation import (check_completion, evaluate_compile_rate, heldout_prompts,
                                    read_evaluation, tree_sitter_parser, unit_starts, write_evaluation)
 
 PREFIX = "import os\n\n\ndef first():\n    return 1\n\n\n"

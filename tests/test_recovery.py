@@ -1,6 +1,5 @@
 """Out of memory and full disks, simulated on CPU through the engine's fault-injection variables."""
 
-import pytest
 
 from elite_core import protocol
 from elite_core.checkpoints import latest_valid, list_checkpoints

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from elite_core import protocol
-from elite_core.checkpoints import list_checkpoints, verify
+from elite_core.checkpoints import verify
 from elite_core.config import default_config
 from elite_core.runner import TrainingProcess
 from elite_core.runs import list_runs, read_events
