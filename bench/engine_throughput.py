@@ -26,26 +26,18 @@ from elite_core.config import RunConfig  # noqa: E402
 from elite_core.memory_model import TrainingSetup, shape_from_hf_config  # noqa: E402
 from elite_core.training import add_lora, compile_decoder_layers, forward_context, model_loss, torch_dtype  # noqa: E402
 
-MODELS = {
-    "qwen1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                     max_position_embeddings=32768, rope_theta=1_000_000.0),
-    "llama8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-                    max_position_embeddings=131072, rope_theta=500_000.0),
-    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256),
-}
+from bench.reference_models import reference_config  # noqa: E402
+
+MODELS = {"qwen1.5b": "Qwen2.5-Coder-1.5B", "llama8b": "Llama-3.1-8B", "tiny": None}
+"""Short names on the command line and in the results; "tiny" checks the script on a CPU."""
+TINY = dict(kind="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256)
 LORA_RANK = 16
 COMPILE = False
 
 
 def hf_config(name: str):
-    from transformers import LlamaConfig, Qwen2Config
-
-    values = dict(MODELS[name])
-    arch = values.pop("arch")
-    config = (Qwen2Config if arch == "qwen2" else LlamaConfig)(**values)
+    config = reference_config(MODELS[name], TINY if name == "tiny" else None)
     config._attn_implementation = "sdpa"
     return config
 

@@ -12,12 +12,11 @@ python3 -m elite_tui.cli plan --output $runs 2>&1 | tee "$out/plan-demo.txt"
 python3 -m elite_tui.cli run --repo . --output $runs --max-steps 5 --run-name demo-gpu 2>&1 | tee "$out/run-demo.txt"
 python3 - <<'PY'
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
+from bench.reference_models import reference_config
 from elite_core.demo_model import demo_tokenizer
-config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768)
 with torch.device("cuda"):
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(reference_config("Qwen2.5-Coder-1.5B"), dtype=torch.bfloat16)
 model.save_pretrained("/tmp/qwen-1.5b-random")
 demo_tokenizer().save_pretrained("/tmp/qwen-1.5b-random")
 PY

@@ -31,9 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN_CODER_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                       max_position_embeddings=32768, rope_theta=1_000_000.0)
 SPEEDUP_BAR = 1.8
 
 
@@ -42,12 +39,13 @@ def make_model_dir(directory: Path) -> Path:
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
         return directory
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
+    from bench.reference_models import reference_config
     from elite_core.demo_model import demo_tokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN_CODER_1_5B), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(reference_config("Qwen2.5-Coder-1.5B"), dtype=torch.bfloat16)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     demo_tokenizer().save_pretrained(directory)

@@ -1,0 +1,27 @@
+"""The public architectures the benchmarks build with random weights, sized as in their published configs.
+
+One owner for these numbers: the memory, engine and multi-GPU benchmarks all read them from here.
+"""
+
+from __future__ import annotations
+
+REFERENCE_MODELS = {
+    "Qwen2.5-Coder-1.5B": dict(kind="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                               num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                               tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6),
+    "Llama-3.1-8B": dict(kind="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=5e5),
+    "Qwen2.5-Coder-7B": dict(kind="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                             tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6),
+}
+
+
+def reference_config(name: str, values: dict | None = None):
+    """A transformers config for a reference model (or for `values` in the same form), with the KV cache off."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    values = dict(values if values is not None else REFERENCE_MODELS[name])
+    kind = values.pop("kind")
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**values, use_cache=False)
