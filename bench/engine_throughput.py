@@ -12,8 +12,10 @@ same batch before any update. `--longest` doubles the sequence until a step fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elite_core.config import RunConfig  # noqa: E402
 from elite_core.memory_model import TrainingSetup, shape_from_hf_config  # noqa: E402
-from elite_core.training import add_lora, compile_decoder_layers, forward_context, model_loss, torch_dtype  # noqa: E402
+from elite_core.lean_layers import use_lean_norms  # noqa: E402
+from elite_core.model_loading import load_causal_lm  # noqa: E402
+from elite_core.training import (  # noqa: E402
+    add_lora,
+    compile_decoder_layers,
+    forward_context,
+    model_loss,
+    prefer_sdpa_backends,
+    quantization_config_for,
+    torch_dtype,
+)
 
 from bench.reference_models import reference_config  # noqa: E402
 
@@ -34,6 +46,9 @@ TINY = dict(kind="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256)
 LORA_RANK = 16
 COMPILE = False
+QLORA = False
+GPU_CHECKPOINT_LAYERS = -1
+"""-1: as many as the planner keeps on the GPU for this host's RAM; else this many layers' checkpoints stay on the GPU."""
 
 
 def hf_config(name: str):
@@ -84,6 +99,19 @@ def baseline_model(name: str, device: str, seq: int):
     return model, step, ("ckpt", "full-loss")
 
 
+def saved_model_dir(name: str) -> Path:
+    """QLoRA quantises while loading, so the random model is saved once (local disk) and loaded the engine's way."""
+    root = Path(os.environ.get("ELITE_BENCH_MODELS", "/tmp/elite-bench-models")) / name
+    if not (root / "config.json").exists():
+        started = time.perf_counter()
+        model = random_model(name, "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
+        model.save_pretrained(root, max_shard_size="4GB")
+        del model
+        release("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"saved a random {name} to {root} in {time.perf_counter() - started:.0f} s", flush=True)
+    return root
+
+
 def elite_setup(name: str, device: str, seq: int, target: int, qlora: bool = False) -> TrainingSetup:
     """The planner's choice for this model and window on this device's measured memory."""
     from elite_core.hardware import profile_hardware
@@ -99,10 +127,14 @@ def elite_setup(name: str, device: str, seq: int, target: int, qlora: bool = Fal
 def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = False, setup: TrainingSetup | None = None):
     if setup is None:
         setup, _ = elite_setup(name, device, seq, target, qlora)
-    if setup.weight_dtype == "nf4":
-        raise SystemExit("QLoRA in this benchmark needs a saved model; not run here")
-    dtype = torch_dtype(setup.weight_dtype)
-    model = random_model(name, device, dtype, setup.rope_scaling_factor)
+    if GPU_CHECKPOINT_LAYERS >= 0:
+        setup = dataclasses.replace(setup, gpu_checkpoint_layers=GPU_CHECKPOINT_LAYERS)
+    if setup.weight_dtype in ("nf4", "int8"):
+        model = load_causal_lm(str(saved_model_dir(name)), dtype=torch_dtype(setup.compute_dtype), device=device,
+                               quantization_config=quantization_config_for(setup),
+                               rope_scaling_factor=setup.rope_scaling_factor)
+    else:
+        model = random_model(name, device, torch_dtype(setup.weight_dtype), setup.rope_scaling_factor)
     config = RunConfig(model="bench", lora_rank=LORA_RANK, lora_alpha=2 * LORA_RANK,
                        context_tokens=seq - target, target_tokens=target)
     model = add_lora(model, config, setup)
@@ -119,7 +151,7 @@ def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = Fal
     def step(input_ids):
         labels = input_ids.clone()
         labels[:, : seq - target] = -100
-        with forward_context(setup):
+        with forward_context(setup, model.config.hidden_size):
             loss = model_loss(model, input_ids, labels, "chunked")
         loss.backward()
         optimizer.step()
@@ -129,6 +161,9 @@ def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = Fal
     options = [o for o in (
         f"ckpt-{setup.checkpointing}", "chunked-loss", "target-only-loss",
         "tiled-mlp" if setup.tiled_mlp else "", "8bit-adam" if setup.adamw_8bit else "",
+        "qlora" if setup.weight_dtype == "nf4" else "",
+        f"{setup.gpu_checkpoint_layers}-ckpt-on-gpu" if setup.checkpointing == "offload" and setup.gpu_checkpoint_layers else "",
+        "lean-layers",
         f"rope-x{setup.rope_scaling_factor:g}" if setup.rope_scaling_factor > 1 else "",
         "compiled-layers" if COMPILE else "") if o]
     return model, step, tuple(options), setup
@@ -144,6 +179,8 @@ def same_batch_losses(name: str, device: str, seq: int) -> tuple[float, float]:
         plain = model(input_ids=input_ids, labels=input_ids).loss.float().item()
         if COMPILE:
             compile_decoder_layers(model)  # the check then covers the compiled layers' numerics too
+        else:
+            use_lean_norms(model)  # the engine's lean RMSNorm, as add_lora applies it
         setup = TrainingSetup(device=device, seq_tokens=seq, target_tokens=seq, compute_dtype="bf16" if device == "cuda" else "fp32")
         with forward_context(setup):
             ours = model_loss(model, input_ids, input_ids, "chunked").float().item()
@@ -166,7 +203,10 @@ def measure(engine: str, name: str, device: str, seq: int, target: int, timed_st
         if engine == "baseline":
             model, step, options = baseline_model(name, device, seq)
         else:
-            model, step, options, _ = elite_model(name, device, seq, target)
+            model, step, options, setup = elite_model(name, device, seq, target, qlora=QLORA)
+            from elite_core.memory_model import predict_memory
+
+            record["predicted_gib"] = round(predict_memory(shape_from_hf_config(hf_config(name)), setup).total_bytes / 2**30, 3)
         record["options"] = list(options)
         input_ids = batch(model.config.vocab_size, seq, device)
         if device == "cuda":
@@ -183,6 +223,7 @@ def measure(engine: str, name: str, device: str, seq: int, target: int, timed_st
         if device == "cuda":
             torch.cuda.synchronize()
             record["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         seconds = time.perf_counter() - started
         # A search step at hundreds of thousands of tokens runs once: its rate includes the warm-up.
         record["tokens_per_s"] = seq * timed_steps / seconds if timed_steps else seq / record["first_step_s"]
@@ -236,9 +277,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers of the elite engine")
+    parser.add_argument("--no-check", action="store_true", help="skip the same-batch loss check (long single steps)")
+    parser.add_argument("--qlora", action="store_true", help="the elite engine loads 4-bit NF4 weights (bitsandbytes)")
+    parser.add_argument("--gpu-checkpoint-layers", type=int, default=-1,
+                        help="with offload, keep this many layers' checkpoints on the GPU (-1: the planner's choice)")
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, QLORA, GPU_CHECKPOINT_LAYERS
+    COMPILE, QLORA, GPU_CHECKPOINT_LAYERS = args.compile, args.qlora, args.gpu_checkpoint_layers
+    prefer_sdpa_backends()  # ELITE_SDPA_BACKENDS, as the engine applies it
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
@@ -246,10 +292,11 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     records = []
     for name in args.models:
-        plain, ours = same_batch_losses(name, device, 4096 if device == "cuda" else 128)
-        records.append({"engine": "check", "model": name, "seq": 4096, "baseline_loss": plain, "elite_loss": ours,
-                        "rel_diff": abs(plain - ours) / abs(plain), "gpu": gpu})
-        print(json.dumps(records[-1]), flush=True)
+        if not args.no_check:
+            plain, ours = same_batch_losses(name, device, 4096 if device == "cuda" else 128)
+            records.append({"engine": "check", "model": name, "seq": 4096, "baseline_loss": plain, "elite_loss": ours,
+                            "rel_diff": abs(plain - ours) / abs(plain), "gpu": gpu})
+            print(json.dumps(records[-1]), flush=True)
         for seq in args.seqs:
             for engine in args.engines:
                 record = measure(engine, name, device, seq, tier_target(seq), args.steps)

@@ -48,7 +48,11 @@ class Point:
     target_tokens: int = 0
     tier: int = 0
     tiled_mlp: bool = False
-    """Non-zero when the planner chose this point as its setup for that tier on the measured profile."""
+    weight: str = "bf16"
+    """bf16, or nf4 (QLoRA: the random model is saved once and loaded quantised, the engine's way)."""
+    adamw_8bit: bool = False
+    compiled: bool = False
+    gpu_checkpoint_layers: int = 0
 
     @property
     def target(self) -> int:
@@ -65,6 +69,14 @@ class Point:
             names.append(f"batch-{self.micro_batch}")
         if self.tiled_mlp:
             names.append("tiled-mlp")
+        if self.weight == "nf4":
+            names.append("qlora")
+        if self.adamw_8bit:
+            names.append("8bit-adam")
+        if self.compiled:
+            names.append("compiled")
+        if self.gpu_checkpoint_layers:
+            names.append(f"{self.gpu_checkpoint_layers}-ckpt-on-gpu")
         return names
 
 
@@ -87,6 +99,14 @@ def matrix(models: list[str]) -> list[Point]:
                                          p.checkpointing, p.micro_batch, p.seq))
 
 
+def planned_point(model: str, plan) -> Point:
+    """The planner's setup for a tier, every option it turned on included."""
+    setup = plan.setup
+    return Point(model, setup.seq_tokens, setup.lora_rank, setup.checkpointing, setup.micro_batch, setup.lora_dropout,
+                 setup.target_tokens, plan.tier.number, setup.tiled_mlp, setup.weight_dtype, setup.adamw_8bit,
+                 setup.compiled, setup.gpu_checkpoint_layers)
+
+
 def long_tier_points(profile) -> list[Point]:
     """The planner's fitting tiers beyond 64K tokens (minutes per step): the riskiest promise, run last and apart."""
     from elite_core.config import RunConfig
@@ -99,8 +119,7 @@ def long_tier_points(profile) -> list[Point]:
         for plan in plan_tiers(shape, profile, RunConfig(model=model)):
             setup = plan.setup
             if plan.fits and setup.seq_tokens > 65536:
-                points.append(Point(model, setup.seq_tokens, setup.lora_rank, setup.checkpointing, setup.micro_batch,
-                                    setup.lora_dropout, setup.target_tokens, plan.tier.number))
+                points.append(planned_point(model, plan))
     return points
 
 
@@ -113,6 +132,23 @@ def tiled_points() -> list[Point]:
         Point("Llama-3.1-8B", 65536, 8, "on", target_tokens=7168, tiled_mlp=True),
         Point("Llama-3.1-8B", 65536, 8, "offload", target_tokens=7168, tiled_mlp=True),
     ]
+
+
+def option_points() -> list[Point]:
+    """QLoRA, 8-bit AdamW and compiled layers (the options the matrix leaves out), at 2 lengths x checkpointing."""
+    points = []
+    for model in ("Qwen2.5-Coder-1.5B", "Llama-3.1-8B"):
+        for seq in (4096, 16384):
+            for checkpointing in ("on", "off"):
+                points.append(Point(model, seq, 16, checkpointing, weight="nf4"))
+                points.append(Point(model, seq, 16, checkpointing, adamw_8bit=True))
+                points.append(Point(model, seq, 16, checkpointing, compiled=True))
+        points.append(Point(model, 65536, 16, "offload", target_tokens=7168, tiled_mlp=True, weight="nf4",
+                            adamw_8bit=True, gpu_checkpoint_layers=8))
+    order = {model: index for index, model in enumerate(MODELS)}
+    return [p for p in sorted(points, key=lambda p: (order[p.model], p.weight, p.adamw_8bit, p.compiled,
+                                                     p.checkpointing == "off", p.checkpointing, p.seq))
+            if not (p.model == "Llama-3.1-8B" and p.seq == 16384 and p.checkpointing == "off")]  # > 80 GB
 
 
 def validation_points(profile) -> list[Point]:
@@ -134,9 +170,7 @@ def validation_points(profile) -> list[Point]:
         shape = shape_from_hf_config(hf_config(model), name=model)
         for plan in plan_tiers(shape, profile, RunConfig(model=model)):
             if plan.fits and plan.setup.seq_tokens <= 65536:
-                setup = plan.setup
-                points.append(Point(model, setup.seq_tokens, setup.lora_rank, setup.checkpointing, setup.micro_batch,
-                                    setup.lora_dropout, setup.target_tokens, plan.tier.number))
+                points.append(planned_point(model, plan))
     order = {model: index for index, model in enumerate(MODELS)}
     return sorted(points, key=lambda p: (order[p.model], p.rank, p.lora_dropout, p.checkpointing == "off", p.seq))
 
@@ -145,9 +179,18 @@ def setup_for(point: Point):
     from elite_core.memory_model import TrainingSetup
 
     return TrainingSetup(device="cuda", seq_tokens=point.seq, target_tokens=point.target, micro_batch=point.micro_batch,
-                         lora_rank=point.rank, weight_dtype="bf16", compute_dtype="bf16",
+                         lora_rank=point.rank, compute_dtype="bf16",
                          checkpointing=point.checkpointing, lora_dropout=point.lora_dropout,
-                         tiled_mlp=point.tiled_mlp)
+                         tiled_mlp=point.tiled_mlp, adamw_8bit=point.adamw_8bit, compiled=point.compiled,
+                         gpu_checkpoint_layers=point.gpu_checkpoint_layers, weight_dtype=point.weight,
+                         rope_scaling_factor=_rope_factor(point))
+
+
+def _rope_factor(point: Point) -> float:
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.planner import rope_scaling_factor
+
+    return rope_scaling_factor(shape_from_hf_config(hf_config(point.model)), point.seq)
 
 
 def predict(point: Point):
@@ -166,14 +209,32 @@ def _from_config_loader(name_to_config):
 
         from elite_core import model_loading
 
+        if quantization_config is not None:
+            return model_loading.load_causal_lm(str(_saved_model_dir(source, name_to_config)), dtype=dtype, device=device,
+                                                quantization_config=quantization_config,
+                                                rope_scaling_factor=rope_scaling_factor)
         config = name_to_config(source)
-        if hasattr(model_loading, "scale_rope"):
-            model_loading.scale_rope(config, rope_scaling_factor)
+        model_loading.scale_rope(config, rope_scaling_factor)
         torch.manual_seed(seed)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
     return load
+
+
+def _saved_model_dir(name: str, name_to_config) -> Path:
+    """QLoRA quantises while loading: the random model is saved once to local disk, then loaded the engine's way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = Path(os.environ.get("ELITE_BENCH_MODELS", "/tmp/elite-bench-models")) / name
+    if not (root / "config.json").exists():
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(name_to_config(name), dtype=torch.bfloat16)
+        model.save_pretrained(root, max_shard_size="4GB")
+        del model
+        torch.cuda.empty_cache()
+    return root
 
 
 class Measurer:
@@ -197,7 +258,7 @@ class Measurer:
 def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) -> dict:
     import torch
 
-    from elite_core.training import model_loss
+    from elite_core.training import forward_context, model_loss
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -210,12 +271,8 @@ def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) ->
     for _ in range(steps):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if point.checkpointing == "offload":
-                with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                    loss = model_loss(model, input_ids, labels, "chunked")
-            else:
-                loss = model_loss(model, input_ids, labels, "chunked")
+        with forward_context(setup_for(point), model.config.hidden_size):  # autocast and offload, as the engine
+            loss = model_loss(model, input_ids, labels, "chunked")
         loss.backward()
         params = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -239,6 +296,8 @@ def record(point: Point, gpu: str, measured: dict | None, error: str = "") -> di
         "model": point.model, "seq": point.seq, "target": point.target, "rank": point.rank,
         "micro_batch": point.micro_batch, "checkpointing": point.checkpointing, "lora_dropout": point.lora_dropout,
         "options": point.options, "gpu": gpu, "tier": point.tier, "tiled_mlp": point.tiled_mlp,
+        "weight": point.weight, "adamw_8bit": point.adamw_8bit, "compiled": point.compiled,
+        "gpu_checkpoint_layers": point.gpu_checkpoint_layers,
         "predicted_gib": round(breakdown.total_bytes / GIB, 3),
         "predicted_components": dict(breakdown.components()),
         "ok": measured is not None, "error": error,
@@ -277,9 +336,12 @@ def command_run(args) -> int:
     capacity = profile.gpus[0].usable_bytes
 
     training.load_causal_lm = _from_config_loader(lambda name: hf_config(name))
+    training.prefer_sdpa_backends()  # the attention backend order the engine uses (cuDNN first on Hopper)
     models = args.models.split(",")
     points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
-              "long": lambda: long_tier_points(profile), "tiled": tiled_points}[args.set]()
+              "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points}[args.set]()
+    if args.max_seq:
+        points = [point for point in points if point.seq <= args.max_seq]
     if args.limit:
         points = points[: args.limit]
     jsonl = out / (f"memory-{tag}.jsonl" if args.set == "matrix" else f"memory-{tag}-{args.set}.jsonl")
@@ -295,7 +357,8 @@ def command_run(args) -> int:
             if predicted > capacity * args.skip_above:
                 print(f"skip {point} predicted {predicted / GIB:.1f} GiB over the GPU", flush=True)
                 continue
-            key = (point.model, point.rank, point.lora_dropout, point.checkpointing == "off", point.tiled_mlp)
+            key = (point.model, point.rank, point.lora_dropout, point.checkpointing == "off", point.tiled_mlp,
+                   point.weight, point.adamw_8bit, point.compiled)
             if key != current_key:
                 model = optimizer = None
                 import gc
@@ -342,7 +405,8 @@ def command_score(args) -> int:
     for row in rows:
         point = Point(row["model"], row["seq"], row["rank"], row["checkpointing"], row.get("micro_batch", 1),
                       row.get("lora_dropout", 0.0), row.get("target", 0), row.get("tier", 0),
-                      row.get("tiled_mlp", False))
+                      row.get("tiled_mlp", False), row.get("weight", "bf16"), row.get("adamw_8bit", False),
+                      row.get("compiled", False), row.get("gpu_checkpoint_layers", 0))
         measured = None
         if row.get("ok"):
             measured = {key: row[key] for key in ("peak_allocated_bytes", "peak_reserved_bytes", "outside_torch_bytes",
@@ -380,10 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--models", default=",".join(MODELS))
     run.add_argument("--steps", type=int, default=2)
     run.add_argument("--limit", type=int, default=0, help="only the first N points (a smoke test)")
+    run.add_argument("--max-seq", type=int, default=0, help="leave out points longer than this (0: none)")
     run.add_argument("--time-limit-s", type=float, default=540.0, help="start no new point after this many seconds")
     run.add_argument("--skip-above", type=float, default=0.97, help="skip points predicted above this share of usable memory")
     run.add_argument("--tag", default="", help="file tag instead of the GPU's (h100, h200)")
-    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled"), default="matrix",
+    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options"), default="matrix",
                      help="the fitting matrix, or points the constants were not fitted on (incl. the planner's tiers)")
     score = sub.add_parser("score", help="re-predict a results file with the current model")
     score.add_argument("jsonl")

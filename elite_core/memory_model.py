@@ -21,6 +21,8 @@ KNOWN_ARCHITECTURES = frozenset(
 _BIAS_QKV_ARCHITECTURES = frozenset({"qwen2", "qwen2_moe", "starcoder2"})
 _UNGATED_MLP_ARCHITECTURES = frozenset({"starcoder2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon"})
 
+LEAN_NORM_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"})
+"""Architectures whose RMSNorm the engine swaps for its lean one (elite_core.lean_layers.LEAN_NORM_CLASSES)."""
 DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.516}
 """Bytes per weight: NF4 is 4 bits + absmax with double quantisation (QLoRA); int8 adds one fp32 scale per row, ignored."""
 
@@ -172,7 +174,10 @@ class TrainingSetup:
     deepspeed: str = "off"
     lora_dropout: float = 0.0
     gpus: int = 1
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = 1024
+    """elite_core.training.LOSS_CHUNK_TOKENS."""
+    gpu_checkpoint_layers: int = 0
+    """With offload: how many layers' checkpoints stay on the GPU because the host's RAM cannot take them all."""
     rope_scaling_factor: float = 1.0
     """Above 1 when the window exceeds the model's native context (linear RoPE scaling)."""
 
@@ -239,20 +244,25 @@ class MemoryConstants:
     cuda_margin_of_loss: float = 0.16
     """Reserved over allocated on CUDA (expandable segments), per byte of the loss chunk's peak: its large blocks,
     freed before each layer's backward, leave holes that smaller blocks cannot fill (H100 fit: 0.15)."""
-    cuda_margin_of_activations: float = 0.03
-    """The same per byte of activations (H100 fit: 0.031)."""
+    cuda_margin_of_activations: float = 0.0
+    """The same per byte of activations (H100 fit with the lean layers: 0.0; 0.031 before them)."""
     cuda_margin_of_loss_tiled: float = 0.33
     """With the tiled MLP the loss chunk's holes stay unfilled by the tiles' smaller blocks (H100, 5 points: 0.28-0.36)."""
     tiled_mlp_transient_hidden: float = 2.5
     """Tiled MLP: the tiles' outputs and their concatenation, bytes per token per hidden unit per byte of compute dtype
     (H100, 5 points: 1.5-2.4)."""
-    backward_transient_intermediate: float = 3.0
-    """Gradient buffers alive at a layer's backward peak, in bytes per token per intermediate unit, per byte of compute dtype."""
-    backward_transient_hidden: float = 4.0
-    """The same, per hidden unit (grad of the residual stream, the layer input's gradient being summed)."""
-    dropout_backward_intermediate: float = 3.0
-    """Extra backward buffers with LoRA dropout, bytes per token per intermediate unit (fp32 gradients through the
-    dropout of each adapter input; H100: 2.1-3.0)."""
+    backward_transient_intermediate: float = 1.5
+    """Gradient buffers alive at a layer's backward peak, in bytes per token per intermediate unit, per byte of compute
+    dtype (H100 fit over the 54-point matrix with the lean layers; 3.0 before them, when the norms' fp32 gradients
+    were part of it)."""
+    backward_transient_hidden: float = 2.0
+    """The same, per hidden unit (grad of the residual stream, the layer input's gradient being summed; 4.0 before)."""
+    fp32_norm_backward_hidden: float = 4.0
+    """With transformers' own RMSNorm on a 16-bit model: fp32 buffers in a layer's backward, per token per hidden unit,
+    in units of 4 bytes (H100, compiled layers with checkpointing at 4K-16K: 2.1-3.5)."""
+    dropout_backward_intermediate: float = 0.0
+    """Extra backward buffers with LoRA dropout, bytes per token per intermediate unit. 2.1-3.0 on an H100 while peft
+    cast each adapter input to fp32; with the inputs shared under autocast the matrix fit gives 0."""
     loss_bytes_per_logit: float = 12.0
     """Backward of one fp32 cross-entropy chunk: saved log-softmax output, its gradient, the input gradient (4 B each)."""
     full_loss_bytes_per_logit: float = 12.0
@@ -294,11 +304,26 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
 
+COMPILED_ACTIVATION_SHARE = 0.72
+"""Share of a decoder layer's saved activations left when the layer is compiled (H100, bench/results/engine-compiled-h100
+and gpu-smoke-h100 against their eager twins: 0.70 for Llama-3.1-8B at 4K, 0.71-0.73 for Qwen2.5-Coder-1.5B at 4K-18K,
+all without checkpointing). A first calibration on four points, not yet part of the memory-accuracy matrix."""
+
+
+def norm_saved_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """Bytes an RMSNorm keeps per hidden unit: the engine's lean norm keeps its 16-bit input, transformers' own keeps
+    the fp32 upcast (the input itself on an fp32 model)."""
+    if not setup.compiled and shape.architecture in LEAN_NORM_MODEL_TYPES:
+        return _compute_bytes(setup)
+    return 4.0
+
+
 def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, mlp_shards: int = 1) -> float:
     """Bytes autograd keeps for one decoder layer and one token, without checkpointing.
 
-    With fp32 LoRA adapters and bf16 weights, peft casts each targeted module's input and the adapter matmul keeps that
-    copy (under autocast the copy is bf16); with an fp32 model the cast is a no-op and the adapters share the norm output.
+    The engine's lean layers (elite_core.lean_layers) keep each RMSNorm's 16-bit input instead of its fp32 upcast and,
+    under autocast, let the adapters share their module's input. Compiled layers keep transformers' own layers (the
+    compiler fuses them) and scale the eager count by COMPILED_ACTIVATION_SHARE.
     """
     e = _compute_bytes(setup)
     h, d = shape.hidden, shape.head_dim
@@ -306,12 +331,14 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     kv_width = shape.kv_heads * d
     intermediate = shape.intermediate * max(1, shape.experts_per_token)
     rank = setup.lora_rank
-    separate_copies = e < 4.0  # 16-bit weights: every targeted module keeps its own cast copy of its input
+    lean = not setup.compiled
+    # Without autocast, peft casts 16-bit inputs to the fp32 adapters: every targeted module keeps its own copy.
+    # Under autocast the engine shares them (lean), while a compiled layer starts from peft's own casting.
+    separate_copies = e < 4.0 and not (lean and setup.autocast)
     copy_bytes = e if setup.autocast else 4.0
     dropout = setup.lora_dropout > 0.0
 
-    # RMSNorm upcasts its input to fp32 and keeps it (the fp32 input itself on an fp32 model): two norms per layer.
-    norms = 2 * 4.0 * h
+    norms = 2 * norm_saved_bytes(shape, setup) * h  # the layer input and the attention residual sum, normed
 
     attention_inputs = 3 * h + q_width  # q, k, v read the normed input; o reads the attention output
     mlp_inputs = (2 * h + intermediate) if shape.gated_mlp else (h + intermediate)
@@ -325,8 +352,9 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
         attention_lora = (e + mask_bytes) * attention_inputs
         mlp_lora = (e + mask_bytes) * mlp_inputs
     else:
-        # No-op casts: q/k/v share the normed input, gate/up share theirs, o and down read tensors of their own.
-        attention_lora = e * (h + q_width)
+        # Shared inputs: q/k/v share the normed input and gate/up theirs; o reads the attention output SDPA keeps
+        # anyway (counted below); down reads the SwiGLU product, which nothing else keeps.
+        attention_lora = e * h
         mlp_lora = e * (h + intermediate)
     # lora_B keeps lora_A's r-wide output, one per targeted module.
     lora_b_inputs = len(shape.layer_linears()) * rank * copy_bytes
@@ -343,7 +371,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         mlp_core = e * intermediate
     mlp = (mlp_core + mlp_lora) / max(1, mlp_shards)
-    return norms + attention_lora + lora_b_inputs + attention_core + mlp
+    total = norms + attention_lora + lora_b_inputs + attention_core + mlp
+    return total * COMPILED_ACTIVATION_SHARE if setup.compiled else total
 
 
 def backward_transient_bytes_per_token(
@@ -354,6 +383,9 @@ def backward_transient_bytes_per_token(
     transient = e * (constants.backward_transient_intermediate * intermediate + constants.backward_transient_hidden * shape.hidden)
     if setup.lora_dropout > 0.0:
         transient += constants.dropout_backward_intermediate * intermediate
+    if e < 4.0 and norm_saved_bytes(shape, setup) == 4.0:
+        # transformers' own norms (compiled layers, other architectures) build fp32 gradients of their upcast input
+        transient += constants.fp32_norm_backward_hidden * 4.0 * shape.hidden
     return transient
 
 
@@ -375,12 +407,6 @@ def loss_bytes(shape: ModelShape, setup: TrainingSetup, constants: MemoryConstan
     # The gathered target rows stay for backward, and their gradient buffer joins them.
     rows = 2 * e * shape.hidden * target_rows
     return int(chunk_rows * shape.vocab * constants.loss_bytes_per_logit + rows)
-
-
-COMPILED_ACTIVATION_SHARE = 0.72
-"""Share of a decoder layer's saved activations left when the layer is compiled (H100, bench/results/engine-compiled-h100
-and gpu-smoke-h100 against their eager twins: 0.70 for Llama-3.1-8B at 4K, 0.71-0.73 for Qwen2.5-Coder-1.5B at 4K-18K,
-all without checkpointing). A first calibration on four points, not yet part of the memory-accuracy matrix."""
 
 
 def predict_memory(
@@ -424,15 +450,17 @@ def predict_memory(
         layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
     layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
     layer_input = e * shape.hidden * tokens
-    # The final norm's fp32 copy and the embedding output live until the loss is done.
-    outside_layers = (4.0 + e) * shape.hidden * tokens
+    # What the final norm keeps and the embedding output live until the loss is done; offloaded with the checkpoints.
+    offloading = setup.checkpointing == "offload" and not on_cpu
+    outside_layers = 0.0 if offloading else (norm_saved_bytes(shape, setup) + e) * shape.hidden * tokens
     backward_transient = backward_transient_bytes_per_token(shape, setup, constants, shards) * tokens
     if setup.checkpointing == "off":
         stored = shape.layers * layer_full
         layer_peak = backward_transient
     elif setup.checkpointing == "offload" and not on_cpu:
-        cpu_offload += shape.layers * layer_input
-        stored = 2 * layer_input  # the inputs in flight to and from CPU
+        resident = min(shape.layers, setup.gpu_checkpoint_layers)
+        cpu_offload += (shape.layers - resident) * layer_input
+        stored = (2 + resident) * layer_input  # the inputs in flight to and from CPU, and those kept on the GPU
         layer_peak = layer_tokens + backward_transient
     else:
         stored = shape.layers * layer_input

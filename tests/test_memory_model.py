@@ -47,9 +47,14 @@ def test_parameter_counts_by_hand():
 
 
 def test_layer_activations_by_hand():
-    # norms 2*4h=512; bf16 LoRA input copies 2*(3h + h)=512 (attention) and 2*(2h + I)=512 (MLP); lora_B inputs 7*r*2=112;
-    # SDPA q,k,v,out 2*(2*64 + 2*32)=384 plus fp32 log-sum-exp 4*4=16; SwiGLU 3*2*I=768.
-    assert layer_activation_bytes_per_token(SMALL, SETUP) == 512 + 512 + 112 + 400 + 768 + 512 == 2816
+    # The engine's lean layers: the norms keep their bf16 inputs 2*2h=256; the adapters share their module's input under
+    # autocast: attention 2*h=128 (o reads the output SDPA keeps), MLP 2*(h + I)=384; lora_B inputs 7*r*2=112; SDPA q,k,v,out 2*(2*64 + 2*32)=384
+    # plus fp32 log-sum-exp 4*4=16; SwiGLU 3*2*I=768.
+    assert layer_activation_bytes_per_token(SMALL, SETUP) == 256 + 128 + 112 + 400 + 768 + 384 == 2048
+    # Compiled layers keep transformers' norms (fp32 upcasts 2*4h=512) and peft's casting (bf16 copies of every adapter
+    # input: 2*(3h + h)=512 and 2*(2h + I)=512), then the compiler keeps 72 % of that.
+    compiled = replace(SETUP, compiled=True)
+    assert layer_activation_bytes_per_token(SMALL, compiled) == pytest.approx(0.72 * (512 + 512 + 112 + 400 + 768 + 512))
 
 
 def test_breakdown_without_checkpointing_by_hand():
@@ -60,12 +65,12 @@ def test_breakdown_without_checkpointing_by_hand():
     assert breakdown.optimizer_bytes == 16384 * 8
     # one chunk of 64 target rows x 100 logits x 12 B, plus the target rows and their gradient 2*2*64*64
     assert breakdown.logits_bytes == 64 * 100 * 12 + 16384 == 93184
-    # stored 2 layers * 2816 * 256; final norm + embedding output 6*64*256; backward transient 2*(3*128 + 4*64)*256
-    # exceeds the loss peak by 327,680 - 93,184
-    assert breakdown.activations_bytes == 2 * 2816 * 256 + 98304 + (327680 - 93184) == 1774592
-    allocated = 173696 + 65536 + 65536 + 131072 + 1774592 + 93184
+    # stored 2 layers * 2048 * 256; the final norm's bf16 input + embedding output 4*64*256; backward transient
+    # 2*(3*128 + 4*64)*256 exceeds the loss peak by 327,680 - 93,184
+    assert breakdown.activations_bytes == 2 * 2048 * 256 + 65536 + (327680 - 93184) == 1348608
+    allocated = 173696 + 65536 + 65536 + 131072 + 1348608 + 93184
     # outside torch + the allocator's floor, and the slack its large loss and activation blocks leave
-    assert breakdown.overhead_bytes == int(950 * MIB + 0.16 * 93184 + 0.03 * 1774592)
+    assert breakdown.overhead_bytes == int(950 * MIB + 0.16 * 93184 + 0.03 * 1348608)
     assert breakdown.total_bytes == allocated + breakdown.overhead_bytes
     assert breakdown.cpu_offload_bytes == 0
     assert [name for name, _ in breakdown.components()] == [
@@ -74,15 +79,22 @@ def test_breakdown_without_checkpointing_by_hand():
 
 def test_breakdown_with_checkpointing_by_hand():
     breakdown = predict_memory(SMALL, replace(SETUP, checkpointing="on"), CONSTANTS)
-    # stored layer inputs 2*2*64*256; one layer recomputed 2816*256 plus the backward transient 327,680
-    assert breakdown.activations_bytes == 65536 + 98304 + (2816 * 256 + 327680 - 93184) == 1119232
+    # stored layer inputs 2*2*64*256; one layer recomputed 2048*256 plus the backward transient 327,680
+    assert breakdown.activations_bytes == 65536 + 65536 + (2048 * 256 + 327680 - 93184) == 889856
     offloaded = predict_memory(SMALL, replace(SETUP, checkpointing="offload"), CONSTANTS)
     assert offloaded.cpu_offload_bytes == 2 * 2 * 64 * 256
-    # two layer inputs stay on the GPU in flight, so offloading pays off from three layers up
-    assert offloaded.activations_bytes == breakdown.activations_bytes
+    # two layer inputs stay on the GPU in flight, so offloading pays off from three layers up; the final norm's input
+    # and the embedding output (2*64*256 each) are not kept on the GPU either
+    assert offloaded.activations_bytes == breakdown.activations_bytes - 65536
     deeper = replace(SMALL, layers=8)
     assert (predict_memory(deeper, replace(SETUP, checkpointing="offload"), CONSTANTS).activations_bytes
             < predict_memory(deeper, replace(SETUP, checkpointing="on"), CONSTANTS).activations_bytes)
+    # keeping 3 of 8 layers' checkpoints on the GPU moves 3 layer inputs (2*64*256 each) back from the host
+    partly = replace(SETUP, checkpointing="offload", gpu_checkpoint_layers=3)
+    full = predict_memory(deeper, replace(SETUP, checkpointing="offload"), CONSTANTS)
+    kept = predict_memory(deeper, partly, CONSTANTS)
+    assert full.cpu_offload_bytes - kept.cpu_offload_bytes == 3 * 2 * 64 * 256
+    assert kept.activations_bytes - full.activations_bytes == 3 * 2 * 64 * 256
 
 
 def test_cpu_breakdown_counts_the_process_and_resident_slack():

@@ -1,0 +1,105 @@
+"""Which scaled_dot_product_attention backend trains fastest at long windows on this GPU.
+
+    python bench/attention_backends.py --seqs 16384 65536 --out bench/results/attention-h100.jsonl
+
+Causal attention with Llama-3.1-8B's heads (32 query, 8 key/value, dim 128), bf16, forward + backward, as the engine runs it
+through transformers' SDPA path: grouped-query (enable_gqa) and with keys/values repeated to every head. Prints TFLOPS
+per backend, the peak memory, and the output/gradient difference against the flash backend. One JSON line per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def run(backend: str, seq: int, gqa: bool, heads: int = 32, kv_heads: int = 8, dim: int = 128, repeats: int = 2):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    grad = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    def step():
+        with sdpa_kernel([BACKENDS[backend]]):
+            if gqa:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                groups = heads // kv_heads
+                out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                                     is_causal=True)
+        out.backward(grad)
+        return out
+
+    try:
+        out = step()  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            q.grad = k.grad = v.grad = None
+            out = step()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / repeats
+    except Exception as exc:  # a backend that does not support the case says so and the next one runs
+        return {"backend": backend, "seq": seq, "gqa": gqa, "ok": False, "error": str(exc).splitlines()[0][:160]}
+    # causal: half of QK^T and of AV; backward 2.5x forward
+    flops = 2 * 2 * seq * seq * heads * dim / 2 * 3.5
+    result = {"backend": backend, "seq": seq, "gqa": gqa, "ok": True, "step_s": round(seconds, 4),
+              "tflops": round(flops / seconds / 1e12, 1),
+              "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
+    return result, (out.detach().float(), q.grad.float(), k.grad.float())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", nargs="+", type=int, default=[16384, 65536])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    gpu = torch.cuda.get_device_name(0)
+    rows = []
+    for seq in args.seqs:
+        reference = None
+        for backend in ("flash", "cudnn", "efficient"):
+            for gqa in (True, False):
+                outcome = run(backend, seq, gqa)
+                row, tensors = (outcome, None) if isinstance(outcome, dict) else outcome
+                if tensors is not None:
+                    if reference is None:
+                        reference = tensors
+                    else:
+                        row["max_rel_diff_vs_first"] = round(max(
+                            float((a - b).abs().max() / b.abs().max()) for a, b in zip(tensors, reference)), 5)
+                row["gpu"] = gpu
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache()
+    print(f"\n{'seq':>7} {'backend':9} {'kv':8} {'TFLOPS':>7} {'s/step':>8} {'extra GiB':>9}  vs flash")
+    flash = {(r["seq"], r["gqa"]): r for r in rows if r["backend"] == "flash" and r["ok"]}
+    for row in rows:
+        base = flash.get((row["seq"], row["gqa"]))
+        ratio = f"{row['tflops'] / base['tflops']:.2f}x" if row["ok"] and base else "-"
+        kv = "gqa" if row["gqa"] else "repeated"
+        if row["ok"]:
+            print(f"{row['seq']:>7} {row['backend']:9} {kv:8} {row['tflops']:>7} {row['step_s']:>8} "
+                  f"{row['peak_extra_gib']:>9}  {ratio}")
+        else:
+            print(f"{row['seq']:>7} {row['backend']:9} {kv:8} failed: {row['error']}")
+    if args.out:
+        with args.out.open("a") as sink:
+            sink.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
