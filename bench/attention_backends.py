@@ -22,11 +22,19 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def run(backend: str, seq: int, gqa: bool, heads: int = 32, kv_heads: int = 8, dim: int = 128, repeats: int = 2):
+def run(backend: str, seq: int, gqa: bool, heads: int = 32, kv_heads: int = 8, dim: int = 128, repeats: int = 2,
+        layout: str = "bhsd"):
+    """layout "bshd": q, k, v are transposed views of (batch, seq, heads, dim) tensors, as transformers passes them."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
-    k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
-    v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+
+    def tensor(count: int) -> torch.Tensor:
+        if layout == "bshd":
+            base = torch.randn(1, seq, count, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+            return base.transpose(1, 2).requires_grad_(True)
+        return torch.randn(1, count, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator,
+                           requires_grad=True)
+
+    q, k, v = tensor(heads), tensor(kv_heads), tensor(kv_heads)
     grad = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
 
     def step():
@@ -52,10 +60,11 @@ def run(backend: str, seq: int, gqa: bool, heads: int = 32, kv_heads: int = 8, d
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - started) / repeats
     except Exception as exc:  # a backend that does not support the case says so and the next one runs
-        return {"backend": backend, "seq": seq, "gqa": gqa, "ok": False, "error": str(exc).splitlines()[0][:160]}
+        return {"backend": backend, "seq": seq, "gqa": gqa, "layout": layout, "ok": False,
+                "error": str(exc).splitlines()[0][:160]}
     # causal: half of QK^T and of AV; backward 2.5x forward
     flops = 2 * 2 * seq * seq * heads * dim / 2 * 3.5
-    result = {"backend": backend, "seq": seq, "gqa": gqa, "ok": True, "step_s": round(seconds, 4),
+    result = {"backend": backend, "seq": seq, "gqa": gqa, "layout": layout, "ok": True, "step_s": round(seconds, 4),
               "tflops": round(flops / seconds / 1e12, 1),
               "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
     return result, (out.detach().float(), q.grad.float(), k.grad.float())
@@ -65,6 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqs", nargs="+", type=int, default=[16384, 65536])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                        help="bshd: transposed views, the layout transformers' attention hands to SDPA")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name(0)
     rows = []
@@ -72,7 +83,7 @@ def main() -> int:
         reference = None
         for backend in ("flash", "cudnn", "efficient"):
             for gqa in (True, False):
-                outcome = run(backend, seq, gqa)
+                outcome = run(backend, seq, gqa, layout=args.layout)
                 row, tensors = (outcome, None) if isinstance(outcome, dict) else outcome
                 if tensors is not None:
                     if reference is None:

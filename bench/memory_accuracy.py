@@ -340,6 +340,7 @@ def command_run(args) -> int:
     models = args.models.split(",")
     points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
               "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points}[args.set]()
+    points = [point for point in points if point.model in models]
     if args.max_seq:
         points = [point for point in points if point.seq <= args.max_seq]
     if args.limit:

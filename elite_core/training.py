@@ -245,22 +245,18 @@ def epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed + epoch).permutation(num_windows)
 
 
-HOPPER_SDPA_ORDER = "cudnn,flash,efficient,math"
-"""On compute capability 9.0+ cuDNN's attention trains 1.75-1.85x faster than the flash backend at 16K-64K tokens with the
-same results (bf16 noise, 0.6-0.8 % max relative difference) and less memory: bench/results/attention-h100.txt."""
-
-
 def sdpa_backend_order() -> list:
-    """SDPA backends in the order to try: ELITE_SDPA_BACKENDS (e.g. "flash,efficient") if set, else cuDNN first on
-    Hopper and newer, else torch's own order (empty)."""
-    import torch
+    """SDPA backends in the order to try, from ELITE_SDPA_BACKENDS (e.g. "cudnn,flash"); empty: torch's own order.
+
+    Not cuDNN first by default: alone, cuDNN's attention runs 1.8x faster than flash on an H100 in both layouts
+    (bench/results/attention-h100.txt), but with "cudnn,flash,efficient,math" set for the memory matrix the engine's
+    steps were no faster and used exactly the same memory, so the setting did not reach the model's attention there.
+    """
     from torch.nn.attention import SDPBackend
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     setting = os.environ.get("ELITE_SDPA_BACKENDS", "")
-    if not setting and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
-        setting = HOPPER_SDPA_ORDER
     wanted = [name.strip() for name in setting.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in names]
     if unknown:
