@@ -3,6 +3,9 @@
 Reads RUN_DIR/config.yaml, trains, and reports every event twice: as a JSON line on the event pipe (when the parent
 gave one) and appended to RUN_DIR/events.jsonl. Commands arrive as JSON lines on stdin. The child outlives its parent:
 it ignores SIGHUP, and a broken event pipe only stops the pipe copy of the events, not the training.
+
+With --probe-micro-batch N it trains nothing lasting: it probes micro-batches with real steps and writes
+RUN_DIR/probe.json (elite_core.probe).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from elite_core import distributed, protocol
 from elite_core.config import ConfigError, RunConfig
+from elite_core.probe import PROBE_FILE, ProbeRequest
 
 EVENTS_FILE = "events.jsonl"
 CHILD_PID_FILE = "child.pid"
@@ -92,6 +96,19 @@ def install_signal_handlers(engine) -> None:
     signal.signal(signal.SIGTERM, lambda *_: engine.request_stop("signal"))
 
 
+def run_probe_mode(engine, request: ProbeRequest, run_dir: Path, emit) -> protocol.Finished:
+    """Probe micro-batches with real steps, keep what they measured in RUN_DIR/probe.json, and say how it ended."""
+    import time
+
+    from elite_core.probe import run_probes
+
+    started = time.monotonic()
+    result = run_probes(engine, request, emit)
+    result.save(run_dir / PROBE_FILE)
+    return protocol.Finished(step=engine.step, final_loss=result.loss, adapter_path="", report_path="",
+                             stopped_early=engine.stop_requested, elapsed_s=time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m elite_core.child")
     parser.add_argument("run_dir", type=Path)
@@ -100,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=0)
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: RUN_DIR/dataset")
     parser.add_argument("--event-pipe", default=None, help="FD:DEV:INODE of the runner's event pipe, under a launcher")
+    ProbeRequest.add_arguments(parser)
     args = parser.parse_args(argv)
+    probe = ProbeRequest.from_args(args)
 
     run_dir: Path = args.run_dir.resolve()
     # distributed: under a launcher only rank 0 owns child.pid, events.jsonl, the pipe and the commands on stdin
@@ -123,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
 
     poll = CommandReader(sys.stdin, sink).poll if rank.is_main else (lambda: [])
     emit = sink
-    if rank.is_main and not args.probe_steps:
+    if rank.is_main and not args.probe_steps and probe is None:
         from elite_core.metric_sinks import FanOut, default_sinks
 
         emit = FanOut(sink, default_sinks(run_dir))  # TensorBoard event files beside events.jsonl
     engine = TrainingEngine(config, run_dir, emit=emit, poll_commands=poll, resume=args.resume,
-                            probe_steps=args.probe_steps, dataset_dir=args.dataset_dir)
+                            probe_steps=max(args.probe_steps, 1) if probe is not None else args.probe_steps,
+                            dataset_dir=args.dataset_dir)
     install_signal_handlers(engine)
     try:
+        if probe is not None:
+            sink(run_probe_mode(engine, probe, run_dir, emit))
+            return 0
         finished = engine.run()
         if finished.report_path and rank.is_main:
             from elite_core.evaluation import evaluate_run

@@ -50,7 +50,8 @@ class RunConfig:
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     micro_batch: int = 1
-    grad_accum: int = 1
+    grad_accum: int = 0
+    """Micro-batches per optimizer step; 0 (auto): about planner.TOKENS_PER_UPDATE (32K) tokens per update."""
     epochs: int = 1
     max_steps: int = 0
     """Optimizer steps to run; 0 means run `epochs` full passes."""
@@ -197,7 +198,7 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     require("warmup_steps", config.warmup_steps >= 0, "0 or more")
     require("max_grad_norm", config.max_grad_norm >= 0.0, "0 (no clipping) or more")
     require("micro_batch", 1 <= config.micro_batch <= 4096, "between 1 and 4096")
-    require("grad_accum", 1 <= config.grad_accum <= 65536, "between 1 and 65536")
+    require("grad_accum", 0 <= config.grad_accum <= 65536, "between 1 and 65536, or 0 for auto")
     require("epochs", 1 <= config.epochs <= 1000, "between 1 and 1000")
     require("max_steps", config.max_steps >= 0, "0 (use epochs) or more")
     require("precision", config.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
@@ -255,6 +256,7 @@ def demo_defaults() -> dict[str, Any]:
     """
     return {
         "extra_trainable_modules": ("embed_tokens", "lm_head"),
+        "grad_accum": 1,  # one window per update: 50 visible steps in minutes
         "learning_rate": 3e-3,
         "warmup_steps": 5,
         "max_steps": 50,

@@ -23,11 +23,81 @@ FLAT_IMPROVEMENT = 0.01
 """An epoch that lowers the projected loss by less than 1 % is not worth its time."""
 MAX_RECOMMENDED_EPOCHS = 20
 SMOOTHED_TAIL_FRACTION = 0.1
+MIN_COMPONENT_WEIGHT = 1e-6
+"""Curves less likely than this, relative to the best, are left out of the average: they would change it by less."""
 
 
 def epoch_seconds(tokens_per_epoch: int, tokens_per_s: float) -> float:
     """Time of one epoch at a measured rate: a tier's row in the table, from a probe of real steps."""
     return tokens_per_epoch / tokens_per_s if tokens_per_s > 0 else math.inf
+
+
+BYTES_PER_TOKEN_GUESS = 3.5
+"""Source code through a BPE tokenizer of a code model; the first guess before the dataset is built."""
+
+
+@dataclass(frozen=True)
+class EpochTokens:
+    """The training stream one epoch reads: counted from the built dataset, or estimated from the repository's size."""
+
+    train_tokens: int
+    estimated: bool
+    source_bytes: int = 0
+    """Text bytes the estimate came from (0 when counted)."""
+    bytes_per_token: float = 0.0
+    """The ratio the estimate assumed (0 when counted)."""
+
+    def tokens_per_epoch(self, window_tokens: int) -> int:
+        """Tokens the model processes in one epoch at this window: every window in full, the last one padded."""
+        if self.train_tokens <= 0 or window_tokens <= 0:
+            return 0
+        return math.ceil(self.train_tokens / window_tokens) * window_tokens
+
+
+def epoch_tokens_from_summary(summary) -> EpochTokens:
+    """Counted: the built dataset's train stream (a dataset.DatasetSummary)."""
+    return EpochTokens(train_tokens=int(summary.train_tokens), estimated=False)
+
+
+def bytes_per_token_guess(model: str) -> float:
+    """The demo's byte-level tokenizer makes one token of every byte; a code model's BPE about 3.5 bytes."""
+    from elite_core.config import DEMO_MODEL
+
+    return 1.0 if model == DEMO_MODEL else BYTES_PER_TOKEN_GUESS
+
+
+def epoch_tokens_from_repo(repo, model: str, eval_fraction: float = 0.0) -> EpochTokens:
+    """Estimated before the dataset exists, from a walk of names and sizes only (no file is read).
+
+    Files without a known language (images, archives, licences) are left out: the build drops most of them.
+    """
+    from elite_core.repo_scan import language_of, scan_repository
+
+    bytes_per_token = bytes_per_token_guess(model)
+
+    scan = scan_repository(repo)
+    texts = [c for c in scan.candidates if language_of(c.relative_path) != "Other"]
+    source_bytes = sum(c.size_bytes for c in texts)
+    # One end-of-text token separates files in the stream.
+    tokens = (source_bytes / bytes_per_token + len(texts)) * (1.0 - eval_fraction)
+    return EpochTokens(train_tokens=int(round(tokens)), estimated=True, source_bytes=source_bytes,
+                       bytes_per_token=bytes_per_token)
+
+
+@dataclass(frozen=True)
+class RateCalibration:
+    """One measured training rate beside what the planner estimated for the same configuration."""
+
+    tier: int
+    measured_tokens_per_s: float
+    estimated_tokens_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        """Measured over estimated; scales the estimates of the tiers that were not probed."""
+        if self.measured_tokens_per_s <= 0 or self.estimated_tokens_per_s <= 0:
+            return 1.0
+        return self.measured_tokens_per_s / self.estimated_tokens_per_s
 
 
 @dataclass(frozen=True)
@@ -60,8 +130,23 @@ def estimate_eta(steps: Sequence[int], elapsed_s: Sequence[float], total_steps: 
 
 
 @dataclass(frozen=True)
+class CurveComponent:
+    weight: float
+    kind: str
+    offset: float
+    scale: float
+    exponent: float
+
+
+@dataclass(frozen=True)
 class LossFit:
-    """A fitted curve loss(step) = offset + scale * shape(step); shape is step**-exponent or exp(-exponent * step)."""
+    """The loss curve fitted to the steps so far: the likelihood-weighted average of the curves
+    loss(step) = offset + scale * shape(step), shape step**-exponent or exp(-exponent * step), over a grid of exponents.
+
+    kind, offset, scale and exponent describe the most likely curve; `loss_at` is the average, which is what the
+    projection uses. Early in a run many curves fit the noisy losses about equally well, and the slow ones (still
+    falling at the end) outnumber the one that fits best by a hair, so the best curve alone projects too high.
+    """
 
     kind: str
     """"power" or "exponential"."""
@@ -70,9 +155,14 @@ class LossFit:
     exponent: float
     fitted_points: int
     residual_std: float
+    components: tuple[CurveComponent, ...] = ()
+    """The curves averaged, weights summing to 1; empty means the single curve above."""
 
     def loss_at(self, steps) -> np.ndarray:
-        return self.offset + self.scale * _shape(self.kind, self.exponent, np.asarray(steps, dtype=float))
+        steps = np.asarray(steps, dtype=float)
+        if not self.components:
+            return self.offset + self.scale * _shape(self.kind, self.exponent, steps)
+        return sum(c.weight * (c.offset + c.scale * _shape(c.kind, c.exponent, steps)) for c in self.components)
 
 
 @dataclass(frozen=True)
@@ -124,7 +214,8 @@ def _candidates(steps: np.ndarray, losses: np.ndarray, grids=None):
 
 
 def fit_loss_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None) -> tuple[LossFit, list] | None:
-    """The best curve by least squares over a grid of exponents, and every candidate (for the band).
+    """The fit (least squares over a grid of exponents, curves averaged by likelihood) and every candidate curve
+    (for the band).
 
     With learning rates given, the warm-up steps (before the peak rate) are left out: the loss there follows the
     ramp, not the decay the curve models.
@@ -139,25 +230,46 @@ def fit_loss_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[
     steps_array, loss_array = steps_array[keep], loss_array[keep]
     if len(steps_array) < MIN_FIT_POINTS:
         return None
-    candidates = list(_candidates(steps_array, loss_array))
-    if not candidates:
+    coarse = list(_candidates(steps_array, loss_array))
+    if not coarse:
         return None
+    candidates = list(coarse)
     # A finer grid between the best coarse exponent's neighbours: extrapolation is sensitive to the exponent.
     kind, exponent = min(candidates, key=lambda c: c[4])[:2]
     grid = dict(_exponent_grids(steps_array))[kind]
     position = int(np.argmin(np.abs(grid - exponent)))
     fine = np.linspace(grid[max(0, position - 1)], grid[min(len(grid) - 1, position + 1)], FINE_GRID_POINTS)
     candidates += list(_candidates(steps_array, loss_array, ((kind, fine),)))
-    kind, exponent, offset, scale, error, _ = min(candidates, key=lambda c: c[4])
-    residual_std = math.sqrt(error / max(1, len(steps_array) - 3))
+    best = min(candidates, key=lambda c: c[4])
+    kind, exponent, offset, scale, error, _ = best
+    noise_variance = error / max(1, len(steps_array) - 3)
+    averaged = coarse if any(c is best for c in coarse) else coarse + [best]
     fit = LossFit(kind=kind, offset=offset, scale=scale, exponent=exponent, fitted_points=len(steps_array),
-                  residual_std=residual_std)
+                  residual_std=math.sqrt(noise_variance),
+                  components=_averaged_components(averaged, error, noise_variance))
     return fit, candidates
+
+
+def _averaged_components(candidates: list, best_error: float, noise_variance: float) -> tuple[CurveComponent, ...]:
+    """Each curve weighted by its likelihood under Gaussian noise of the best fit's variance.
+
+    Over the coarse grid only, whose exponents are evenly spaced in log: a log-uniform prior on the exponent (the fine
+    grid would crowd weight around the best). Curves below MIN_COMPONENT_WEIGHT of the best are dropped.
+    """
+    errors = np.array([c[4] for c in candidates])
+    # Noise-free data (exact curves) have a zero best error: then only the best curve counts.
+    scaled = (errors - best_error) / (2.0 * max(noise_variance, 1e-300))
+    weights = np.exp(-scaled)
+    keep = weights >= MIN_COMPONENT_WEIGHT
+    total = float(weights[keep].sum())
+    return tuple(CurveComponent(weight=float(w) / total, kind=c[0], offset=c[2], scale=c[3], exponent=c[1])
+                 for c, w, kept in zip(candidates, weights, keep) if kept)
 
 
 def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int, lrs: Sequence[float] | None = None,
                  steps_per_epoch: int | None = None, curve_points: int = 40) -> LossProjection | None:
-    """The projected loss at total_steps with a band of the curves that fit the data about as well as the best.
+    """The projected loss at total_steps (the averaged fit) with a band of the curves that fit the data about as well
+    as the best.
 
     None until enough steps (after warm-up) exist for a fit.
     """
@@ -180,13 +292,13 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
         spread = BAND_SIGMAS * np.sqrt(noise_variance * np.einsum("ij,jk,ik->i", rows, covariance, rows))
         lows.append(curve - spread)
         highs.append(curve + spread)
-    best_curve = fit.loss_at(curve_steps)
-    low = np.maximum(np.minimum(np.min(lows, axis=0), best_curve), 0.0)
-    high = np.maximum(np.max(highs, axis=0), best_curve)
+    projected = fit.loss_at(curve_steps)
+    low = np.maximum(np.minimum(np.min(lows, axis=0), projected), 0.0)
+    high = np.maximum(np.max(highs, axis=0), projected)
     return LossProjection(
-        fit=fit, total_steps=end, final_loss=float(best_curve[-1]),
+        fit=fit, total_steps=end, final_loss=float(projected[-1]),
         final_loss_low=float(low[-1]), final_loss_high=float(high[-1]),
-        curve_steps=tuple(int(s) for s in curve_steps), curve_loss=tuple(float(v) for v in best_curve),
+        curve_steps=tuple(int(s) for s in curve_steps), curve_loss=tuple(float(v) for v in projected),
         curve_low=tuple(float(v) for v in low), curve_high=tuple(float(v) for v in high),
         recommended_epochs=recommend_epochs(fit, steps_per_epoch) if steps_per_epoch else None,
     )

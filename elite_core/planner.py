@@ -35,6 +35,8 @@ GPU_LAYER_PASS_S = 0.0034
 """Launch-bound time per decoder layer per pass (forward, backward, recompute): LoRA's many small kernels (H100 fit)."""
 CPU_MATMUL_EFFICIENCY = 0.45
 """The demo model on 2 cores: 0.6 s per 4.6K-token step measured against 0.75 s estimated at 0.35."""
+HOST_OFFLOAD_FRACTION = 0.7
+"""Share of the host's available RAM that offloaded checkpoints may take; the layers beyond it keep theirs on the GPU."""
 TOKENS_PER_UPDATE = 32 * 1024
 """Gradient accumulation aims at about this many tokens per optimizer update."""
 ENGINE_HAS_TILED_MLP = True
@@ -58,6 +60,15 @@ class TierPlan:
     learning_rate: float = 2e-4
     cpu_ram_needed_bytes: int = 0
     """CPU RAM the run needs beside the GPU: offloaded checkpoints and ZeRO state (0 on a CPU run: it is the budget)."""
+    tokens_per_s: float = 0.0
+    """Training throughput; where it comes from says rate_source. 0 until with_epoch_times fills it in."""
+    rate_source: str = ""
+    """"estimate" (measured TFLOPS), "probe" (measured by the pre-flight probe at this tier) or "calibrated" (the
+    estimate scaled by the probe's measured/estimated ratio at the probed tier)."""
+    tokens_per_epoch: int = 0
+    tokens_per_epoch_estimated: bool = True
+    """True while the epoch's tokens come from the repository's size, False once counted in the built dataset."""
+    epoch_s: float = 0.0
 
 
 def resolve_precision(profile: HardwareProfile, requested: str) -> str:
@@ -87,6 +98,11 @@ def default_learning_rate(lora_rank: int, window_tokens: int) -> float:
 
 def grad_accum_for(window_tokens: int, micro_batch: int, tokens_per_update: int = TOKENS_PER_UPDATE) -> int:
     return max(1, round(tokens_per_update / max(1, window_tokens * micro_batch)))
+
+
+def resolved_grad_accum(config: RunConfig) -> int:
+    """The config's gradient accumulation, or for 0 (auto) the one that gives about TOKENS_PER_UPDATE per update."""
+    return config.grad_accum or grad_accum_for(config.window_tokens, config.micro_batch)
 
 
 def _budget(profile: HardwareProfile) -> int:
@@ -178,22 +194,41 @@ def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunCon
             ladder.append(last)
         if last.weight_dtype not in ("nf4", "int8"):
             ladder.append(dataclasses.replace(last, weight_dtype="nf4"))
-    return [dataclasses.replace(setup, compiled=wants_compile(config, setup)) for setup in ladder]
+    return [keep_checkpoints_within_ram(shape, dataclasses.replace(setup, compiled=wants_compile(config, setup)), profile)
+            for setup in ladder]
+
+
+def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile: HardwareProfile) -> TrainingSetup:
+    """With offloaded checkpoints: as many layers offload as HOST_OFFLOAD_FRACTION of the available RAM holds, the
+    rest keep their checkpoints on the GPU (an 8B model's 400K-token checkpoints are 105 GB: more than many hosts)."""
+    if setup.checkpointing != "offload" or not profile.has_gpu:
+        return setup
+    layer_input_bytes = setup.tokens * shape.hidden * (2 if setup.compute_dtype in ("bf16", "fp16") else 4)
+    offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1, layer_input_bytes))
+    return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
+
+
+COMPILE_MAX_TOKENS = 16384
+"""Compiled layers' memory matches the model up to tier 3 (16K + 2K windows); at tiers 4-5 with checkpointing it ran
+3-5 % above the prediction (bench/results/memory-h100-validation.txt), so longer windows run the lean eager layers."""
 
 
 def wants_compile(config: RunConfig, setup: TrainingSetup) -> bool:
-    """config.compile_layers "auto": compile on a GPU where it was measured (checkpointing off or on, 1.5-2.8x faster
-    on an H100), not with offloaded checkpoints or the tiled MLP (not measured), never on a CPU (minutes of compile
-    for a short run)."""
+    """config.compile_layers "auto": compile on a GPU where it was measured (checkpointing off or on, windows up to
+    COMPILE_MAX_TOKENS; 1.5-2.8x faster on an H100), not with offloaded checkpoints or the tiled MLP (not measured),
+    never on a CPU (minutes of compile for a short run)."""
     if config.compile_layers != "auto":
         return config.compile_layers == "on" and setup.device == "cuda"
-    return setup.device == "cuda" and setup.checkpointing in ("off", "on") and not setup.tiled_mlp
+    return (setup.device == "cuda" and setup.checkpointing in ("off", "on") and not setup.tiled_mlp
+            and setup.tokens <= COMPILE_MAX_TOKENS + 2048)
 
 
 def options_of(setup: TrainingSetup) -> tuple[str, ...]:
     """Short names for the tier table: what the planner turned on (or off) for this tier."""
     options = {"off": "no-ckpt", "on": "ckpt", "offload": "ckpt-offload"}[setup.checkpointing]
     names = [options, "chunked-loss" if setup.loss == "chunked" else "full-loss"]
+    if setup.checkpointing == "offload" and setup.gpu_checkpoint_layers:
+        names.append(f"{setup.gpu_checkpoint_layers}-ckpt-on-gpu")
     if setup.tiled_mlp:
         names.append("tiled-mlp")
     if setup.compiled:
@@ -227,7 +262,7 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
             chosen, breakdown = setup, candidate
             break
     fits = _fits(breakdown, budget, profile)
-    grad_accum = config.grad_accum
+    grad_accum = config.grad_accum or grad_accum_for(window, chosen.micro_batch)
     step_time = estimate_step_time_s(shape, chosen, profile, grad_accum)
     notes = []
     if not shape.known:
@@ -301,6 +336,7 @@ def config_for_plan(config: RunConfig, plan: TierPlan) -> RunConfig:
         qlora=setup.weight_dtype == "nf4",
         deepspeed=setup.deepspeed,
         micro_batch=setup.micro_batch,
+        grad_accum=plan.grad_accum,
     )
 
 
@@ -366,3 +402,34 @@ def find_micro_batch(try_step: Callable[[int], bool], predicted: int, max_probes
                 break
             candidate = (known_good + known_bad) // 2
     return known_good
+
+
+def estimated_tokens_per_s(plan: TierPlan) -> float:
+    """Training tokens per second the plan's step time implies (from the measured TFLOPS, or GFLOPS on a CPU)."""
+    tokens_per_step = plan.setup.micro_batch * max(1, plan.grad_accum) * plan.setup.seq_tokens
+    return tokens_per_step / plan.step_time_s if plan.step_time_s > 0 else 0.0
+
+
+def with_epoch_times(plans, epoch_tokens, calibration=None) -> tuple[TierPlan, ...]:
+    """The plans with tokens/s and the time of one epoch filled in.
+
+    epoch_tokens is an estimates.EpochTokens. With a calibration (estimates.RateCalibration from the pre-flight probe)
+    the probed tier shows the measured rate and every other tier its estimate scaled by measured/estimated.
+    """
+    from elite_core.estimates import epoch_seconds
+
+    timed = []
+    for plan in plans:
+        rate = estimated_tokens_per_s(plan)
+        source = "estimate"
+        if calibration is not None:
+            if plan.tier.number == calibration.tier:
+                rate, source = calibration.measured_tokens_per_s, "probe"
+            else:
+                rate, source = rate * calibration.ratio, "calibrated"
+        tokens = epoch_tokens.tokens_per_epoch(plan.setup.seq_tokens)
+        timed.append(dataclasses.replace(
+            plan, tokens_per_s=rate, rate_source=source, tokens_per_epoch=tokens,
+            tokens_per_epoch_estimated=epoch_tokens.estimated, epoch_s=epoch_seconds(tokens, rate),
+        ))
+    return tuple(timed)

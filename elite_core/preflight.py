@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
-from elite_core import protocol
 from elite_core.config import RunConfig
 from elite_core.units import format_bytes
 
@@ -20,6 +20,10 @@ class CheckResult:
     ok: bool
     message: str
     fix_hint: str = ""
+    probe: Any = None
+    """The probe.ProbeResult of the training-step check."""
+    config: RunConfig | None = None
+    """The config the run should use when the check changed it (the micro-batch the probes confirmed)."""
 
 
 def check_output_writable(config: RunConfig) -> CheckResult:
@@ -71,32 +75,64 @@ def check_memory(config: RunConfig, profile, shape) -> CheckResult:
     return CheckResult(name, True, text)
 
 
-def check_training_step(config: RunConfig, timeout_s: float = 600.0) -> CheckResult:
-    """Runs one real optimizer step in a child process, exactly as training will, then discards it."""
-    from elite_core.runner import TrainingProcess
+def check_training_step(config: RunConfig, profile=None, shape=None, summary=None,
+                        timeout_s: float = 600.0) -> CheckResult:
+    """Runs real optimizer steps in one child process, exactly as training will, then discards them.
 
-    name = "one training step runs"
+    On a CUDA GPU the steps search the largest micro-batch that runs, from the planner's prediction; everywhere they
+    measure the training rate. The result is kept in RUN_DIR/probe.json; the check's config carries the micro-batch.
+    """
+    from elite_core.probe import PROBE_FILE, ProbeFailed, config_with_micro_batch, probe_request, probe_training
+
+    name = "training steps run"
     probe_dir = config.run_dir / PROBE_DIR
     shutil.rmtree(probe_dir, ignore_errors=True)
-    probe_dir.mkdir(parents=True)
-    config.save(probe_dir / "config.yaml")
-    process = TrainingProcess.spawn(probe_dir, probe_steps=1, dataset_dir=config.run_dir / "dataset")
-    step = None
+    request = probe_request(config, profile, shape)
     try:
-        for event in process.events():
-            if isinstance(event, protocol.StepMetrics):
-                step = event
-            elif isinstance(event, protocol.Error):
-                hint = "lower the tier or micro-batch" if event.kind == "oom" else f"see {probe_dir / 'child.log'}"
-                return CheckResult(name, False, event.message, hint)
-    finally:
-        if process.is_alive():
-            process.kill()
-    if step is None:
-        return CheckResult(name, False, "the probe finished without a step", f"see {probe_dir / 'child.log'}")
+        result = probe_training(config, request, probe_dir, config.run_dir / "dataset", timeout_s=timeout_s)
+    except ProbeFailed as exc:
+        return CheckResult(name, False, exc.message, exc.hint)
+    if result.micro_batch == 0:
+        last = result.probes[-1] if result.probes else None
+        why = last.failure if last is not None else "out of memory"
+        if last is not None and last.failure == "over the margin":
+            why = f"ran but peaked at {format_bytes(last.peak_bytes)}, inside the planner's safety margin"
+        return CheckResult(name, False, f"micro-batch 1 ({config.window_tokens:,} tokens): {why}",
+                           "lower the tier, or turn on checkpoint offload on the Overrides screen")
     shutil.rmtree(probe_dir, ignore_errors=True)
-    return CheckResult(name, True, f"loss {step.loss:.3f}, {step.tokens_per_s:,.0f} tokens/s, "
-                                   f"peak {format_bytes(step.memory_bytes)}")
+    confirmed = config_with_micro_batch(config, result.micro_batch)
+    if profile is not None and shape is not None:
+        from elite_core.planner import estimated_tokens_per_s, plan_for_config
+
+        estimate = estimated_tokens_per_s(plan_for_config(shape, profile, confirmed))
+        result = dataclasses.replace(result, estimated_tokens_per_s=estimate)
+    result.save(config.run_dir / PROBE_FILE)
+    return CheckResult(name, True, describe_probe(result, config, confirmed, summary), probe=result, config=confirmed)
+
+
+def describe_probe(result, config: RunConfig, confirmed: RunConfig, summary=None) -> str:
+    """One paragraph: the micro-batch and how it was found, the measured rate and peak, the epoch time it implies."""
+    from elite_core.estimates import epoch_seconds, epoch_tokens_from_summary
+    from elite_core.units import format_coarse_duration
+
+    if result.searched:
+        trail = ", ".join(f"{step.micro_batch} {step.failure or 'ran'}" for step in result.probes)
+        how = f"micro-batch {result.micro_batch} confirmed by {len(result.probes)} probes ({trail})"
+        if result.deadline_hit:
+            how += "; the search hit its time limit"
+    else:
+        how = (f"micro-batch {result.micro_batch} as planned (the search for a larger one runs only on a CUDA GPU; "
+               "a CPU does not run out of memory, it swaps)")
+    if confirmed.grad_accum != config.grad_accum or confirmed.micro_batch != config.micro_batch:
+        tokens = confirmed.micro_batch * confirmed.grad_accum * confirmed.window_tokens
+        how += f"; gradient accumulation {confirmed.grad_accum} ({tokens:,} tokens per update)"
+    where = "GPU" if result.device == "cuda" else "RSS"
+    text = (f"{how}. Measured {result.tokens_per_s:,.0f} tokens/s, loss {result.loss:.3f}, "
+            f"peak {format_bytes(result.peak_bytes)} {where}")
+    if summary is not None and result.tokens_per_s > 0:
+        tokens = epoch_tokens_from_summary(summary).tokens_per_epoch(result.window_tokens)
+        text += f"; one epoch ({tokens:,} tokens) ~{format_coarse_duration(epoch_seconds(tokens, result.tokens_per_s))}"
+    return text + "."
 
 
 def run_preflight(config: RunConfig, profile, summary, shape, *, run_step: bool = True) -> Iterator[CheckResult]:
@@ -111,9 +147,9 @@ def run_preflight(config: RunConfig, profile, summary, shape, *, run_step: bool 
     yield results[-1]
     if run_step:
         if all(result.ok for result in results):
-            yield check_training_step(config)
+            yield check_training_step(config, profile, shape, summary)
         else:
-            yield CheckResult("one training step runs", False, "skipped: fix the failures above first")
+            yield CheckResult("training steps run", False, "skipped: fix the failures above first")
 
 
 def all_passed(results: list[CheckResult]) -> bool:

@@ -68,6 +68,7 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
             f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step} ({drop:.1f} % lower)",
             f"- mean throughput: {rate:,.0f} tokens/s",
         ]
+        lines += probe_lines(run_dir, rate)
     if evals:
         lines.append(f"- held-out loss: {evals[-1].loss:.4f} (perplexity {evals[-1].perplexity:.2f}) at step {evals[-1].step}")
     if steps and plan:
@@ -114,6 +115,18 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
     artefacts.append(("this report", run_dir / REPORT_FILE))
     lines += [f"- {name}: `{path}`" for name, path in artefacts]
     return "\n".join(lines) + "\n"
+
+
+def probe_lines(run_dir: Path, training_tokens_per_s: float) -> list[str]:
+    """The pre-flight probe's measured rate beside the training's, when a probe ran for this run."""
+    from elite_core.probe import PROBE_FILE, ProbeResult
+
+    probe = ProbeResult.load(run_dir / PROBE_FILE)
+    if probe is None or probe.tokens_per_s <= 0:
+        return []
+    error = (probe.tokens_per_s - training_tokens_per_s) / training_tokens_per_s * 100 if training_tokens_per_s else 0.0
+    return [f"- pre-flight probe: {probe.tokens_per_s:,.0f} tokens/s at micro-batch {probe.micro_batch} "
+            f"({error:+.1f} % against the training's mean)"]
 
 
 def _dataset_section(dataset_dir: Path) -> str:

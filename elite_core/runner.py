@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from elite_core import protocol
 from elite_core.child import CHILD_PID_FILE, EVENTS_FILE
@@ -103,7 +103,8 @@ class TrainingProcess:
 
     @classmethod
     def spawn(cls, run_dir: Path, resume: bool = False, probe_steps: int = 0,
-              dataset_dir: Path | None = None) -> "TrainingProcess":
+              dataset_dir: Path | None = None, child_args: Sequence[str] = ()) -> "TrainingProcess":
+        """Start the child; child_args go on its command line as they are (the probe's options, elite_core.probe)."""
         run_dir = Path(run_dir).resolve()
         lock = ControllerLock(run_dir)
         lock.acquire()
@@ -118,6 +119,7 @@ class TrainingProcess:
             command += ["--probe-steps", str(probe_steps)]
         if dataset_dir is not None:
             command += ["--dataset-dir", str(dataset_dir)]
+        command += list(child_args)
         # The plain child, or torchrun / deepspeed when RUN_DIR/launch.json asks for several processes.
         command = spawn_command(run_dir, command)
         env = dict(os.environ)
@@ -288,9 +290,12 @@ def step_down(config: RunConfig) -> tuple[RunConfig, str] | None:
     from elite_core.tiers import tier_by_number
 
     if config.micro_batch > 1:
-        smaller = config.replace(micro_batch=config.micro_batch // 2, grad_accum=config.grad_accum * 2)
+        from elite_core.planner import resolved_grad_accum
+
+        accumulation = resolved_grad_accum(config)
+        smaller = config.replace(micro_batch=config.micro_batch // 2, grad_accum=accumulation * 2)
         return smaller, (f"micro-batch {config.micro_batch} -> {smaller.micro_batch}, gradient accumulation "
-                         f"{config.grad_accum} -> {smaller.grad_accum} (same tokens per update)")
+                         f"{accumulation} -> {smaller.grad_accum} (same tokens per update)")
     if config.tier > 1:
         lower = tier_by_number(config.tier - 1)
         smaller = config.replace(tier=lower.number, context_tokens=lower.context_tokens, target_tokens=lower.target_tokens)

@@ -373,6 +373,8 @@ class TrainingEngine:
             profile = profile_hardware(config.output_dir)
             shape = load_model_shape(config.model, config.trust_remote_code)
             self.plan = plan_for_config(shape, profile, config)
+            if not config.grad_accum:  # auto: the planner's accumulation for about 32K tokens per update
+                config = self.config = config.replace(grad_accum=self.plan.grad_accum)
             self.setup_choice = self.plan.setup
             if not self.probe_steps and self.rank.is_main:
                 write_plan(self.run_dir, profile, self.plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 GIB = 1024**3
 MIB = 1024**2
 KIB = 1024
@@ -44,6 +46,23 @@ def format_duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def format_coarse_duration(seconds: float) -> str:
+    """The two largest units, for times planned in hours or days: 45 s, 12 m 30 s, 3 h 20 m, 5 d 4 h; "-" if unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} m {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} m"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 def format_flops(tflops: float) -> str:

@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--reprofile", action="store_true")
 
     plan = sub.add_parser("plan", help="print the tier table for a model on this hardware")
-    _add_model_args(plan, repo=False)
+    _add_model_args(plan)
     plan.add_argument("--reprofile", action="store_true")
+    plan.add_argument("--run-dir", type=Path,
+                      help="plan this run's model and time its epochs from its dataset and pre-flight probe")
 
     dataset = sub.add_parser("dataset", help="build the training set from a repository and print its summary")
     _add_model_args(dataset)
@@ -116,32 +118,89 @@ def _profile(args) -> int:
 
 
 def format_tier_table(plans, selected: int) -> str:
-    from elite_core.units import format_bytes
+    from elite_core.units import format_bytes, format_coarse_duration
 
-    header = f"{'':2}{'tier':>4} {'context':>8} {'target':>7} {'rank':>4} {'predicted':>10} {'headroom':>10}  fits  options"
+    header = (f"{'':2}{'tier':>4} {'context':>8} {'target':>7} {'rank':>4} {'predicted':>10} {'headroom':>10}  fits "
+              f"{'tok/s':>8} {'epoch':>9}  options")
     lines = [header]
     for plan in plans:
         mark = ">" if plan.tier.number == selected else " "
+        rate = f"{plan.tokens_per_s:,.0f}" if plan.rate_source else "-"
+        epoch = format_coarse_duration(plan.epoch_s) if plan.rate_source and plan.tokens_per_epoch else "-"
+        if plan.rate_source == "probe":
+            epoch += "*"
         lines.append(
             f"{mark:2}{plan.tier.number:>4} {plan.tier.context_tokens:>8,} {plan.tier.target_tokens:>7,} "
             f"{plan.setup.lora_rank:>4} {format_bytes(plan.breakdown.total_bytes):>10} "
-            f"{format_bytes(plan.headroom_bytes):>10}  {'yes' if plan.fits else 'no ':4}  {', '.join(plan.options)}"
+            f"{format_bytes(plan.headroom_bytes):>10}  {'yes' if plan.fits else 'no ':4} {rate:>8} {epoch:>9}  "
+            f"{', '.join(plan.options)}"
         )
     return "\n".join(lines)
 
 
+def epoch_basis_line(epoch_tokens, calibration, repo: str) -> str:
+    from elite_core.units import format_bytes
+
+    if epoch_tokens.estimated:
+        text = (f"epoch est.: ~{epoch_tokens.train_tokens:,} tokens from {format_bytes(epoch_tokens.source_bytes)} of "
+                f"text in {repo} at {epoch_tokens.bytes_per_token:g} bytes/token")
+    else:
+        text = f"epoch: {epoch_tokens.train_tokens:,} tokens in the dataset"
+    if calibration is None:
+        return text + "; speed estimated from the measured matmul rate"
+    return (text + f"; * tier {calibration.tier} measured by the pre-flight probe, other tiers calibrated from it "
+                   f"(measured/estimated {calibration.ratio:.2f})")
+
+
 def _plan(args) -> int:
-    from elite_core.planner import plan_tiers, select_tier
+    from elite_core.estimates import epoch_tokens_from_repo
+    from elite_core.planner import plan_tiers, select_tier, with_epoch_times
 
     profile = _profile_hardware(args.output, args.reprofile)
-    shape = _load_shape(args.model, args.trust_remote_code)
-    config = default_config(args.model, ".", args.output, trust_remote_code=args.trust_remote_code)
+    model, repo, trust_remote_code = args.model, args.repo, args.trust_remote_code
+    if args.run_dir is not None:
+        from elite_core.probe import PROBE_FILE, ProbeResult
+
+        if not args.run_dir.is_dir():
+            raise CliError(f"run directory not found: {args.run_dir}")
+        probe = ProbeResult.load(args.run_dir / PROBE_FILE)
+        # The run's model and repository are what its dataset and probe measured (before training starts, the
+        # run directory holds the probe but no config.yaml yet).
+        if (args.run_dir / "config.yaml").is_file():
+            run_config = RunConfig.load(args.run_dir / "config.yaml")
+            model, repo, trust_remote_code = run_config.model, run_config.repo, run_config.trust_remote_code
+        elif probe is not None:
+            model = probe.model
+    shape = _load_shape(model, trust_remote_code)
+    config = default_config(model, repo, args.output, trust_remote_code=trust_remote_code)
     plans = plan_tiers(shape, profile, config)
     selected = select_tier(plans)
+    epoch_tokens, calibration = None, None
+    if args.run_dir is not None:
+        epoch_tokens, calibration = _run_epoch_basis(args.run_dir, config, profile)
+    if epoch_tokens is None:
+        if not Path(repo).is_dir():
+            raise CliError(f"repository not found: {repo}")
+        epoch_tokens = epoch_tokens_from_repo(repo, config.model, config.eval_fraction)
+    plans = with_epoch_times(plans, epoch_tokens, calibration)
     where = f"{profile.gpus[0].name}" if profile.has_gpu else "CPU (RAM)"
     print(f"{shape.name} on {where}; '>' marks the highest tier that fits")
     print(format_tier_table(plans, selected))
+    print(epoch_basis_line(epoch_tokens, calibration, repo))
     return 0
+
+
+def _run_epoch_basis(run_dir: Path, config: RunConfig, profile):
+    """The run's counted dataset tokens (None before it is built) and its probe's calibration (None without one)."""
+    from elite_core.dataset import DatasetError, load_summary
+    from elite_core.estimates import epoch_tokens_from_summary
+    from elite_core.probe import saved_calibration
+
+    try:
+        epoch_tokens = epoch_tokens_from_summary(load_summary(run_dir / "dataset"))
+    except (DatasetError, OSError):
+        epoch_tokens = None
+    return epoch_tokens, saved_calibration(run_dir, config.model, profile.device)
 
 
 def _print_build_progress(progress) -> None:

@@ -191,3 +191,41 @@ def test_batch_finder_lets_other_errors_through():
 
     with pytest.raises(ValueError):
         find_micro_batch(broken, 4)
+
+
+def test_offloaded_checkpoints_beyond_the_hosts_ram_stay_on_the_gpu():
+    """An 8B model's tier-7 checkpoints (32 x 295K x 4096 x 2 B = 77 GB) do not all fit in 48 GiB of host RAM: the
+    planner offloads what 70 % of it holds, keeps the rest on the GPU and counts them there."""
+    from elite_core.planner import HOST_OFFLOAD_FRACTION, keep_checkpoints_within_ram
+
+    roomy = fake_profile("h100")
+    small_host = dataclasses.replace(roomy, ram_available_bytes=48 * GIB)
+    config = default_config(model="x/y").replace(gradient_checkpointing="offload")
+    setup = plan_for_config(LLAMA_8B, roomy, config.replace(tier=7, context_tokens=262144, target_tokens=32768)).setup
+    assert setup.checkpointing == "offload"
+    layer_bytes = setup.tokens * LLAMA_8B.hidden * 2
+    assert keep_checkpoints_within_ram(LLAMA_8B, setup, roomy).gpu_checkpoint_layers == 0
+    squeezed = keep_checkpoints_within_ram(LLAMA_8B, setup, small_host)
+    offloaded = LLAMA_8B.layers - squeezed.gpu_checkpoint_layers
+    assert offloaded == int(48 * GIB * HOST_OFFLOAD_FRACTION // layer_bytes) > 0
+    before, after = predict_memory(LLAMA_8B, setup), predict_memory(LLAMA_8B, squeezed)
+    assert after.cpu_offload_bytes == offloaded * layer_bytes <= 48 * GIB * HOST_OFFLOAD_FRACTION
+    assert after.activations_bytes - before.activations_bytes == squeezed.gpu_checkpoint_layers * layer_bytes
+    assert after.total_bytes > before.total_bytes
+    plan = plan_for_config(LLAMA_8B, small_host, config.replace(tier=7, context_tokens=262144, target_tokens=32768))
+    assert plan.setup.gpu_checkpoint_layers == squeezed.gpu_checkpoint_layers
+    assert f"{squeezed.gpu_checkpoint_layers}-ckpt-on-gpu" in plan.options
+
+
+def test_auto_gradient_accumulation_aims_at_32k_tokens_per_update():
+    from elite_core.planner import TOKENS_PER_UPDATE, resolved_grad_accum
+
+    config = default_config(model="x/y")
+    assert config.grad_accum == 0  # auto outside the demo
+    plan = plan_for_config(LLAMA_8B, fake_profile("h100"), config)
+    tokens = plan.grad_accum * plan.setup.micro_batch * plan.setup.seq_tokens
+    assert plan.grad_accum > 1 and abs(tokens - TOKENS_PER_UPDATE) <= plan.setup.seq_tokens / 2
+    assert config_for_plan(config, plan).grad_accum == plan.grad_accum == resolved_grad_accum(config)
+    fixed = config.replace(grad_accum=3)
+    assert plan_for_config(LLAMA_8B, fake_profile("h100"), fixed).grad_accum == 3 == resolved_grad_accum(fixed)
+    assert default_config().grad_accum == 1  # the demo shows 50 single-window steps

@@ -20,7 +20,7 @@ TEXT_FIELDS = (
     ("lora_dropout", "LoRA dropout"),
     ("learning_rate", "Learning rate"),
     ("micro_batch", "Micro-batch"),
-    ("grad_accum", "Grad accumulation"),
+    ("grad_accum", "Grad accumulation (0 auto)"),
     ("epochs", "Epochs"),
     ("max_steps", "Max steps (0=epochs)"),
 )

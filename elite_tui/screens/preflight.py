@@ -13,6 +13,8 @@ from textual.message import Message
 from textual.widgets import Static
 from textual.worker import Worker
 
+from elite_core.units import format_coarse_duration
+from elite_tui.format import format_rate
 from elite_tui.screens.base import WizardScreen
 
 
@@ -91,10 +93,41 @@ class PreflightScreen(WizardScreen):
         if not finished:
             status = f"Running the checks ({len(results)} done)..."
         elif self.passed:
-            status = "[b green]All checks passed.[/] Ctrl+N starts training."
+            status = "[b green]All checks passed.[/] " + self.probe_summary() + "Ctrl+N starts training."
         else:
             status = "[b red]Some checks failed.[/] Fix them (Esc goes back) and press r to run them again."
         self.query_one("#preflight-status", Static).update(status)
+
+    def probe_summary(self) -> str:
+        """What the run will use and how fast the probe found it, or nothing when no probe ran."""
+        check = self.probe_check
+        if check is None or check.config is None:
+            return ""
+        config, rate = check.config, check.probe.tokens_per_s
+        text = f"Training uses micro-batch {config.micro_batch} x {config.grad_accum} accumulation"
+        if rate > 0:
+            text += f", {format_rate(rate)} measured"
+            summary = self.state.summary
+            if summary is not None:
+                from elite_core.estimates import epoch_seconds, epoch_tokens_from_summary
+
+                tokens = epoch_tokens_from_summary(summary).tokens_per_epoch(config.window_tokens)
+                text += f", one epoch ~{format_coarse_duration(epoch_seconds(tokens, rate))}"
+        return escape(text) + ". "
+
+    @property
+    def probe_check(self) -> Any:
+        """The check that ran the probes, once it passed."""
+        return next((result for result in self.state.preflight_results if result.ok and result.probe is not None),
+                    None)
+
+    def advance(self) -> None:
+        check = self.probe_check
+        if check is not None and check.config is not None:
+            # The probes confirmed a micro-batch: the run takes it, and these results stay valid for that config.
+            self.state.config = check.config
+            self.state.preflight_config = check.config
+        super().advance()
 
     @property
     def passed(self) -> bool:

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from elite_tui.format import format_bytes, format_duration
+from elite_tui.format import format_bytes, format_duration, format_rate
 
 BAR_WIDTH = 24
 
@@ -47,7 +47,8 @@ class MemoryBreakdown(Static):
         side.add_row(Text.assemble(f"Tier {plan.tier.number} ", (plan.tier.label, "bold"), "  ", verdict))
         side.add_row(f"headroom {format_bytes(plan.headroom_bytes)}")
         if plan.step_time_s:
-            side.add_row(f"step ~{format_duration(plan.step_time_s)}")
+            rate = f", {format_rate(plan.tokens_per_s)}" if getattr(plan, "tokens_per_s", 0) else ""
+            side.add_row(f"step ~{format_duration(plan.step_time_s)}{rate}")
         if plan.options:
             side.add_row("with: " + ", ".join(plan.options))
         if plan.note:

@@ -1,0 +1,72 @@
+"""The loss projected from the first 20 % of a run's steps against the loss real demo runs reached (issue 7, section 2).
+
+A live CPU run short enough for this suite (under 60 s: about 50 tier-1 steps on 2 cores) has 10 steps in its first
+fifth, half of them warm-up, so the fit would not even start: it cannot show the target honestly. These tests fit the
+losses of real 100- and 200-step demo runs (`elite-tui run`, demo model, this repository's tree, tiers 2 and 1, several
+seeds) that `python bench/projection_accuracy.py --fixture tests/data/projection-demo-runs.jsonl` recorded; the
+machine and the table are in bench/results/projection-cpu.txt. "Actual" is the smoothed final loss, the mean of the
+last tenth of the steps, as in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from elite_core import protocol
+from elite_core.report import PROJECTION_FROM_FRACTION, projection_check
+
+RUNS_FILE = Path(__file__).parent / "data" / "projection-demo-runs.jsonl"
+TARGET_PCT = 5.0
+RUNS = [json.loads(line) for line in RUNS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def step_events(run: dict) -> list[protocol.StepMetrics]:
+    return [protocol.StepMetrics(step=step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=0.0, memory_bytes=0,
+                                 elapsed_s=0.0)
+            for step, epoch, loss, lr in zip(run["steps"], run["epochs"], run["losses"], run["lrs"])]
+
+
+def errors_pct(run: dict) -> tuple[float, float]:
+    """The projection's error and the most likely single curve's error, in % of the actual smoothed final loss."""
+    projection, actual = projection_check(step_events(run), PROJECTION_FROM_FRACTION)
+    single = dataclasses.replace(projection.fit, components=())
+    best_curve = float(single.loss_at([projection.total_steps])[0])
+    return (projection.final_loss - actual) / actual * 100, (best_curve - actual) / actual * 100
+
+
+def test_the_fixture_holds_real_runs_of_each_configuration():
+    assert len(RUNS) >= 8
+    assert {run["tier"] for run in RUNS} == {1, 2}
+    assert {run["steps"][-1] for run in RUNS} == {100, 200}
+    for run in RUNS:
+        # Real training: the loss starts near ln(259) (uniform over the demo vocabulary) and falls.
+        assert 5.2 < run["losses"][0] < 5.9
+        assert sum(run["losses"][-10:]) / 10 < 0.7 * run["losses"][0]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[run["run"] for run in RUNS])
+def test_projection_from_the_first_fifth_has_no_wild_miss(run):
+    # The most likely single curve alone once projected 1.26 for a run that reached 3.32 (-62 %).
+    error, _ = errors_pct(run)
+    assert abs(error) <= 20.0, error
+
+
+def test_projection_on_recorded_demo_runs():
+    """What the recorded runs show, not the issue's target: the target (every run within 5 %) is not met."""
+    errors = [errors_pct(run)[0] for run in RUNS]
+    within = sum(abs(error) <= TARGET_PCT for error in errors)
+    mean_abs = sum(abs(error) for error in errors) / len(errors)
+    print(f"within {TARGET_PCT} %: {within}/{len(errors)}, mean |error| {mean_abs:.1f} %")
+    assert within >= 3 * len(errors) // 8
+    assert mean_abs <= 10.0
+
+
+def test_averaging_the_curves_that_fit_beats_the_best_curve_alone():
+    pairs = [errors_pct(run) for run in RUNS]
+    averaged = sum(abs(error) for error, _ in pairs) / len(pairs)
+    single = sum(abs(error) for _, error in pairs) / len(pairs)
+    assert averaged < 0.7 * single, (averaged, single)
