@@ -88,7 +88,7 @@ def preflight_results() -> list[Any]:
         CheckResult("model and tokenizer load", True, f"{SHOWCASE_MODEL}: Qwen2Config, vocabulary 151,665"),
         CheckResult("dataset has training windows", True, "412 windows of 18,432 tokens from 1,204 files"),
         CheckResult("memory fits with headroom", True, "predicted 38.2 GiB of 78.4 GiB GPU, headroom 40.2 GiB"),
-        CheckResult("one training step runs", False, "CUDA out of memory. Tried to allocate 9.3 GiB",
+        CheckResult("training steps run", False, "CUDA out of memory. Tried to allocate 9.3 GiB",
                     "lower the tier or micro-batch"),
     ]
 
@@ -121,6 +121,8 @@ def showcase_app(screen: str, workdir: Path, variant: str = "") -> EliteApp:
     replay = None
     if screen == "setup":
         state.config = config.replace(run_name="run")
+    elif screen in ("tiers", "overrides"):
+        state.summary = showcase_summary()  # the epoch column counts this dataset's tokens
     elif screen == "dataset":
         state.summary = showcase_summary()
     elif screen == "preflight":
