@@ -1,0 +1,306 @@
+"""How well the loss projected from the first 20 % of a demo run's steps predicts the loss the run really reached.
+
+Each configuration is a real `elite-tui run` of the demo model (the CLI in its own process, which starts the training
+child as it always does), then the projection the report makes (elite_core.report.projection_check: the first
+`--fraction` of the steps, their learning rates, elite_core.estimates.project_loss) is compared with the actual final
+loss. "Actual" is the smoothed final loss, the mean training loss of the last tenth of the steps
+(estimates.smoothed_final_loss): one step's loss depends on which window it drew, so a single last step is noise.
+
+Train 2 seeds x 100/200 steps x the default tier and tier 1, and score them:
+
+    python bench/projection_accuracy.py
+
+More seeds on the same tree (the validation set in the results):
+
+    python bench/projection_accuracy.py --repo elite-runs/projection-bench/repo --seeds 11 12 --tiers 2 1
+        --runs-dir elite-runs/projection-validation --out /tmp/validation
+
+Score the kept runs again after a change of the fit, and refresh the test fixture:
+
+    python bench/projection_accuracy.py --rescore --runs-dir elite-runs/projection-bench elite-runs/projection-validation
+        --fixture tests/data/projection-demo-runs.jsonl
+
+Training writes the runs under --runs-dir (default elite-runs/projection-bench) and scores them; --rescore scores every
+finished run under the given directories without training. --fixture also writes each run's steps, losses and
+learning rates (tests/test_projection.py fits them).
+
+The training set is this repository's committed tree (`git archive HEAD`, so edits in progress do not change it),
+unless --repo names another. Evaluation and compile-rate prompts are turned off: they do not touch the training losses
+(no dropout, data order from the seed) and would only add minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from elite_core import protocol  # noqa: E402
+from elite_core.config import RunConfig  # noqa: E402
+from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
+
+WITHIN_PCT = 5.0
+LATER_FRACTIONS = (0.3, 0.4, 0.5)
+"""Also scored from these shares of the steps: how much of a run the projection needs to hold the target."""
+DEFAULT_RUNS_DIR = PROJECT_ROOT / "elite-runs" / "projection-bench"
+META_FILE = "bench-meta.json"
+NO_SIDE_WORK = ("compile_eval_prompts=0", "eval_every_steps=0", "checkpoint_every_seconds=0")
+
+
+def machine_name() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model}), no GPU used"
+
+
+def snapshot_repo(destination: Path) -> tuple[Path, str]:
+    """This repository's committed tree in `destination`, and its commit."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    marker = destination / ".snapshot-commit"
+    if marker.is_file() and marker.read_text() == commit:
+        return destination, commit
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+    destination.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(destination, filter="data")
+    marker.write_text(commit)
+    return destination, commit
+
+
+def run_name(tier: str, steps: int, seed: int) -> str:
+    return f"tier{tier}-steps{steps}-seed{seed}"
+
+
+def train(repo: Path, runs_dir: Path, tier: str, steps: int, seed: int) -> Path:
+    """One `elite-tui run` of the demo; `tier` "default" lets the CLI preselect it, as a user's run does."""
+    name = run_name(tier, steps, seed)
+    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(repo), "--output", str(runs_dir),
+               "--max-steps", str(steps), "--run-name", name, "--set", f"seed={seed}"]
+    for setting in NO_SIDE_WORK:
+        command += ["--set", setting]
+    if tier != "default":
+        command += ["--tier", tier]
+    env = dict(os.environ)
+    # The child is started with `python -m elite_core.child`: it must find this checkout whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    run_dir = runs_dir / name
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / f"{name}.log", "w", encoding="utf-8") as log:
+        result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: elite-tui run exited with {result.returncode}; see {runs_dir / name}.log")
+    return run_dir
+
+
+def read_steps(run_dir: Path) -> tuple[list[protocol.StepMetrics], protocol.Finished | None]:
+    """The step events in order (the last report of a step wins, should a resume repeat it) and the end event."""
+    by_step: dict[int, protocol.StepMetrics] = {}
+    finished = None
+    for line in (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            event = protocol.decode_event(line)
+        except protocol.ProtocolError:
+            continue
+        if isinstance(event, protocol.StepMetrics):
+            by_step[event.step] = event
+        elif isinstance(event, protocol.Finished):
+            finished = event
+    return [by_step[step] for step in sorted(by_step)], finished
+
+
+def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
+    config = RunConfig.load(run_dir / "config.yaml")
+    steps, finished = read_steps(run_dir)
+    checked = projection_check(steps, fraction)
+    if checked is None:
+        raise RuntimeError(f"{run_dir}: too few steps for a projection")
+    projection, actual = checked
+    error_pct = (projection.final_loss - actual) / actual * 100
+    # The most likely single curve, which the projection was before it averaged the curves that fit.
+    best_curve = float(dataclasses.replace(projection.fit, components=()).loss_at([projection.total_steps])[0])
+    return {
+        "run": run_dir.name,
+        "tier": config.tier,
+        "tier_choice": label_tier,
+        "window_tokens": config.window_tokens,
+        "seed": seed,
+        "total_steps": steps[-1].step,
+        "epochs": round(steps[-1].epoch, 3),
+        "projected_from_steps": int(len(steps) * fraction),
+        "projected": round(projection.final_loss, 5),
+        "band_low": round(projection.final_loss_low, 5),
+        "band_high": round(projection.final_loss_high, 5),
+        "actual_smoothed": round(actual, 5),
+        "actual_standard_error_pct": round(_tail_standard_error_pct(steps), 2),
+        "actual_last_step": round(steps[-1].loss, 5),
+        "first_loss": round(steps[0].loss, 5),
+        "error_pct": round(error_pct, 2),
+        "within_5pct": abs(error_pct) <= WITHIN_PCT,
+        "in_band": projection.final_loss_low <= actual <= projection.final_loss_high,
+        "best_curve": round(best_curve, 5),
+        "best_curve_error_pct": round((best_curve - actual) / actual * 100, 2),
+        "fit": projection.fit.kind,
+        "fit_exponent": round(projection.fit.exponent, 6),
+        "train_s": round(finished.elapsed_s, 1) if finished else None,
+        "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
+    }
+
+
+def _tail_standard_error_pct(steps: list[protocol.StepMetrics]) -> float:
+    """The standard error of the smoothed final loss, in %: how exactly the last tenth's mean pins the actual."""
+    tail = [s.loss for s in steps[-max(2, round(len(steps) * 0.1)):]]
+    mean = sum(tail) / len(tail)
+    variance = sum((loss - mean) ** 2 for loss in tail) / (len(tail) - 1)
+    return math.sqrt(variance / len(tail)) / mean * 100
+
+
+def _error_pct(steps: list[protocol.StepMetrics], fraction: float) -> float | None:
+    checked = projection_check(steps, fraction)
+    if checked is None:
+        return None
+    projection, actual = checked
+    return round((projection.final_loss - actual) / actual * 100, 2)
+
+
+def loss_series(run_dir: Path, row: dict) -> dict:
+    steps, _ = read_steps(run_dir)
+    return {"run": row["run"], "tier": row["tier"], "seed": row["seed"], "window_tokens": row["window_tokens"],
+            "steps": [s.step for s in steps], "losses": [round(s.loss, 6) for s in steps],
+            "lrs": [float(f"{s.lr:.6g}") for s in steps], "epochs": [round(s.epoch, 5) for s in steps]}
+
+
+def format_table(rows: list[dict], fraction: float) -> str:
+    header = (f"{'run':<31}{'tier':>5}{'steps':>6}{'epochs':>7}{'from':>5}{'projected':>10}{'band':>16}"
+              f"{'actual':>9}{'+-se':>6}{'error':>9}  within 5 %  in band  {'best curve':>10}{'error':>9}")
+    lines = [header]
+    for row in rows:
+        band = f"{row['band_low']:.3f}-{row['band_high']:.3f}"
+        lines.append(f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
+                     f"{row['projected_from_steps']:>5}{row['projected']:>10.3f}{band:>16}{row['actual_smoothed']:>9.3f}"
+                     f"{row['actual_standard_error_pct']:>5.1f}%"
+                     f"{row['error_pct']:>+8.1f}%  {'yes' if row['within_5pct'] else 'NO':<10} "
+                     f"{'yes' if row['in_band'] else 'no':<8} {row['best_curve']:>10.3f}{row['best_curve_error_pct']:>+8.1f}%")
+    best_errors = [abs(row["best_curve_error_pct"]) for row in rows]
+    in_band = sum(row["in_band"] for row in rows)
+    lines.append(f"projection: {summary(rows)}; actual inside the band {in_band}/{len(rows)}")
+    lines.append(f"best single curve: {sum(abs(e) <= WITHIN_PCT for e in best_errors)}/{len(rows)} within "
+                 f"{WITHIN_PCT:.0f} %, mean |error| {sum(best_errors) / len(best_errors):.1f} %, max {max(best_errors):.1f} %")
+    for later in LATER_FRACTIONS:
+        # No projection at all (too few steps after warm-up) counts as a miss.
+        later_errors = [math.inf if e is None else abs(e) for e in (row["error_pct_from"][f"{later:.0%}"] for row in rows)]
+        lines.append(f"from the first {later:.0%} instead: {sum(e <= WITHIN_PCT for e in later_errors)}/{len(rows)} "
+                     f"within {WITHIN_PCT:.0f} %, mean |error| {sum(later_errors) / len(later_errors):.1f} %, "
+                     f"max {max(later_errors):.1f} %")
+    lines.append(f"projected from the first {fraction:.0%} of steps (warm-up left out); actual = mean training loss of "
+                 f"the last tenth of the steps, +-se its standard error (the reference is itself this uncertain)")
+    return "\n".join(lines)
+
+
+def kept_runs(runs_dir: Path) -> list[tuple[Path, str, int]]:
+    """(run directory, tier choice, seed) of every finished run under `runs_dir`, by name."""
+    found = []
+    for run_dir in sorted(runs_dir.iterdir()):
+        if (run_dir / "events.jsonl").is_file() and (run_dir / "config.yaml").is_file():
+            tier_choice = run_dir.name.split("-")[0].removeprefix("tier")
+            found.append((run_dir, tier_choice, RunConfig.load(run_dir / "config.yaml").seed))
+    return found
+
+
+def summary(rows: list[dict]) -> str:
+    errors = [abs(row["error_pct"]) for row in rows]
+    return (f"{sum(e <= WITHIN_PCT for e in errors)}/{len(rows)} within {WITHIN_PCT:.0f} %, "
+            f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, help="repository to train on (default: this repository's HEAD)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 7])
+    parser.add_argument("--tiers", nargs="+", default=["default", "1"],
+                        help="'default' (the tier `elite-tui run` preselects here) and/or tier numbers")
+    parser.add_argument("--fraction", type=float, default=PROJECTION_FROM_FRACTION)
+    parser.add_argument("--runs-dir", type=Path, nargs="+", default=[DEFAULT_RUNS_DIR],
+                        help="where the runs are kept (several with --rescore)")
+    parser.add_argument("--rescore", action="store_true", help="score every kept run again instead of training")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "projection-cpu",
+                        help="results prefix: writes PREFIX.jsonl and PREFIX.txt")
+    parser.add_argument("--fixture", type=Path, help="also write each run's steps, losses and learning rates here")
+    args = parser.parse_args(argv)
+
+    if not args.rescore:
+        if len(args.runs_dir) != 1:
+            raise SystemExit("training writes to one --runs-dir")
+        train_matrix(args)
+    rows, series, sections = [], [], []
+    for runs_dir in args.runs_dir:
+        meta = json.loads((runs_dir / META_FILE).read_text(encoding="utf-8"))
+        group = []
+        for run_dir, tier_choice, seed in kept_runs(runs_dir):
+            row = score(run_dir, args.fraction, tier_choice, seed)
+            row.update(runs_dir=runs_dir.name, machine=meta["machine"])
+            group.append(row)
+            series.append(loss_series(run_dir, row))
+        rows += group
+        sections += [f"{runs_dir.name}: {meta['machine']}, {meta['date']}, training wall time {meta['wall_s']:.0f} s",
+                     f"demo model (elite-tui run, no --model), repository: {meta['repo']}",
+                     format_table(group, args.fraction), ""]
+    if len(args.runs_dir) > 1:
+        sections.append("all runs: " + summary(rows))
+
+    text = "\n".join(sections)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    args.out.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    if args.fixture:
+        args.fixture.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.fixture, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(item, separators=(",", ":")) + "\n" for item in series)
+    return 0
+
+
+def train_matrix(args) -> None:
+    """Every configuration of the matrix, one `elite-tui run` after another, and the notes a rescore reads."""
+    runs_dir = args.runs_dir[0]
+    repo = args.repo
+    repo_note = str(repo)
+    if repo is None:
+        repo, commit = snapshot_repo(runs_dir / "repo")
+        repo_note = f"this repository at {commit[:12]} (git archive HEAD)"
+    started = time.time()
+    for tier in args.tiers:
+        for steps in args.steps:
+            for seed in args.seeds:
+                run_dir = runs_dir / run_name(tier, steps, seed)
+                if run_dir.exists():
+                    raise SystemExit(f"{run_dir} exists: remove it, or --rescore to score the kept runs")
+                print(f"training {run_dir.name} ...", file=sys.stderr, flush=True)
+                train(repo, runs_dir, tier, steps, seed)
+    meta = {"machine": machine_name(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "repo": repo_note, "wall_s": round(time.time() - started, 1)}
+    (runs_dir / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
