@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from elite_core.training import (  # noqa: E402
     torch_dtype,
 )
 
-from bench.reference_models import reference_config  # noqa: E402
+from bench.reference_models import reference_config, saved_random_model  # noqa: E402
 
 MODELS = {"qwen1.5b": "Qwen2.5-Coder-1.5B", "llama8b": "Llama-3.1-8B", "tiny": None}
 """Short names on the command line and in the results; "tiny" checks the script on a CPU."""
@@ -99,19 +98,6 @@ def baseline_model(name: str, device: str, seq: int):
     return model, step, ("ckpt", "full-loss")
 
 
-def saved_model_dir(name: str) -> Path:
-    """QLoRA quantises while loading, so the random model is saved once (local disk) and loaded the engine's way."""
-    root = Path(os.environ.get("ELITE_BENCH_MODELS", "/tmp/elite-bench-models")) / name
-    if not (root / "config.json").exists():
-        started = time.perf_counter()
-        model = random_model(name, "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
-        model.save_pretrained(root, max_shard_size="4GB")
-        del model
-        release("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"saved a random {name} to {root} in {time.perf_counter() - started:.0f} s", flush=True)
-    return root
-
-
 def elite_setup(name: str, device: str, seq: int, target: int, qlora: bool = False) -> TrainingSetup:
     """The planner's choice for this model and window on this device's measured memory."""
     from elite_core.hardware import profile_hardware
@@ -130,7 +116,7 @@ def elite_model(name: str, device: str, seq: int, target: int, qlora: bool = Fal
     if GPU_CHECKPOINT_LAYERS >= 0:
         setup = dataclasses.replace(setup, gpu_checkpoint_layers=GPU_CHECKPOINT_LAYERS)
     if setup.weight_dtype in ("nf4", "int8"):
-        model = load_causal_lm(str(saved_model_dir(name)), dtype=torch_dtype(setup.compute_dtype), device=device,
+        model = load_causal_lm(str(saved_random_model(name, hf_config(name))), dtype=torch_dtype(setup.compute_dtype), device=device,
                                quantization_config=quantization_config_for(setup),
                                rope_scaling_factor=setup.rope_scaling_factor)
     else:

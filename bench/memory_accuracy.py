@@ -35,6 +35,7 @@ GIB = 1024**3
 
 from bench.reference_models import REFERENCE_MODELS as MODELS  # noqa: E402
 from bench.reference_models import reference_config as hf_config  # noqa: E402
+from bench.reference_models import saved_random_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +211,8 @@ def _from_config_loader(name_to_config):
         from elite_core import model_loading
 
         if quantization_config is not None:
-            return model_loading.load_causal_lm(str(_saved_model_dir(source, name_to_config)), dtype=dtype, device=device,
+            saved = saved_random_model(source, name_to_config(source))
+            return model_loading.load_causal_lm(str(saved), dtype=dtype, device=device,
                                                 quantization_config=quantization_config,
                                                 rope_scaling_factor=rope_scaling_factor)
         config = name_to_config(source)
@@ -220,21 +222,6 @@ def _from_config_loader(name_to_config):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
     return load
-
-
-def _saved_model_dir(name: str, name_to_config) -> Path:
-    """QLoRA quantises while loading: the random model is saved once to local disk, then loaded the engine's way."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root = Path(os.environ.get("ELITE_BENCH_MODELS", "/tmp/elite-bench-models")) / name
-    if not (root / "config.json").exists():
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(name_to_config(name), dtype=torch.bfloat16)
-        model.save_pretrained(root, max_shard_size="4GB")
-        del model
-        torch.cuda.empty_cache()
-    return root
 
 
 class Measurer:

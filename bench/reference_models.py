@@ -5,6 +5,8 @@ One owner for these numbers: the memory, engine and multi-GPU benchmarks all rea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 REFERENCE_MODELS = {
     "Qwen2.5-Coder-1.5B": dict(kind="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -25,3 +27,25 @@ def reference_config(name: str, values: dict | None = None):
     values = dict(values if values is not None else REFERENCE_MODELS[name])
     kind = values.pop("kind")
     return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**values, use_cache=False)
+
+
+def saved_random_model(name: str, config) -> Path:
+    """The directory of a random-weight model saved once with save_pretrained (ELITE_BENCH_MODELS, default
+    /tmp/elite-bench-models). QLoRA quantises while loading, so its benchmarks load this the engine's way."""
+    import os
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = Path(os.environ.get("ELITE_BENCH_MODELS", "/tmp/elite-bench-models")) / name
+    if not (root / "config.json").exists():
+        started = time.perf_counter()
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(root, max_shard_size="4GB")
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"saved a random {name} to {root} in {time.perf_counter() - started:.0f} s", flush=True)
+    return root

@@ -311,7 +311,13 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
 COMPILED_ACTIVATION_SHARE = 0.72
 """Share of a decoder layer's saved activations left when the layer is compiled (H100, bench/results/engine-compiled-h100
 and gpu-smoke-h100 against their eager twins: 0.70 for Llama-3.1-8B at 4K, 0.71-0.73 for Qwen2.5-Coder-1.5B at 4K-18K,
-all without checkpointing). A first calibration on four points, not yet part of the memory-accuracy matrix."""
+all without checkpointing), applied to the count without the lean layers; checked on the compiled points of
+bench/results/memory-h100-options (-0.9 to +4.4 %) and -validation."""
+
+
+def layer_input_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """One decoder layer's input for a micro-batch: what checkpointing keeps (or offloads) per layer."""
+    return _compute_bytes(setup) * shape.hidden * setup.tokens
 
 
 def norm_saved_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
@@ -337,7 +343,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     rank = setup.lora_rank
     lean = not setup.compiled
     # Without autocast, peft casts 16-bit inputs to the fp32 adapters: every targeted module keeps its own copy.
-    # Under autocast the engine shares them (lean), while a compiled layer starts from peft's own casting.
+    # Under autocast the engine shares them (lean). Compiled layers are counted as transformers + peft would keep them
+    # (copies included), the count COMPILED_ACTIVATION_SHARE was fitted against.
     separate_copies = e < 4.0 and not (lean and setup.autocast)
     copy_bytes = e if setup.autocast else 4.0
     dropout = setup.lora_dropout > 0.0
@@ -453,7 +460,7 @@ def predict_memory(
     if shards > 1:
         layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
     layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
-    layer_input = e * shape.hidden * tokens
+    layer_input = layer_input_bytes(shape, setup)
     # What the final norm keeps and the embedding output live until the loss is done; offloaded with the checkpoints.
     offloading = setup.checkpointing == "offload" and not on_cpu
     outside_layers = 0.0 if offloading else (norm_saved_bytes(shape, setup) + e) * shape.hidden * tokens

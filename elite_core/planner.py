@@ -21,6 +21,7 @@ from elite_core.memory_model import (
     MemoryBreakdown,
     ModelShape,
     TrainingSetup,
+    layer_input_bytes,
     predict_memory,
     training_flops_per_step,
 )
@@ -203,8 +204,7 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     rest keep their checkpoints on the GPU (an 8B model's 400K-token checkpoints are 105 GB: more than many hosts)."""
     if setup.checkpointing != "offload" or not profile.has_gpu:
         return setup
-    layer_input_bytes = setup.tokens * shape.hidden * (2 if setup.compute_dtype in ("bf16", "fp16") else 4)
-    offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1, layer_input_bytes))
+    offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1.0, layer_input_bytes(shape, setup)))
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
 
