@@ -152,6 +152,23 @@ def option_points() -> list[Point]:
             if not (p.model == "Llama-3.1-8B" and p.seq == 16384 and p.checkpointing == "off")]  # > 80 GB
 
 
+def crossed_points() -> list[Point]:
+    """QLoRA and 8-bit AdamW each crossed with 3 lengths x 2 ranks x checkpointing on/off (the issue's matrix for the two
+    options), then QLoRA with offloaded checkpoints at 32K and 64K (the offload slack term, away from its fitted point)."""
+    points = []
+    for model in ("Qwen2.5-Coder-1.5B", "Llama-3.1-8B"):
+        for option in ({"adamw_8bit": True}, {"weight": "nf4"}):
+            for rank in (8, 32):
+                for checkpointing in ("on", "off"):
+                    # Llama-3.1-8B without checkpointing runs out of 80 GB at 16K: its third length is 2K instead.
+                    lengths = (2048, 4096, 8192) if model == "Llama-3.1-8B" and checkpointing == "off" else (4096, 8192, 16384)
+                    for seq in lengths:
+                        points.append(Point(model, seq, rank, checkpointing, **option))
+        points.append(Point(model, 32768, 16, "offload", weight="nf4"))
+        points.append(Point(model, 65536, 16, "offload", target_tokens=7168, weight="nf4"))
+    return points
+
+
 def validation_points(profile) -> list[Point]:
     """Points the constants were not fitted on: other lengths, ranks and batches, and the planner's own tier choices."""
     from elite_core.config import RunConfig
@@ -326,13 +343,20 @@ def command_run(args) -> int:
     training.prefer_sdpa_backends()  # the attention backend order the engine uses (cuDNN first on Hopper)
     models = args.models.split(",")
     points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
-              "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points}[args.set]()
+              "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points,
+              "crossed": crossed_points}[args.set]()
     points = [point for point in points if point.model in models]
     if args.max_seq:
         points = [point for point in points if point.seq <= args.max_seq]
+    if args.tiers:
+        wanted = {int(tier) for tier in args.tiers.split(",")}
+        points = [point for point in points if point.tier in wanted]
     if args.limit:
         points = points[: args.limit]
     jsonl = out / (f"memory-{tag}.jsonl" if args.set == "matrix" else f"memory-{tag}-{args.set}.jsonl")
+    if jsonl.exists():  # a set split over several commands goes on where the last one stopped
+        done = {point_of(json.loads(line)) for line in jsonl.read_text().splitlines() if line.strip()}
+        points = [point for point in points if dataclasses.replace(point, target_tokens=point.target) not in done]
     written = 0
     with jsonl.open("a") as sink:
         current_key = None
@@ -386,15 +410,19 @@ def _line(row: dict) -> str:
             f"error {row['error_pct']:+6.2f} %  {row.get('tokens_per_s', 0):>8.0f} tok/s")
 
 
+def point_of(row: dict) -> Point:
+    return Point(row["model"], row["seq"], row["rank"], row["checkpointing"], row.get("micro_batch", 1),
+                 row.get("lora_dropout", 0.0), row.get("target", 0), row.get("tier", 0),
+                 row.get("tiled_mlp", False), row.get("weight", "bf16"), row.get("adamw_8bit", False),
+                 row.get("compiled", False), row.get("gpu_checkpoint_layers", 0))
+
+
 def command_score(args) -> int:
     """Re-predict every measured point with the model as it is now and print the table and the bar."""
     rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
     scored = []
     for row in rows:
-        point = Point(row["model"], row["seq"], row["rank"], row["checkpointing"], row.get("micro_batch", 1),
-                      row.get("lora_dropout", 0.0), row.get("target", 0), row.get("tier", 0),
-                      row.get("tiled_mlp", False), row.get("weight", "bf16"), row.get("adamw_8bit", False),
-                      row.get("compiled", False), row.get("gpu_checkpoint_layers", 0))
+        point = point_of(row)
         measured = None
         if row.get("ok"):
             measured = {key: row[key] for key in ("peak_allocated_bytes", "peak_reserved_bytes", "outside_torch_bytes",
@@ -420,7 +448,9 @@ def command_score(args) -> int:
     print(text)
     if args.write:
         Path(args.jsonl).write_text("".join(json.dumps(row) + "\n" for row in scored))
-        Path(args.jsonl).with_suffix(".txt").write_text(text + "\n")
+        table = Path(args.jsonl).with_suffix(".txt")
+        notes = table.read_text().split("\nbar (", 1)[-1].partition("\n")[2] if table.exists() else ""
+        table.write_text(text + "\n" + notes)  # the notes written under the bar line stay
     return 0
 
 
@@ -436,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--time-limit-s", type=float, default=540.0, help="start no new point after this many seconds")
     run.add_argument("--skip-above", type=float, default=0.97, help="skip points predicted above this share of usable memory")
     run.add_argument("--tag", default="", help="file tag instead of the GPU's (h100, h200)")
-    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options"), default="matrix",
+    run.add_argument("--tiers", default="", help="only the planner's tiers with these numbers, e.g. 7 (long set)")
+    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options", "crossed"), default="matrix",
                      help="the fitting matrix, or points the constants were not fitted on (incl. the planner's tiers)")
     score = sub.add_parser("score", help="re-predict a results file with the current model")
     score.add_argument("jsonl")
