@@ -54,6 +54,8 @@ class Point:
     adamw_8bit: bool = False
     compiled: bool = False
     gpu_checkpoint_layers: int = 0
+    deepspeed: str = "off"
+    """A DeepSpeed ZeRO mode (elite_core.config.DEEPSPEED_MODES): the step runs through deepspeed.initialize."""
 
     @property
     def target(self) -> int:
@@ -78,6 +80,8 @@ class Point:
             names.append("compiled")
         if self.gpu_checkpoint_layers:
             names.append(f"{self.gpu_checkpoint_layers}-ckpt-on-gpu")
+        if self.deepspeed != "off":
+            names.append(self.deepspeed)
         return names
 
 
@@ -169,6 +173,16 @@ def crossed_points() -> list[Point]:
     return points
 
 
+def zero_points() -> list[Point]:
+    """DeepSpeed ZeRO-2 on one GPU, with and without CPU optimizer offload, beside the plain engine for speed."""
+    points = []
+    for model in ("Qwen2.5-Coder-1.5B", "Llama-3.1-8B"):
+        for deepspeed in ("off", "zero2", "zero2-offload"):
+            for seq in (4096, 16384):
+                points.append(Point(model, seq, 16, "on", deepspeed=deepspeed))
+    return points
+
+
 def validation_points(profile) -> list[Point]:
     """Points the constants were not fitted on: other lengths, ranks and batches, and the planner's own tier choices."""
     from elite_core.config import RunConfig
@@ -201,6 +215,7 @@ def setup_for(point: Point):
                          checkpointing=point.checkpointing, lora_dropout=point.lora_dropout,
                          tiled_mlp=point.tiled_mlp, adamw_8bit=point.adamw_8bit, compiled=point.compiled,
                          gpu_checkpoint_layers=point.gpu_checkpoint_layers, weight_dtype=point.weight,
+                         deepspeed=point.deepspeed,
                          rope_scaling_factor=_rope_factor(point))
 
 
@@ -259,7 +274,7 @@ class Measurer:
         return max(0, now.used_bytes - self.used_before_init - torch.cuda.memory_reserved())
 
 
-def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) -> dict:
+def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int, zero=None) -> dict:
     import torch
 
     from elite_core.training import forward_context, model_loss
@@ -274,6 +289,12 @@ def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) ->
     step_seconds = []
     for _ in range(steps):
         started = time.perf_counter()
+        if zero is not None:  # the engine's ZeRO step: DeepSpeed reduces, clips and steps
+            zero.deepspeed_step(iter([(input_ids, labels)]), 1,
+                                lambda: forward_context(setup_for(point), model.config.hidden_size))
+            torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - started)
+            continue
         optimizer.zero_grad(set_to_none=True)
         with forward_context(setup_for(point), model.config.hidden_size):  # autocast and offload, as the engine
             loss = model_loss(model, input_ids, labels, "chunked")
@@ -284,7 +305,7 @@ def run_point(point: Point, model, optimizer, measurer: Measurer, steps: int) ->
         float(loss.item())
         torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - started)
-    del input_ids, labels, loss
+    del input_ids, labels
     return {
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
         "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
@@ -301,7 +322,8 @@ def record(point: Point, gpu: str, measured: dict | None, error: str = "") -> di
         "micro_batch": point.micro_batch, "checkpointing": point.checkpointing, "lora_dropout": point.lora_dropout,
         "options": point.options, "gpu": gpu, "tier": point.tier, "tiled_mlp": point.tiled_mlp,
         "weight": point.weight, "adamw_8bit": point.adamw_8bit, "compiled": point.compiled,
-        "gpu_checkpoint_layers": point.gpu_checkpoint_layers,
+        "gpu_checkpoint_layers": point.gpu_checkpoint_layers, "deepspeed": point.deepspeed,
+        "predicted_cpu_gib": round(breakdown.cpu_offload_bytes / GIB, 3),
         "predicted_gib": round(breakdown.total_bytes / GIB, 3),
         "predicted_components": dict(breakdown.components()),
         "ok": measured is not None, "error": error,
@@ -344,10 +366,12 @@ def command_run(args) -> int:
     models = args.models.split(",")
     points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
               "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points,
-              "crossed": crossed_points}[args.set]()
+              "crossed": crossed_points, "zero": zero_points}[args.set]()
     points = [point for point in points if point.model in models]
     if args.max_seq:
         points = [point for point in points if point.seq <= args.max_seq]
+    if args.deepspeed:  # DeepSpeed keeps each engine's model alive: one mode per process keeps the points apart
+        points = [point for point in points if point.deepspeed == args.deepspeed]
     if args.tiers:
         wanted = {int(tier) for tier in args.tiers.split(",")}
         points = [point for point in points if point.tier in wanted]
@@ -360,7 +384,7 @@ def command_run(args) -> int:
     written = 0
     with jsonl.open("a") as sink:
         current_key = None
-        model = optimizer = None
+        model = optimizer = zero = None
         for point in points:
             if time.monotonic() - started > args.time_limit_s:
                 print("time limit reached; stopping", flush=True)
@@ -370,9 +394,9 @@ def command_run(args) -> int:
                 print(f"skip {point} predicted {predicted / GIB:.1f} GiB over the GPU", flush=True)
                 continue
             key = (point.model, point.rank, point.lora_dropout, point.checkpointing == "off", point.tiled_mlp,
-                   point.weight, point.adamw_8bit, point.compiled)
+                   point.weight, point.adamw_8bit, point.compiled, point.deepspeed)
             if key != current_key:
-                model = optimizer = None
+                model = optimizer = zero = None
                 import gc
 
                 gc.collect()
@@ -381,13 +405,21 @@ def command_run(args) -> int:
                                    lora_dropout=point.lora_dropout)
                 model = training.build_lora_model(config, setup_for(point), "cuda")
                 optimizer = training.make_optimizer(model, config, setup_for(point), "cuda")
+                zero = None
+                if point.deepspeed != "off":
+                    from elite_core import distributed
+
+                    zero_config = config.replace(deepspeed=point.deepspeed, micro_batch=point.micro_batch, grad_accum=1)
+                    zero = distributed.ParallelLoss(
+                        model, lambda m, ids, labels: training.model_loss(m, ids, labels, "chunked"),
+                        distributed.RankInfo(), "cuda", zero_config, optimizer, None, "bf16")
                 current_key = key
             try:
-                measured = run_point(point, model, optimizer, measurer, args.steps)
+                measured = run_point(point, model, optimizer, measurer, args.steps, zero)
                 row = record(point, gpu_name, measured)
             except torch.OutOfMemoryError as error:
                 row = record(point, gpu_name, None, f"OOM: {str(error).splitlines()[0][:160]}")
-                model = optimizer = None
+                model = optimizer = zero = None
                 current_key = None
             row["set"] = args.set
             import gc
@@ -414,7 +446,7 @@ def point_of(row: dict) -> Point:
     return Point(row["model"], row["seq"], row["rank"], row["checkpointing"], row.get("micro_batch", 1),
                  row.get("lora_dropout", 0.0), row.get("target", 0), row.get("tier", 0),
                  row.get("tiled_mlp", False), row.get("weight", "bf16"), row.get("adamw_8bit", False),
-                 row.get("compiled", False), row.get("gpu_checkpoint_layers", 0))
+                 row.get("compiled", False), row.get("gpu_checkpoint_layers", 0), row.get("deepspeed", "off"))
 
 
 def command_score(args) -> int:
@@ -466,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--time-limit-s", type=float, default=540.0, help="start no new point after this many seconds")
     run.add_argument("--skip-above", type=float, default=0.97, help="skip points predicted above this share of usable memory")
     run.add_argument("--tag", default="", help="file tag instead of the GPU's (h100, h200)")
+    run.add_argument("--deepspeed", default="", help="only points of this ZeRO mode (zero set: run each in its own process)")
     run.add_argument("--tiers", default="", help="only the planner's tiers with these numbers, e.g. 7 (long set)")
-    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options", "crossed"), default="matrix",
+    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options", "crossed", "zero"), default="matrix",
                      help="the fitting matrix, or points the constants were not fitted on (incl. the planner's tiers)")
     score = sub.add_parser("score", help="re-predict a results file with the current model")
     score.add_argument("jsonl")

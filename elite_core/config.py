@@ -14,9 +14,19 @@ from elite_core.tiers import tier_by_number
 DEMO_MODEL = "demo"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off", "offload")
-DEEPSPEED_MODES = ("off", "zero2", "zero3")
+DEEPSPEED_MODES = ("off", "zero2", "zero2-offload", "zero3", "zero3-offload")
+"""DeepSpeed ZeRO stage; "-offload" keeps the optimizer state (and, for stage 3, the frozen weights) in CPU RAM."""
 DEVICES = ("auto", "cpu", "cuda")
 CONFIG_VERSION = 1
+
+
+def zero_stage(deepspeed: str) -> int:
+    """0 (no ZeRO), 2 or 3 for a DEEPSPEED_MODES value."""
+    return {"zero2": 2, "zero3": 3}.get(deepspeed.removesuffix("-offload"), 0)
+
+
+def zero_offload(deepspeed: str) -> bool:
+    return deepspeed.endswith("-offload")
 
 
 class ConfigError(ValueError):
@@ -62,6 +72,8 @@ class RunConfig:
     adamw_8bit: bool = False
     qlora: bool = False
     deepspeed: str = "off"
+    gpus: int = 1
+    """Data-parallel processes in all (GPUs per node x nodes); the tier table plans each GPU's share of them."""
     device: str = "auto"
     seed: int = 1234
     trust_remote_code: bool = False
@@ -209,6 +221,11 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     )
     require("compile_layers", config.compile_layers in ("auto", "on", "off"), "one of auto, on, off")
     require("deepspeed", config.deepspeed in DEEPSPEED_MODES, f"one of {', '.join(DEEPSPEED_MODES)}")
+    require("gpus", 1 <= config.gpus <= 4096, "between 1 and 4096")
+    require("deepspeed", not (config.deepspeed != "off" and config.qlora),
+            "ZeRO does not shard 4-bit (QLoRA) weights: turn one of them off")
+    require("deepspeed", not (config.deepspeed != "off" and config.adamw_8bit),
+            "ZeRO keeps its own fp32 optimizer partitions: turn 8-bit AdamW off")
     require("device", config.device in DEVICES, f"one of {', '.join(DEVICES)}")
     require("eval_fraction", 0.0 <= config.eval_fraction < 0.5, "from 0 up to 0.5")
     require("eval_every_steps", config.eval_every_steps >= 0, "0 (never) or more")

@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import importlib.util
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -418,6 +417,24 @@ def init_process_group(device: str, rank: RankInfo | None = None) -> RankInfo:
     return rank
 
 
+def join_single_process_group() -> None:
+    """A process group of one, for DeepSpeed on a single GPU without a launcher (it needs torch.distributed)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:  # a free port on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+
+
 def shutdown() -> None:
     try:
         import torch.distributed as dist
@@ -524,16 +541,20 @@ class ParallelLoss:
         self.loss_fn = loss_fn
         self.ddp = None
         self.deepspeed = None
+        if config is not None and config.deepspeed != "off" and device == "cuda":
+            # ZeRO also on one GPU: with offload it moves the optimizer state to CPU RAM
+            import deepspeed
+
+            if not rank.is_distributed:
+                join_single_process_group()
+            self.deepspeed, _, _, _ = deepspeed.initialize(
+                model=_LossModule(model, loss_fn), optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(config, rank.world_size, compute_dtype,
+                                        sum(p.numel() for p in model.parameters() if p.requires_grad)))
+            return
         if not rank.is_distributed:
             return
         module = _LossModule(model, loss_fn)
-        if config is not None and config.deepspeed != "off" and device == "cuda":
-            import deepspeed
-
-            self.deepspeed, _, _, _ = deepspeed.initialize(
-                model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                config=deepspeed_config(config, rank.world_size, compute_dtype))
-            return
         import torch
         from torch.nn.parallel import DistributedDataParallel
 
@@ -552,9 +573,11 @@ class ParallelLoss:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
-    def deepspeed_step(self, batches: Iterator[tuple[Any, Any]], grad_accum: int) -> tuple[float, float, int]:
+    def deepspeed_step(self, batches: Iterator[tuple[Any, Any]], grad_accum: int,
+                       forward_context: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, float, int]:
         """One optimizer step under ZeRO: DeepSpeed scales each micro-batch's loss by 1/grad_accum, reduces and
-        shards the gradients, clips, and steps the optimizer and the LR schedule at the accumulation boundary."""
+        shards the gradients, clips, and steps the optimizer and the LR schedule at the accumulation boundary.
+        forward_context is the engine's (autocast, checkpoint offload), as around the plain engine's forward."""
         import torch
 
         engine = self.deepspeed
@@ -562,7 +585,8 @@ class ParallelLoss:
         tokens = 0
         for input_ids, labels in batches:
             tokens += input_ids.numel()
-            loss = engine(input_ids, labels)
+            with forward_context():
+                loss = engine(input_ids, labels)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float() / grad_accum
@@ -590,17 +614,24 @@ def _LossModule(model, loss_fn):
 # DeepSpeed ZeRO
 
 
-def deepspeed_config(config, world_size: int, compute_dtype: str = "bf16", offload_optimizer: bool = False,
-                     offload_params: bool = False, reduce_bucket_elements: int = 500_000_000) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a run: ZeRO stage from config.deepspeed ("zero2" / "zero3"), micro-batch and
-    accumulation per GPU, the global batch, clipping, precision, and CPU offload of the optimizer (and, for ZeRO-3,
-    of the parameters). With offload the optimizer is DeepSpeed's CPU Adam, named here so DeepSpeed builds it."""
-    stages = {"zero2": 2, "zero3": 3}
-    if config.deepspeed not in stages:
-        raise LaunchError(f"deepspeed is {config.deepspeed!r}: choose zero2 or zero3 for a DeepSpeed config")
+def deepspeed_config(config, world_size: int, compute_dtype: str = "bf16",
+                     trainable_elements: int = 0) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a run: ZeRO stage and CPU offload from config.deepspeed, micro-batch and
+    accumulation per GPU, the global batch, clipping, precision. The optimizer is always ours (torch AdamW over the
+    adapters, passed to deepspeed.initialize): with offload DeepSpeed steps it on the CPU over its fp32 partitions,
+    which needs no compiled op (DeepSpeed's CPU Adam is faster on billions of parameters, but LoRA has millions)."""
+    from elite_core.config import zero_offload, zero_stage
+    from elite_core.memory_model import ZERO_BUCKET_ELEMENTS
+
+    stage = zero_stage(config.deepspeed)
+    if not stage:
+        raise LaunchError(f"deepspeed is {config.deepspeed!r}: choose a ZeRO stage for a DeepSpeed config")
     if compute_dtype not in ("bf16", "fp16", "fp32"):
         raise LaunchError(f"compute dtype {compute_dtype!r}: one of bf16, fp16, fp32")
-    stage = stages[config.deepspeed]
+    offload = zero_offload(config.deepspeed)
+    # DeepSpeed allocates its reduce buckets at full size (two with overlap_comm): 500M elements would be 1.9 GB of
+    # bf16 for a few million adapter parameters, so a bucket holds all of them and no more.
+    reduce_bucket_elements = min(ZERO_BUCKET_ELEMENTS, trainable_elements or ZERO_BUCKET_ELEMENTS)
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": True,
@@ -617,9 +648,9 @@ def deepspeed_config(config, world_size: int, compute_dtype: str = "bf16", offlo
             # The adapter is saved whole, not as ZeRO-3 shards.
             "stage3_gather_16bit_weights_on_model_save": True,
         })
-        if offload_params:
+        if offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if offload_optimizer:
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     result: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.micro_batch,
@@ -632,63 +663,6 @@ def deepspeed_config(config, world_size: int, compute_dtype: str = "bf16", offlo
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if offload_optimizer:
-        result["optimizer"] = {"type": "AdamW", "params": {"lr": config.learning_rate,
-                                                           "weight_decay": config.weight_decay}}
-    else:
-        # Our torch AdamW over the adapters is passed to deepspeed.initialize; ZeRO shards its state.
-        result["zero_allow_untested_optimizer"] = True
+    result["zero_allow_untested_optimizer"] = True
+    result["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW also steps the offloaded partitions
     return result
-
-
-def zero_memory(shape, setup, gpus: int, stage: int, offload: bool) -> tuple[int, int]:
-    """Peak bytes per GPU, and CPU RAM on one node, of LoRA data-parallel training over `gpus` GPUs of a node.
-
-    stage 0 is DDP: every GPU holds the whole single-GPU breakdown plus DDP's gradient buckets (one more copy of the
-    trainable gradients). Stages 2 and 3 are ZeRO under DeepSpeed's bf16 mode: the model, adapters included, is cast to
-    16 bits; fp32 master weights, Adam moments (4 + 8 B per trainable parameter) and fp32 gradients (4 B) are split
-    across the GPUs, or kept in CPU RAM with offload; the 16-bit gradients pass through one reduce bucket. Stage 3 also
-    splits the frozen weights and gathers about two layers at a time. Activations, the loss and fixed costs do not
-    shrink: each GPU runs the same micro-batch. CPU RAM counts one process per GPU plus offloaded state and any
-    offloaded activation checkpoints.
-    """
-    from elite_core.memory_model import (
-        DEFAULT_CONSTANTS,
-        DTYPE_BYTES,
-        extra_trainable_param_count,
-        lora_param_count,
-        predict_memory,
-    )
-
-    if stage not in (0, 2, 3):
-        raise ValueError(f"ZeRO stage {stage}: 0 (DDP), 2 or 3")
-    gpus = max(1, int(gpus))
-    single = predict_memory(shape, dataclasses.replace(setup, deepspeed="off", gpus=1))
-    trainable = lora_param_count(shape, setup.lora_rank) + extra_trainable_param_count(shape, setup.extra_trainable)
-    process_cpu = DEFAULT_CONSTANTS.cpu_fixed_bytes * gpus + single.cpu_offload_bytes * gpus
-    if stage == 0:
-        buckets = single.gradients_bytes if gpus > 1 else 0
-        return int(single.total_bytes + buckets), int(process_cpu)
-
-    sixteen = 2.0
-    bucket = min(trainable, 500_000_000) * sixteen
-    adapters = trainable * sixteen / (gpus if stage == 3 else 1)
-    gradients = bucket + trainable * sixteen / gpus
-    state = trainable * (4.0 + 8.0 + 4.0) / gpus  # fp32 master, Adam m and v, fp32 gradient partition
-    weights = float(single.weights_bytes)
-    cpu = float(process_cpu)
-    if stage == 3:
-        layer_bytes = shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0)
-        gathered = 2 * layer_bytes + shape.other_params * sixteen
-        sharded = max(0.0, weights - gathered) / gpus
-        weights = min(weights, gathered + sharded)
-        if offload:
-            cpu += max(0.0, single.weights_bytes - gathered)
-            weights = min(weights, gathered)
-    gpu_state = state
-    if offload:
-        cpu += state * gpus  # every GPU's partition, pinned on this node
-        gpu_state = 0.0
-    gpu = (weights + adapters + gradients + gpu_state + single.activations_bytes + single.logits_bytes
-           + single.overhead_bytes)
-    return int(math.ceil(gpu)), int(math.ceil(cpu))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from elite_core.config import zero_offload, zero_stage
+
 MIB = 1024**2
 
 # Architectures whose layer structure (GQA attention, gated SiLU MLP, RMSNorm) the formulas below describe exactly.
@@ -252,6 +254,9 @@ class MemoryConstants:
     copied back from the host for each layer's recompute leave holes of their size. Fitted on one long offload point
     (H100, QLoRA Llama-3.1-8B at 409,600 tokens: 7.8 GiB reserved over allocated = 2.5 layer inputs); held out:
     bf16 Llama-3.1-8B tier 7 at 301,056 tokens, -2.0 % (bench/results/memory-h100-long)."""
+    deepspeed_runtime_bytes: int = 400 * MIB
+    """DeepSpeed ZeRO's GPU buffers beyond the modelled partitions and buckets (H100, one GPU, 8 points of ZeRO-2 with
+    and without offload at 4K/16K: measured 0.13-0.40 GiB over the partitions at 4K; bench/results/memory-h100-zero)."""
     tiled_mlp_transient_hidden: float = 2.5
     """Tiled MLP: the tiles' outputs and their concatenation, bytes per token per hidden unit per byte of compute dtype
     (H100, 5 points: 1.5-2.4)."""
@@ -307,6 +312,9 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
         return int(linear * DTYPE_BYTES[setup.weight_dtype] + shape.other_params * _compute_bytes(setup))
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
+
+ZERO_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's reduce bucket (elite_core.distributed.deepspeed_config), in elements of the trainable parameters."""
 
 COMPILED_ACTIVATION_SHARE = 0.72
 """Share of a decoder layer's saved activations left when the layer is compiled (H100, bench/results/engine-compiled-h100
@@ -443,18 +451,6 @@ def predict_memory(
         # AdamW keeps two moments in each parameter's dtype.
         optimizer = lora_params * 2 * adapter_bytes + extra_params * 2 * extra_bytes_per_param
 
-    if setup.deepspeed in ("zero2", "zero3") and not on_cpu:
-        # ZeRO with CPU offload: optimizer state and fp32 master weights live in CPU RAM; 16-bit copies stay.
-        cpu_offload += optimizer + (lora_params + extra_params) * 4.0 * 2
-        optimizer = 0.0
-        lora = (lora_params + extra_params) * 2.0 / gpus
-        gradients = (lora_params + extra_params) * 2.0 / gpus
-        if setup.deepspeed == "zero3":
-            # Parameters are gathered a layer at a time (with one layer prefetched); the rest waits in CPU RAM.
-            resident = 2 * shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
-            cpu_offload += max(0.0, weights - resident)
-            weights = min(weights, resident)
-
     shards = mlp_shards_for(setup, shape)
     layer_tokens = layer_activation_bytes_per_token(shape, setup, shards) * tokens
     if shards > 1:
@@ -492,6 +488,28 @@ def predict_memory(
     optimizer_step_peak = 2.0 * gradients  # the gradients, and AdamW's temporaries of their size
     gradients = max(backward_gradients, optimizer_step_peak - activations - logits)
 
+    stage = zero_stage(setup.deepspeed) if not on_cpu else 0
+    trainable = lora_params + extra_params
+    if stage:
+        # DeepSpeed's bf16 mode casts the adapters to 16 bits; fp32 master weights, Adam's moments and fp32 gradients
+        # (16 B per trainable parameter) are split over the GPUs, or kept in CPU RAM with offload; the 16-bit
+        # gradients pass through two reduce buckets (overlap_comm) sized to hold all of LoRA's.
+        sixteen = 2.0
+        lora = trainable * sixteen / (gpus if stage == 3 else 1)
+        gradients = 2 * min(trainable, ZERO_BUCKET_ELEMENTS) * sixteen + trainable * sixteen / gpus
+        optimizer = trainable * (4.0 + 8.0 + 4.0) / gpus
+        if zero_offload(setup.deepspeed):
+            cpu_offload += optimizer * gpus  # every GPU's partition, pinned on this node
+            optimizer = 0.0
+        if stage == 3:
+            # Frozen weights are split too and gathered about two layers at a time (one prefetched).
+            gathered = 2 * shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
+            resident = gathered if zero_offload(setup.deepspeed) else gathered + max(0.0, weights - gathered) / gpus
+            cpu_offload += max(0.0, weights - gathered) if zero_offload(setup.deepspeed) else 0.0
+            weights = min(weights, resident)
+    elif gpus > 1 and not on_cpu:
+        gradients += lora_params * adapter_bytes + extra_params * extra_bytes_per_param  # DDP's gradient buckets
+
     allocated = weights + lora + gradients + optimizer + activations + logits
     if on_cpu:
         overhead = constants.cpu_fixed_bytes + constants.allocator_margin * allocated
@@ -502,6 +520,8 @@ def predict_memory(
             holes = max(holes, constants.cuda_offload_slack_layer_inputs * layer_input)
         overhead = (constants.cuda_fixed_bytes + constants.cuda_allocator_floor_bytes + holes
                     + constants.cuda_margin_of_activations * activations)
+        if stage:
+            overhead += constants.deepspeed_runtime_bytes
     return MemoryBreakdown(
         weights_bytes=int(weights),
         lora_bytes=int(lora),

@@ -162,7 +162,7 @@ def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, 
         tiled_mlp=False,
         deepspeed=config.deepspeed if device == "cuda" else "off",
         lora_dropout=config.lora_dropout,
-        gpus=max(1, len(profile.gpus)) if config.deepspeed != "off" else 1,
+        gpus=config.gpus,
         rope_scaling_factor=rope_scaling_factor(shape, window),
     )
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from elite_core import checkpoints, distributed, protocol
-from elite_core.config import RunConfig
+from elite_core.config import RunConfig, zero_offload
 from elite_core.lean_layers import offload_saved_tensors, share_adapter_inputs, use_lean_norms
 from elite_core.memory_model import TrainingSetup
 from elite_core.model_loading import load_causal_lm
@@ -216,8 +216,9 @@ def make_optimizer(model, config: RunConfig, setup: TrainingSetup, device: str):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Fused kernels want the state where the parameters are; ZeRO offload steps CPU partitions instead.
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                             fused=device == "cuda")
+                             fused=device == "cuda" and not zero_offload(setup.deepspeed))
 
 
 def lr_lambda(config: RunConfig, total_steps: int) -> Callable[[int], float]:
@@ -448,14 +449,15 @@ class TrainingEngine:
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, tokens)."""
         config = self.config
+        distributed.inject_rank_failure(self.rank, self.step + 1)
+        if self.parallel_loss.deepspeed is not None:  # ZeRO (one GPU or several) steps and zeroes through DeepSpeed
+            batches = (self._batch(distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size),
+                                                          self.rank), self.train_data) for _ in range(config.grad_accum))
+            return self.parallel_loss.deepspeed_step(batches, config.grad_accum, self._forward_context)
+        # Not under ZeRO: its offload keeps gradient buffers on the CPU partitions that set_to_none would drop.
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        distributed.inject_rank_failure(self.rank, self.step + 1)
-        if self.parallel_loss.deepspeed is not None:  # distributed: ZeRO steps through DeepSpeed
-            batches = (self._batch(distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size),
-                                                          self.rank), self.train_data) for _ in range(config.grad_accum))
-            return self.parallel_loss.deepspeed_step(batches, config.grad_accum)
         for micro in range(config.grad_accum):
             # distributed: each rank trains on its own slice of the next micro_batch x world windows
             windows = distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size), self.rank)

@@ -124,7 +124,7 @@ def test_options_move_memory_the_right_way():
     assert predict_memory(SMALL, replace(long, weight_dtype="nf4")).weights_bytes < predict_memory(SMALL, long).weights_bytes
     full = predict_memory(SMALL, replace(long, loss="full"))
     assert full.logits_bytes == 8192 * 100 * 12
-    zero3 = predict_memory(SMALL, replace(long, deepspeed="zero3"))
+    zero3 = predict_memory(SMALL, replace(long, deepspeed="zero3-offload"))
     assert zero3.optimizer_bytes == 0 and zero3.cpu_offload_bytes > 0
 
 
