@@ -5,7 +5,8 @@ gave one) and appended to RUN_DIR/events.jsonl. Commands arrive as JSON lines on
 it ignores SIGHUP, and a broken event pipe only stops the pipe copy of the events, not the training.
 
 With --probe-micro-batch N it trains nothing lasting: it probes micro-batches with real steps and writes
-RUN_DIR/probe.json (elite_core.probe).
+RUN_DIR/probe.json (elite_core.probe). With --lr-find-steps N it sweeps the learning rate over N real steps and writes
+RUN_DIR/lr_find.json (elite_core.lr_finder).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from elite_core import distributed, protocol
 from elite_core.config import ConfigError, RunConfig
+from elite_core.lr_finder import LrFindRequest
 from elite_core.probe import PROBE_FILE, ProbeRequest
 
 EVENTS_FILE = "events.jsonl"
@@ -118,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: RUN_DIR/dataset")
     parser.add_argument("--event-pipe", default=None, help="FD:DEV:INODE of the runner's event pipe, under a launcher")
     ProbeRequest.add_arguments(parser)
+    LrFindRequest.add_arguments(parser)
     args = parser.parse_args(argv)
     probe = ProbeRequest.from_args(args)
+    lr_find = LrFindRequest.from_args(args)
 
     run_dir: Path = args.run_dir.resolve()
     # distributed: under a launcher only rank 0 owns child.pid, events.jsonl, the pipe and the commands on stdin
@@ -142,17 +146,24 @@ def main(argv: list[str] | None = None) -> int:
 
     poll = CommandReader(sys.stdin, sink).poll if rank.is_main else (lambda: [])
     emit = sink
-    if rank.is_main and not args.probe_steps and probe is None:
+    if rank.is_main and not args.probe_steps and probe is None and lr_find is None:
         from elite_core.metric_sinks import FanOut, default_sinks
 
         emit = FanOut(sink, default_sinks(run_dir))  # TensorBoard event files beside events.jsonl
+    probe_steps = max(args.probe_steps, 1) if probe is not None else args.probe_steps
+    if lr_find is not None:
+        probe_steps = lr_find.steps  # a short run of its own: no plan file, no checkpoints
     engine = TrainingEngine(config, run_dir, emit=emit, poll_commands=poll, resume=args.resume,
-                            probe_steps=max(args.probe_steps, 1) if probe is not None else args.probe_steps,
-                            dataset_dir=args.dataset_dir)
+                            probe_steps=probe_steps, dataset_dir=args.dataset_dir)
     install_signal_handlers(engine)
     try:
         if probe is not None:
             sink(run_probe_mode(engine, probe, run_dir, emit))
+            return 0
+        if lr_find is not None:
+            from elite_core.lr_finder import lr_find_mode
+
+            sink(lr_find_mode(engine, lr_find, run_dir, emit))
             return 0
         finished = engine.run()
         if finished.report_path and rank.is_main:

@@ -6,10 +6,13 @@ import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from elite_core.config import RunConfig
 from elite_core.units import format_bytes
+
+if TYPE_CHECKING:
+    from elite_core.lr_finder import LrFindRequest, LrFindResult
 
 PROBE_DIR = "preflight-probe"
 
@@ -133,6 +136,25 @@ def describe_probe(result, config: RunConfig, confirmed: RunConfig, summary=None
         tokens = epoch_tokens_from_summary(summary).tokens_per_epoch(result.window_tokens)
         text += f"; one epoch ({tokens:,} tokens) ~{format_coarse_duration(epoch_seconds(tokens, result.tokens_per_s))}"
     return text + "."
+
+
+def find_learning_rate(config: RunConfig, request: LrFindRequest | None = None, *, timeout_s: float = 600.0,
+                       on_event: Callable[[object], None] | None = None) -> LrFindResult:
+    """The learning-rate range test (elite_core.lr_finder) for this run: not one of the checks, it costs a model load
+    and up to 40 real steps, so the user asks for it. Runs in one child in RUN_DIR/lr-find on the run's dataset (built
+    there if it is not yet); the result is kept as RUN_DIR/lr_find.json. The default request sweeps 1e-6 to 1e-1 in
+    40 steps. Raises lr_finder.LrFindFailed with a hint.
+    """
+    from elite_core.lr_finder import LR_FIND_DIR, LR_FIND_FILE, LrFindRequest, lr_find_training
+
+    find_dir = config.run_dir / LR_FIND_DIR
+    shutil.rmtree(find_dir, ignore_errors=True)
+    result = lr_find_training(config, request or LrFindRequest(), find_dir, config.run_dir / "dataset",
+                              timeout_s=timeout_s, on_event=on_event)
+    result.save(config.run_dir / LR_FIND_FILE)
+    # Kept after a failure for its child.log; after a result nothing in it is needed.
+    shutil.rmtree(find_dir, ignore_errors=True)
+    return result
 
 
 def run_preflight(config: RunConfig, profile, summary, shape, *, run_step: bool = True) -> Iterator[CheckResult]:

@@ -1,7 +1,10 @@
-"""Step 6: the pre-flight checks, one by one, each pass or fail with how to fix a failure."""
+"""Step 6: the pre-flight checks, one by one, each pass or fail with how to fix a failure; once they pass, an optional
+learning-rate sweep (key l) whose suggestion the run can take over (key a)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from rich.markup import escape
@@ -12,7 +15,9 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 from textual.worker import Worker
+from textual_plotext import PlotextPlot
 
+from elite_core.lr_finder import LrFindRequest, describe_lr_find
 from elite_core.units import format_coarse_duration
 from elite_tui.format import format_rate
 from elite_tui.screens.base import WizardScreen
@@ -28,6 +33,48 @@ class ChecksFinished(Message):
     pass
 
 
+class LrFindProgress(Message):
+    def __init__(self, step: Any, total_steps: int) -> None:
+        super().__init__()
+        self.step = step
+        """protocol.StepMetrics of one step of the sweep."""
+        self.total_steps = total_steps
+
+
+class LrFindEnded(Message):
+    def __init__(self, result: Any = None, error: str = "", hint: str = "") -> None:
+        super().__init__()
+        self.result = result
+        """lr_finder.LrFindResult, or None when the sweep failed (error and hint say why)."""
+        self.error = error
+        self.hint = hint
+
+
+class LrFindPlot(PlotextPlot):
+    """Loss against learning rate on a log axis: each step's loss, the smoothed curve, the suggestion as a line."""
+
+    def draw(self, result: Any) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(f"loss by learning rate (line: suggested {result.suggested_lr:.1e})")
+        # log10 of the rate on a linear axis: plotext's xscale("log") takes the log again on every redraw
+        exponents = [math.log10(lr) for lr in result.lrs]
+        finite = [(x, loss) for x, loss in zip(exponents, result.losses) if math.isfinite(loss)]
+        if finite:
+            plt.scatter([x for x, _ in finite], [loss for _, loss in finite], marker="dot", color="gray")
+        plt.plot(exponents, list(result.smoothed), marker="braille")
+        plt.vline(math.log10(result.suggested_lr), "green")
+        decades = list(range(math.floor(exponents[0]), math.ceil(exponents[-1]) + 1))
+        plt.xticks(decades, [f"1e{decade}" for decade in decades])
+        smoothed = [loss for loss in result.smoothed if math.isfinite(loss)]
+        if smoothed:
+            # A diverged step can be 10x the rest: zoom on the smoothed curve, the part that decides
+            margin = 0.05 * (max(smoothed) - min(smoothed)) + 1e-3
+            plt.ylim(min(smoothed) - margin, max(smoothed) + margin)
+        self.refresh()
+
+
 def result_markup(result: Any) -> str:
     mark = "[b green]PASS[/]" if result.ok else "[b red]FAIL[/]"
     text = f"{mark}  [b]{escape(result.name)}[/b]\n      {escape(result.message)}"
@@ -38,17 +85,28 @@ def result_markup(result: Any) -> str:
 
 class PreflightScreen(WizardScreen):
     STEP_NAME = "Pre-flight checks"
-    BINDINGS = [Binding("r", "rerun", "Run again")]
+    BINDINGS = [Binding("r", "rerun", "Run again"), Binding("l", "find_lr", "Find LR"),
+                Binding("a", "use_lr", "Use found LR")]
+    DEFAULT_CSS = """
+    PreflightScreen #lr-find { display: none; height: auto; margin-top: 1; }
+    PreflightScreen #lr-find-plot { display: none; height: 14; }
+    PreflightScreen #lr-find.-shown, PreflightScreen #lr-find-plot.-shown { display: block; }
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.running = False
+        self.finding_lr = False
+        self.lr_result: Any = None
+        """The last sweep's lr_finder.LrFindResult on this screen."""
 
     def compose(self) -> ComposeResult:
         yield self.step_title()
         yield Static("", id="preflight-status")
         with VerticalScroll(id="checks"):
             yield Static("", id="check-results")
+            yield Static("", id="lr-find")
+            yield LrFindPlot(id="lr-find-plot")
         yield self.error_panel()
         yield self.footer()
 
@@ -121,6 +179,11 @@ class PreflightScreen(WizardScreen):
         return next((result for result in self.state.preflight_results if result.ok and result.probe is not None),
                     None)
 
+    def run_config(self) -> Any:
+        """The config training will start with: the one the probes confirmed once they passed, else the wizard's."""
+        check = self.probe_check
+        return check.config if check is not None and check.config is not None else self.state.config
+
     def advance(self) -> None:
         check = self.probe_check
         if check is not None and check.config is not None:
@@ -135,13 +198,123 @@ class PreflightScreen(WizardScreen):
         return bool(results) and all(result.ok for result in results)
 
     def worker_failed(self, worker: Worker, error: BaseException) -> None:
+        if worker.group == "lr-find":
+            self.finding_lr = False
+            self.show_lr_find("[b red]The learning-rate sweep failed[/] (the error is below).")
+            return
         self.running = False
         self.show_results(finished=True)
 
     def action_rerun(self) -> None:
-        if not self.running:
+        if not self.running and not self.finding_lr:
             self.clear_error()
             self.start_checks()
 
     def can_advance(self) -> bool:
-        return not self.running and self.passed
+        return not self.running and not self.finding_lr and self.passed
+
+    def can_find_lr(self) -> bool:
+        """The sweep runs real steps like the probe: only after the checks passed, and never beside another child."""
+        return not self.running and not self.finding_lr and self.passed
+
+    def can_use_lr(self) -> bool:
+        result = self.lr_result
+        return (result is not None and not self.finding_lr
+                and self.run_config().learning_rate != self.accepted_rate(result))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "find_lr":
+            return True if self.can_find_lr() else None
+        if action == "use_lr":
+            return self.can_use_lr()  # hidden until there is a suggestion to take
+        return super().check_action(action, parameters)
+
+    def action_find_lr(self) -> None:
+        if not self.can_find_lr():
+            return
+        self.clear_error()
+        self.finding_lr = True
+        self.lr_result = None
+        self.query_one("#lr-find-plot").remove_class("-shown")
+        request = LrFindRequest()
+        self.show_lr_find(f"Sweeping the learning rate from {request.min_lr:.0e} to {request.max_lr:.0e} over "
+                          f"{request.steps} real steps: loading the model...")
+        self.refresh_bindings()
+        self.find_lr(self.run_config(), request)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="lr-find", name="learning-rate finder")
+    def find_lr(self, config: Any, request: LrFindRequest) -> None:
+        from elite_core import protocol
+        from elite_core.lr_finder import LrFindFailed
+        from elite_core.preflight import find_learning_rate
+
+        def progress(event: Any) -> None:
+            if isinstance(event, protocol.StepMetrics):
+                self.post_message(LrFindProgress(event, request.steps))
+
+        try:
+            result = find_learning_rate(config, request, on_event=progress)
+        except LrFindFailed as exc:
+            self.post_message(LrFindEnded(error=exc.message, hint=exc.hint))
+            return
+        self.post_message(LrFindEnded(result))
+
+    @on(LrFindProgress)
+    def lr_find_progress(self, message: LrFindProgress) -> None:
+        step = message.step
+        self.show_lr_find(f"Sweeping the learning rate: step {step.step}/{message.total_steps} at {step.lr:.1e}, "
+                          f"loss {step.loss:.3f}")
+
+    @on(LrFindEnded)
+    def lr_find_ended(self, message: LrFindEnded) -> None:
+        self.finding_lr = False
+        if message.result is None:
+            self.show_lr_find("[b red]The learning-rate sweep failed[/] (the error is below).")
+            self.show_error(f"{self.STEP_NAME}: learning-rate finder failed", message.error, hint=message.hint)
+        else:
+            self.lr_result = message.result
+            self.show_lr_result()
+            plot = self.query_one("#lr-find-plot", LrFindPlot)
+            plot.add_class("-shown")
+            plot.draw(message.result)
+            self.call_after_refresh(plot.scroll_visible)
+        self.refresh_bindings()
+
+    @staticmethod
+    def accepted_rate(result: Any) -> float:
+        return min(result.suggested_lr, 1.0)  # the config takes at most 1
+
+    def show_lr_result(self) -> None:
+        result = self.lr_result
+        current = self.run_config().learning_rate
+        text = escape(describe_lr_find(result))
+        if current == self.accepted_rate(result):
+            text += " [b green]The run uses it.[/]"
+        else:
+            text += f" The run uses {current:.1e}: [b]press a to use the suggestion.[/b]"
+        self.show_lr_find(text)
+
+    def action_use_lr(self) -> None:
+        if not self.can_use_lr():
+            return
+        self.use_learning_rate(self.accepted_rate(self.lr_result))
+        self.show_lr_result()
+        self.refresh_bindings()
+
+    def use_learning_rate(self, rate: float) -> None:
+        """The run takes the rate; the checks stay valid (a learning rate changes no memory or step time), so the
+        probe's confirmed config takes it too, or advancing would put the old rate back."""
+        state = self.state
+        state.preflight_results = [
+            dataclasses.replace(result, config=result.config.replace(learning_rate=rate))
+            if result.config is not None else result
+            for result in state.preflight_results
+        ]
+        state.config = state.config.replace(learning_rate=rate)
+        state.preflight_config = state.config
+
+    def show_lr_find(self, markup: str) -> None:
+        panel = self.query_one("#lr-find", Static)
+        panel.update(markup)
+        panel.add_class("-shown")
+        panel.scroll_visible()
