@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
     run.add_argument("--reprofile", action="store_true")
+    launch = run.add_argument_group("several GPUs or machines")
+    launch.add_argument("--gpus", type=int, metavar="N",
+                        help="training processes per node: GPUs, or CPU processes on a CPU run (default 1)")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's number, 0..M-1")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every node")
+    launch.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port (default 29500)")
+    launch.add_argument("--hostfile", default="", help="DeepSpeed hostfile ('host slots=N' lines): node 0 starts all")
+    launch.add_argument("--launcher", choices=("auto", "torchrun", "deepspeed"), default="auto",
+                        help="auto: DeepSpeed's for ZeRO runs where deepspeed is installed, torchrun otherwise")
+    launch.add_argument("--print-launch", action="store_true",
+                        help="write the run directory's config and launch.json, print every node's command, exit")
 
     resume = sub.add_parser("resume", help="continue a run from its last good checkpoint")
     resume.add_argument("run_dir", type=Path)
@@ -261,44 +273,130 @@ def _parse_sets(pairs: list[str]) -> dict:
     return values
 
 
+LAUNCH_FLAGS = {"nproc": "--gpus", "nnodes": "--nnodes", "node_rank": "--node-rank", "master_addr": "--master-addr",
+                "master_port": "--master-port", "hostfile": "--hostfile", "launcher": "--launcher",
+                "deepspeed": "deepspeed"}
+
+
+def _check_launch_numbers(args) -> None:
+    """Counts that are wrong whatever the machine: reported before the hardware is profiled or a model read."""
+    if args.gpus is not None and args.gpus < 1:
+        raise CliError(f"--gpus {args.gpus}: at least 1 process per node")
+    if args.nnodes < 1:
+        raise CliError(f"--nnodes {args.nnodes}: at least 1 node")
+    if args.nnodes == 1 and args.node_rank != 0:
+        raise CliError(f"--node-rank {args.node_rank}: one node (--nnodes 1) is node 0; give --nnodes for several")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise CliError(f"--node-rank {args.node_rank}: with --nnodes {args.nnodes} the node ranks are "
+                       f"0..{args.nnodes - 1} (node 0 is the machine at --master-addr)")
+
+
+def _processes_per_node(args, total_gpus: int, source: str) -> int:
+    """--gpus, else the total that `source` (the --config file, or --set gpus=N) gave, split over the nodes. A --set
+    that disagrees with --gpus is an error; a config file's count is what --gpus is there to change."""
+    if args.gpus is not None:
+        if source == "--set" and total_gpus != args.gpus * args.nnodes:
+            raise CliError(f"--set gpus={total_gpus} but --gpus {args.gpus} x --nnodes {args.nnodes} is "
+                           f"{args.gpus * args.nnodes}: give one of them")
+        return args.gpus
+    if total_gpus < 1:
+        raise CliError(f"gpus {total_gpus} (from {source}): at least 1")
+    if total_gpus == 1:
+        return 1
+    if total_gpus % args.nnodes:
+        raise CliError(f"gpus {total_gpus} (from {source}) does not split evenly over --nnodes {args.nnodes}: "
+                       f"give --gpus per node")
+    return total_gpus // args.nnodes
+
+
+def _launch_for(args, config: RunConfig, profile):
+    from elite_tui.engine import check_launch
+
+    chosen = {"nproc": config.gpus // args.nnodes, "nnodes": args.nnodes, "node_rank": args.node_rank,
+              "master_addr": args.master_addr, "master_port": args.master_port, "hostfile": args.hostfile,
+              "launcher": args.launcher}
+    settings, errors = check_launch(config, profile, **chosen)
+    if errors:
+        chosen["deepspeed"] = config.deepspeed
+        raise CliError("; ".join(f"{LAUNCH_FLAGS[name]} {chosen[name]}: {message}" for name, message in errors.items()))
+    return settings
+
+
+def _print_launch(config: RunConfig, settings) -> None:
+    import shlex
+
+    from elite_tui.engine import launch_commands
+
+    run_dir = config.run_dir.resolve()
+    commands = launch_commands(config, settings, run_dir)
+    nodes = "1 node" if settings.nnodes == 1 else f"{settings.nnodes} nodes"
+    print(f"# {settings.world_size} training process{'es' if settings.world_size > 1 else ''}: {settings.nproc} per "
+          f"node on {nodes}; the run directory ({run_dir}) must exist at this path on every node")
+    for node, command in enumerate(commands):
+        if len(commands) > 1 or settings.nnodes > 1:
+            where = "starts every node from this one" if len(commands) < settings.nnodes else f"on node {node}"
+            print(f"# {where}")
+        print(shlex.join(command))
+
+
 def _run(args) -> int:
     from elite_core.planner import plan_tiers, select_tier
     from elite_core.runs import new_run_name
 
+    _check_launch_numbers(args)
     if args.config:
         try:
             config = RunConfig.load(args.config)
         except OSError as exc:
             raise CliError(f"cannot read {args.config}: {exc.strerror or exc}") from exc
+        profile = _profile_hardware(config.output_dir, args.reprofile)
+        config = config.replace(gpus=_processes_per_node(args, config.gpus, "--config") * args.nnodes)
     else:
         config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
                                 run_name=args.run_name or new_run_name())
+        sets = _parse_sets(args.set) if args.set else {}
+        # The tier table plans each GPU's share, so the process count is set before a tier is chosen.
+        per_node = _processes_per_node(args, sets.pop("gpus"), "--set") if "gpus" in sets else args.gpus or 1
+        config = config.replace(gpus=per_node * args.nnodes)
         profile = _profile_hardware(args.output, args.reprofile)
         shape = _load_shape(config.model, config.trust_remote_code)
         tier = args.tier or select_tier(plan_tiers(shape, profile, config))
         config = config.with_tier(tier)
         if args.max_steps is not None:
             config = config.replace(max_steps=args.max_steps)
-        if args.set:
-            config = config.replace(**_parse_sets(args.set))
+        if sets:
+            config = config.replace(**sets)
+    launch = _launch_for(args, config, profile)
     if not Path(config.repo).is_dir():
         raise CliError(f"repository not found: {config.repo}")
-    print(f"run directory: {config.run_dir}")
-    _build_dataset(config)
-    from elite_core.runner import SupervisedRun
+    if args.print_launch:
+        from elite_core.distributed import save_launch
+        from elite_core.runner import prepare_run_dir
 
-    return _follow(SupervisedRun(config))
+        save_launch(prepare_run_dir(config), launch)
+        _print_launch(config, launch)
+        return 0
+    print(f"run directory: {config.run_dir}")
+    if launch.is_distributed:
+        print(f"{launch.world_size} training processes ({launch.nproc} per node, node {launch.node_rank} of "
+              f"{launch.nnodes})")
+    _build_dataset(config)
+    from elite_tui.engine import Engine
+
+    return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0)
 
 
 def _resume(args) -> int:
-    from elite_core.runner import SupervisedRun
-
     run_dir = args.run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
         raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
     # The run directory may have moved, or this shell may stand elsewhere: it is where the run is.
     config = RunConfig.load(run_dir / "config.yaml").replace(output_dir=str(run_dir.parent), run_name=run_dir.name)
-    return _follow(SupervisedRun(config, resume=True))
+    from elite_core.distributed import read_launch
+    from elite_tui.engine import Engine
+
+    # Relaunched as RUN_DIR/launch.json says (one process, or the same GPUs and nodes as before).
+    return _follow(Engine().start_training(config, resume=True), other_node=read_launch(run_dir).node_rank > 0)
 
 
 def _attach(args) -> int:
@@ -320,8 +418,11 @@ def _attach(args) -> int:
     return result if isinstance(result, int) else (app.return_code or 0)
 
 
-def _follow(process) -> int:
-    """Print the child's events; the first Ctrl+C asks for a checkpoint and a clean stop, a second one kills."""
+def _follow(process, other_node: bool = False) -> int:
+    """Print the child's events; the first Ctrl+C asks for a checkpoint and a clean stop, a second one kills.
+
+    On a node other than 0 no rank reports progress (rank 0 is on node 0): its pipe carries only a failure of its own
+    ranks, and a launcher that exits with code 0 without a word has done its part."""
     from elite_core import protocol
 
     interrupts = 0
@@ -351,6 +452,9 @@ def _follow(process) -> int:
                 print(f"checkpoint ({event.reason}) at step {event.step}: {event.path}")
             elif isinstance(event, protocol.Warning):
                 print(f"warning: {event.message}", file=sys.stderr)
+            elif isinstance(event, protocol.Error) and other_node and event.kind == "crash" and process.returncode == 0:
+                print("this node's training processes finished; node 0 has the run's results")
+                code = 0
             elif isinstance(event, protocol.Error):
                 print(f"error: {event.message}", file=sys.stderr)
                 if event.traceback:

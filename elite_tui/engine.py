@@ -9,6 +9,78 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def is_loopback(address: str) -> bool:
+    """True for an address only this machine reaches (localhost, 127.x, ::1): useless as a multi-node master."""
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False  # a host name: the other nodes resolve it
+
+
+def process_limit(config: Any, profile: Any) -> int:
+    """Training processes one machine can run: its GPUs, or on a CPU run (no GPU, or device cpu) its cores."""
+    if profile is None:
+        return 1
+    if profile.has_gpu and config.device != "cpu":
+        return len(profile.gpus)
+    return max(1, profile.cpu_cores)
+
+
+def check_launch(config: Any, profile: Any, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, hostfile: str = "",
+                 launcher: str = "auto") -> tuple[Any, dict[str, str]]:
+    """The LaunchSettings for these choices, or None with every problem keyed by the LaunchSettings field it is about,
+    or "deepspeed" for a ZeRO run this machine cannot start (the CLI names the flag, the wizard marks the field).
+    `config.gpus` is not read: the caller sets it to the total."""
+    from elite_core.config import zero_stage
+    from elite_core.distributed import LAUNCHERS, LaunchError, LaunchSettings, deepspeed_installed, node_commands
+
+    errors: dict[str, str] = {}
+    gpus_here = len(profile.gpus) if profile is not None and profile.has_gpu else 0
+    if gpus_here and config.device != "cpu" and zero_stage(config.deepspeed) and not deepspeed_installed():
+        # The engine imports deepspeed for ZeRO on a GPU (one GPU or several): say so now, not after the model loads.
+        errors["deepspeed"] = "ZeRO needs DeepSpeed here: pip install deepspeed (or DeepSpeed off)"
+    if nproc < 1:
+        errors["nproc"] = "at least 1 process per node"
+    elif gpus_here and config.device != "cpu" and nproc > gpus_here:
+        errors["nproc"] = f"this machine has {gpus_here} GPU{'s' if gpus_here > 1 else ''}"
+    if nnodes < 1:
+        errors["nnodes"] = "at least 1 node"
+    elif not 0 <= node_rank < nnodes:
+        errors["node_rank"] = (f"node ranks are 0..{nnodes - 1} with {nnodes} nodes" if nnodes > 1
+                               else "with one node the only node rank is 0")
+    if not 1 <= master_port <= 65535:
+        errors["master_port"] = "a port from 1 to 65535"
+    if not master_addr.strip():
+        errors["master_addr"] = "name node 0's address"
+    elif nnodes > 1 and is_loopback(master_addr):
+        errors["master_addr"] = "with several nodes: node 0's address that the other nodes can reach"
+    if launcher not in LAUNCHERS:
+        errors["launcher"] = f"one of {', '.join(LAUNCHERS)}"
+    if hostfile and not Path(hostfile).expanduser().is_file():
+        errors["hostfile"] = f"{hostfile} is not a file"
+    if errors:
+        return None, errors
+    settings = LaunchSettings(nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr.strip(),
+                              master_port=master_port, hostfile=hostfile, launcher=launcher)
+    try:
+        node_commands(config, config.run_dir, settings)
+    except LaunchError as exc:
+        return None, {"hostfile" if "hostfile" in str(exc) else "launcher": str(exc)}
+    return settings, {}
+
+
+def launch_commands(config: Any, settings: Any, run_dir: Path | None = None) -> list[list[str]]:
+    """The argv to run on each node (DeepSpeed with a hostfile: node 0's alone), as the runner would start it."""
+    from elite_core.distributed import node_commands
+
+    return node_commands(config, run_dir if run_dir is not None else config.run_dir, settings)
+
+
 class Engine:
     def profile_hardware(self, output_dir: str, progress: Callable[[str, float], None], use_cache: bool = True) -> Any:
         from elite_core.hardware import profile_hardware
@@ -72,9 +144,21 @@ class Engine:
 
         return run_preflight(config, profile, summary, shape)
 
-    def start_training(self, config: Any, resume: bool = False) -> Any:
-        from elite_core.runner import SupervisedRun
+    def start_training(self, config: Any, resume: bool = False, launch: Any = None) -> Any:
+        """Start (or resume) the run. `launch` (distributed.LaunchSettings) is written to RUN_DIR/launch.json, which
+        the runner reads to start one process or a launcher; without it a new run gets one process per config.gpus on
+        this machine, and a resumed run keeps the launch.json it has."""
+        from elite_core.distributed import LAUNCH_FILE, LaunchSettings, save_launch
+        from elite_core.runner import SupervisedRun, TrainingProcess, prepare_run_dir
 
+        run_dir = prepare_run_dir(config)
+        if launch is None and not (resume and (run_dir / LAUNCH_FILE).is_file()):
+            launch = LaunchSettings(nproc=config.gpus)
+        if launch is not None:
+            save_launch(run_dir, launch)
+        if launch is not None and launch.nnodes > 1:
+            # Stepping down after an out-of-memory error would restart this node alone, out of step with the others.
+            return TrainingProcess.start(config, resume=resume)
         return SupervisedRun(config, resume=resume)
 
     def attach_training(self, run_dir: Path) -> Any:

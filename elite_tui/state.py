@@ -27,6 +27,9 @@ class WizardState:
     training_error: Any = None
     last_step: Any = None
     """The last StepMetrics, for the report screen's numbers."""
+    launch: Any = None
+    """distributed.LaunchSettings chosen on the Overrides screen (GPUs per node, nodes, rendezvous, launcher); None
+    until then: a new run gets config.gpus processes on this machine, a resumed run its own launch.json."""
     resume: bool = False
     """True when the user picked a resumable run on the setup screen."""
     attach: bool = False

@@ -84,7 +84,7 @@ class MonitorScreen(WizardScreen):
         if self.state.attach:
             self.process = self.engine.attach_training(config.run_dir)
         else:
-            self.process = self.engine.start_training(config, resume=resume)
+            self.process = self.engine.start_training(config, resume=resume, launch=self.state.launch)
         for event in self.process.events():
             self.post_message(TrainingEvent(event))
 

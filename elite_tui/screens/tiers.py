@@ -22,6 +22,30 @@ LEGEND = ("r LoRA rank; GiB: wts weights, lora adapters+gradients+optimizer, act
           "ovh overhead; free = budget - sum.")
 
 
+def parallel_label(config: Any, profile: Any) -> str:
+    """How the numbers are split when training runs on several processes or under ZeRO, e.g. "per GPU, 2 GPUs,
+    ZeRO-2 offload"; empty for one process without ZeRO, whose numbers are the whole run's."""
+    from elite_core.config import zero_offload, zero_stage
+
+    on_gpu = profile is not None and profile.has_gpu and config.device != "cpu"
+    stage = zero_stage(config.deepspeed) if on_gpu else 0
+    if config.gpus <= 1 and not stage:
+        return ""
+    unit, units = ("GPU", "GPUs") if on_gpu else ("process", "processes")
+    parts = [f"per {unit}", f"{config.gpus} {unit if config.gpus == 1 else units}"]
+    if stage:
+        parts.append(f"ZeRO-{stage}{' offload' if zero_offload(config.deepspeed) else ''}")
+    elif config.gpus > 1:
+        parts.append("DDP")
+    return ", ".join(parts)
+
+
+def cpu_ram_text(plan: Any) -> str:
+    """CPU RAM beside the GPUs (ZeRO offload, offloaded checkpoints), or "" when none is needed."""
+    needed = getattr(plan, "cpu_ram_needed_bytes", 0)
+    return f"CPU RAM {format_bytes(needed)}" if needed > 0 else ""
+
+
 def component(plan: Any, *names: str) -> int:
     for name in names:
         value = getattr(plan.breakdown, f"{name}_bytes", None)
@@ -175,17 +199,27 @@ class TiersScreen(WizardScreen):
             table.add_column(header, key="epoch")
         for plan in plans:
             table.add_row(*tier_row(plan), key=str(plan.tier.number))
-        budget = plans[0].budget_bytes if plans else 0
-        self.query_one("#tiers-help", Static).update(
-            f"Budget {format_gib(budget)} GiB; tier {self.selected} preselected (highest that fits); Enter chooses.\n"
-            f"[dim]{escape(LEGEND)}\n{escape(epoch_basis(self.epoch_tokens, self.calibration))}[/dim]"
-        )
         row = next((i for i, plan in enumerate(plans) if plan.tier.number == cursor_tier), 0)
         table.move_cursor(row=row)
         self.show_breakdown(row)
 
+    def show_help(self, row: int) -> None:
+        plans = self.state.plans
+        budget = plans[0].budget_bytes if plans else 0
+        split = parallel_label(self.state.config, self.state.profile)
+        if split:
+            # Several GPUs or ZeRO: every number is one GPU's share; the highlighted tier's CPU RAM beside it.
+            ram = cpu_ram_text(plans[row]) if 0 <= row < len(plans) else ""
+            split = f" {split}" + (f" (tier {plans[row].tier.number}: {ram})" if ram else "")
+        self.query_one("#tiers-help", Static).update(
+            f"Budget {format_gib(budget)} GiB{escape(split)}; tier {self.selected} preselected (highest that fits); "
+            f"Enter chooses.\n"
+            f"[dim]{escape(LEGEND)}\n{escape(epoch_basis(self.epoch_tokens, self.calibration))}[/dim]"
+        )
+
     def show_breakdown(self, row: int) -> None:
         plans = self.state.plans
+        self.show_help(row)
         self.query_one(MemoryBreakdown).show_plan(plans[row] if 0 <= row < len(plans) else None)
 
     @on(DataTable.RowHighlighted, "#tiers")
