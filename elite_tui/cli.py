@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(dataset)
     dataset.add_argument("--preview", type=Path, metavar="FILE", help="also write the decoded training text to FILE")
 
+    lr_find = sub.add_parser("lr-find", help="sweep the learning rate over a few real steps and suggest one")
+    _add_model_args(lr_find)
+    lr_find.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
+    lr_find.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
+    lr_find.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
+    lr_find.add_argument("--steps", type=int, default=40, help="steps of the sweep (at most 40)")
+    lr_find.add_argument("--min-lr", type=float, default=1e-6)
+    lr_find.add_argument("--max-lr", type=float, default=1e-1)
+    lr_find.add_argument("--reprofile", action="store_true")
+
     export = sub.add_parser("export", help="merge a finished run's adapter into its base model")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/merged)")
@@ -83,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             return _wizard(args)
-        handler = {"run": _run, "resume": _resume, "attach": _attach, "profile": _profile, "plan": _plan, "dataset": _dataset, "export": _export}[args.command]
+        handler = {"run": _run, "resume": _resume, "attach": _attach, "profile": _profile, "plan": _plan, "dataset": _dataset, "export": _export,
+                   "lr-find": _lr_find}[args.command]
         return handler(args)
     except ConfigError as exc:
         print("invalid settings:", file=sys.stderr)
@@ -384,6 +395,35 @@ def _run(args) -> int:
     from elite_tui.engine import Engine
 
     return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0)
+
+
+def _lr_find(args) -> int:
+    from elite_core.lr_finder import LrFindFailed, LrFindRequest, describe_lr_find
+    from elite_core.planner import plan_tiers, select_tier
+    from elite_core.preflight import find_learning_rate
+    from elite_core.runs import new_run_name
+
+    try:
+        request = LrFindRequest(steps=args.steps, min_lr=args.min_lr, max_lr=args.max_lr)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
+                            run_name=args.run_name or new_run_name())
+    profile = _profile_hardware(args.output, args.reprofile)
+    shape = _load_shape(config.model, config.trust_remote_code)
+    config = config.with_tier(args.tier or select_tier(plan_tiers(shape, profile, config)))
+    if args.set:
+        config = config.replace(**_parse_sets(args.set))
+    if not Path(config.repo).is_dir():
+        raise CliError(f"repository not found: {config.repo}")
+    _build_dataset(config)
+    try:
+        result = find_learning_rate(config, request)
+    except LrFindFailed as exc:
+        raise CliError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from exc
+    print(describe_lr_find(result))
+    print(f"use it: elite-tui run --set learning_rate={result.suggested_lr:.3g}  (kept in {config.run_dir}/lr_find.json)")
+    return 0
 
 
 def _resume(args) -> int:

@@ -226,3 +226,12 @@ def test_a_sweep_on_a_real_gpu(tmp_path, tiny_repo):
     assert result.device == "cuda"
     assert_well_formed(result, request)
     assert result.stop_reason in ("", "diverged")
+
+
+def test_cli_refuses_a_sweep_it_cannot_run(capsys):
+    from elite_tui.cli import main
+
+    assert main(["lr-find", "--steps", "99"]) == 2
+    assert "the sweep takes 2 to 40 steps, not 99" in capsys.readouterr().err
+    assert main(["lr-find", "--min-lr", "0.1", "--max-lr", "0.01"]) == 2
+    assert "0 < min_lr < max_lr" in capsys.readouterr().err
