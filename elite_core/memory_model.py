@@ -499,7 +499,7 @@ def predict_memory(
         gradients = 2 * min(trainable, ZERO_BUCKET_ELEMENTS) * sixteen + trainable * sixteen / gpus
         optimizer = trainable * (4.0 + 8.0 + 4.0) / gpus
         if zero_offload(setup.deepspeed):
-            cpu_offload += optimizer * gpus  # every GPU's partition, pinned on this node
+            cpu_offload += optimizer * gpus  # every GPU's partition (on one node; an upper bound for several)
             optimizer = 0.0
         if stage == 3:
             # Frozen weights are split too and gathered about two layers at a time (one prefetched).

@@ -102,8 +102,9 @@ def grad_accum_for(window_tokens: int, micro_batch: int, tokens_per_update: int 
 
 
 def resolved_grad_accum(config: RunConfig) -> int:
-    """The config's gradient accumulation, or for 0 (auto) the one that gives about TOKENS_PER_UPDATE per update."""
-    return config.grad_accum or grad_accum_for(config.window_tokens, config.micro_batch)
+    """The config's gradient accumulation, or for 0 (auto) the one that gives about TOKENS_PER_UPDATE per update
+    over all data-parallel processes (each takes its own micro-batches)."""
+    return config.grad_accum or grad_accum_for(config.window_tokens, config.micro_batch * config.gpus)
 
 
 def _budget(profile: HardwareProfile) -> int:
@@ -262,7 +263,7 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
             chosen, breakdown = setup, candidate
             break
     fits = _fits(breakdown, budget, profile)
-    grad_accum = config.grad_accum or grad_accum_for(window, chosen.micro_batch)
+    grad_accum = config.grad_accum or grad_accum_for(window, chosen.micro_batch * config.gpus)
     step_time = estimate_step_time_s(shape, chosen, profile, grad_accum)
     notes = []
     if not shape.known:

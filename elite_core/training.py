@@ -364,6 +364,10 @@ class TrainingEngine:
         self.device = resolve_device(config)
         # distributed: join the launcher's process group (one process: nothing happens)
         self.rank = distributed.init_process_group(self.device)
+        if self.rank.world_size != config.gpus and self.rank.is_main:
+            self.emit(protocol.Warning(message=(
+                f"planned for {config.gpus} process(es) (gpus), running {self.rank.world_size}: the per-GPU memory "
+                "prediction and the automatic tokens per update assume the planned number")))
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)

@@ -27,7 +27,7 @@ def small_config(tmp_path, repo, **overrides):
 def launch(config, nproc: int, env: dict | None = None, timeout_s: float = 120):
     """Start a run exactly as the runner does (a pipe passed by fd number, the command from spawn_command) and read
     every event line from the pipe until it closes."""
-    run_dir = prepare_run_dir(config).resolve()
+    run_dir = prepare_run_dir(config.replace(gpus=nproc)).resolve()  # planned for the processes it runs
     if nproc > 1:
         distributed.save_launch(run_dir, distributed.LaunchSettings(nproc=nproc))
     read_fd, write_fd = os.pipe()

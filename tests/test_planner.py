@@ -18,6 +18,7 @@ from elite_core.planner import (
     plan_for_config,
     plan_tiers,
     resolve_precision,
+    resolved_grad_accum,
     select_tier,
 )
 from elite_core.tiers import TIERS
@@ -130,6 +131,9 @@ def test_learning_rate_and_accumulation_defaults():
     assert default_learning_rate(64, 4096) < default_learning_rate(16, 4096)
     assert default_learning_rate(8, 262144) <= default_learning_rate(8, 4096)
     assert grad_accum_for(4096, 1) == 8 and grad_accum_for(300000, 1) == 1
+    # auto accumulation counts every data-parallel process's micro-batches toward the tokens per update
+    one = default_config(model="x/y").with_tier(1)
+    assert resolved_grad_accum(one.replace(gpus=2)) == grad_accum_for(one.window_tokens, 2) < resolved_grad_accum(one)
 
 
 def test_max_micro_batch_matches_the_model():
