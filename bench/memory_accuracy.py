@@ -174,10 +174,10 @@ def crossed_points() -> list[Point]:
 
 
 def zero_points() -> list[Point]:
-    """DeepSpeed ZeRO-2 on one GPU, with and without CPU optimizer offload, beside the plain engine for speed."""
+    """DeepSpeed ZeRO-2 and -3 on one GPU, with and without CPU offload, beside the plain engine for speed."""
     points = []
     for model in ("Qwen2.5-Coder-1.5B", "Llama-3.1-8B"):
-        for deepspeed in ("off", "zero2", "zero2-offload"):
+        for deepspeed in ("off", "zero2", "zero2-offload", "zero3", "zero3-offload"):
             for seq in (4096, 16384):
                 points.append(Point(model, seq, 16, "on", deepspeed=deepspeed))
     return points

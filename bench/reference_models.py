@@ -49,3 +49,22 @@ def saved_random_model(name: str, config) -> Path:
             torch.cuda.empty_cache()
         print(f"saved a random {name} to {root} in {time.perf_counter() - started:.0f} s", flush=True)
     return root
+
+
+def random_model_loader(name: str, layers: int = 0):
+    """Stands in for elite_core.training.load_causal_lm: the reference model (first `layers` decoder layers only, when
+    given) built from its config with random weights, so a benchmark runs the engine's own model build on it."""
+    config = reference_config(name)
+    if layers:
+        config.num_hidden_layers = layers
+
+    def load(source, *, dtype, device, trust_remote_code=False, attn_implementation="sdpa", quantization_config=None,
+             seed=0, rope_scaling_factor=1.0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+    return load, config

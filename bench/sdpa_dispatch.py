@@ -28,23 +28,13 @@ def one_order(order: str, seq: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.reference_models import reference_config
+    from bench.reference_models import random_model_loader
     from elite_core import training
     from elite_core.config import RunConfig
     from elite_core.memory_model import TrainingSetup
 
     os.environ["ELITE_SDPA_BACKENDS"] = ORDERS[order]
-    config = reference_config("Llama-3.1-8B")
-    config.num_hidden_layers = 2
-
-    def load(source, *, dtype, device, trust_remote_code=False, attn_implementation="sdpa", quantization_config=None,
-             seed=0, rope_scaling_factor=1.0):
-        from transformers import AutoModelForCausalLM
-
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-
-    training.load_causal_lm = load
+    training.load_causal_lm, config = random_model_loader("Llama-3.1-8B", layers=2)
     training.prefer_sdpa_backends()
     setup = TrainingSetup(device="cuda", seq_tokens=seq, target_tokens=seq // 8, lora_rank=16, checkpointing="on")
     run_config = RunConfig(model="Llama-3.1-8B", lora_rank=16, lora_alpha=32)

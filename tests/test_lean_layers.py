@@ -151,6 +151,29 @@ def test_offload_keeps_the_first_bytes_on_the_gpu_and_moves_the_rest():
     assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in weights)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_offload_gives_the_synchronous_gradients_and_reuses_its_buffers():
+    weights = [torch.randn(512, 512, device="cuda", requires_grad=True) for _ in range(4)]
+
+    def gradients(overlap: bool):
+        for weight in weights:
+            weight.grad = None
+        with offload_saved_tensors(0, overlap=overlap):
+            x = torch.randn(512, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+            for weight in weights:
+                x = torch.tanh(x @ weight)
+            loss = x.square().sum()
+        loss.backward()
+        return [weight.grad.clone() for weight in weights]
+
+    synchronous = gradients(False)
+    assert all(torch.equal(a, b) for a, b in zip(synchronous, gradients(True)))
+    buffers = list(lean_layers.HOST_BUFFERS.buffers)
+    assert all(torch.equal(a, b) for a, b in zip(synchronous, gradients(True)))  # the second pass reuses them
+    assert [b.data_ptr() for b in lean_layers.HOST_BUFFERS.buffers] == [b.data_ptr() for b in buffers]
+
+
 def test_memory_model_counts_lean_norms_for_exactly_the_swapped_classes():
     from elite_core.memory_model import LEAN_NORM_MODEL_TYPES
 
