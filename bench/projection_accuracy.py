@@ -6,6 +6,10 @@ child as it always does), then the projection the report makes (elite_core.repor
 loss. "Actual" is the smoothed final loss, the mean training loss of the last tenth of the steps
 (estimates.smoothed_final_loss): one step's loss depends on which window it drew, so a single last step is noise.
 
+Beside the projection, each table scores the same fit against the step count instead of the learning-rate area, and
+with the annealing term C * S2 of Tissue et al. 2024 fitted from the same steps (off in the product: see
+estimates.LossFit), and quotes what the projection scored on these runs before it knew the schedule.
+
 Train 2 seeds x 100/200 steps x the default tier and tier 1, and score them:
 
     python bench/projection_accuracy.py
@@ -49,6 +53,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
+from elite_core.estimates import project_loss  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 
 WITHIN_PCT = 5.0
@@ -57,6 +62,13 @@ LATER_FRACTIONS = (0.3, 0.4, 0.5)
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "elite-runs" / "projection-bench"
 META_FILE = "bench-meta.json"
 NO_SIDE_WORK = ("compile_eval_prompts=0", "eval_every_steps=0", "checkpoint_every_seconds=0")
+BEFORE_SCHEDULE = {
+    "projection-bench": "3/8 within 5 %, mean |error| 8.6 %, max 18.0 %",
+    "projection-validation": "2/8 within 5 %, mean |error| 9.5 %, max 17.6 %",
+    "all": "5/16 within 5 %, mean |error| 9.1 %, max 18.0 %",
+}
+"""What the projection scored on these same runs before it knew the schedule (commit 544cae8: least squares over a
+grid of power and exponential curves in the step count), for comparison."""
 
 
 def machine_name() -> str:
@@ -137,6 +149,7 @@ def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
     error_pct = (projection.final_loss - actual) / actual * 100
     # The most likely single curve, which the projection was before it averaged the curves that fit.
     best_curve = float(dataclasses.replace(projection.fit, components=()).loss_at([projection.total_steps])[0])
+    against_steps, with_annealing = _counterfactuals(steps, fraction)
     return {
         "run": run_dir.name,
         "tier": config.tier,
@@ -159,10 +172,26 @@ def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
         "best_curve": round(best_curve, 5),
         "best_curve_error_pct": round((best_curve - actual) / actual * 100, 2),
         "fit": projection.fit.kind,
+        "fit_abscissa": projection.fit.abscissa,
         "fit_exponent": round(projection.fit.exponent, 6),
+        "steps_abscissa_error_pct": round((against_steps - actual) / actual * 100, 2),
+        "annealing_fitted_error_pct": round((with_annealing - actual) / actual * 100, 2),
         "train_s": round(finished.elapsed_s, 1) if finished else None,
         "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
     }
+
+
+def _counterfactuals(steps: list[protocol.StepMetrics], fraction: float) -> tuple[float, float]:
+    """The projected final loss of the same fit against the step count (no schedule; the warm-up left out as the
+    schedule-aware fit leaves it out), and with the paper's annealing term C * S2 fitted from the same steps."""
+    observed = steps[:int(len(steps) * fraction)]
+    total = steps[-1].step
+    peak = max(range(len(observed)), key=lambda index: observed[index].lr)
+    after_warmup = observed[peak:]
+    against_steps = project_loss([s.step for s in after_warmup], [s.loss for s in after_warmup], total)
+    with_annealing = project_loss([s.step for s in observed], [s.loss for s in observed], total,
+                                  [s.lr for s in observed], fit_annealing=True)
+    return against_steps.final_loss, with_annealing.final_loss
 
 
 def _tail_standard_error_pct(steps: list[protocol.StepMetrics]) -> float:
@@ -204,6 +233,10 @@ def format_table(rows: list[dict], fraction: float) -> str:
     lines.append(f"projection: {summary(rows)}; actual inside the band {in_band}/{len(rows)}")
     lines.append(f"best single curve: {sum(abs(e) <= WITHIN_PCT for e in best_errors)}/{len(rows)} within "
                  f"{WITHIN_PCT:.0f} %, mean |error| {sum(best_errors) / len(best_errors):.1f} %, max {max(best_errors):.1f} %")
+    lines.append(f"the same fit against the step count: {summary(rows, 'steps_abscissa_error_pct')}")
+    lines.append(f"with the annealing term C * S2 fitted too: {summary(rows, 'annealing_fitted_error_pct')}")
+    if rows and rows[0].get("runs_dir") in BEFORE_SCHEDULE:
+        lines.append(f"before (544cae8, step-count curves, least squares): {BEFORE_SCHEDULE[rows[0]['runs_dir']]}")
     for later in LATER_FRACTIONS:
         # No projection at all (too few steps after warm-up) counts as a miss.
         later_errors = [math.inf if e is None else abs(e) for e in (row["error_pct_from"][f"{later:.0%}"] for row in rows)]
@@ -225,8 +258,8 @@ def kept_runs(runs_dir: Path) -> list[tuple[Path, str, int]]:
     return found
 
 
-def summary(rows: list[dict]) -> str:
-    errors = [abs(row["error_pct"]) for row in rows]
+def summary(rows: list[dict], key: str = "error_pct") -> str:
+    errors = [abs(row[key]) for row in rows]
     return (f"{sum(e <= WITHIN_PCT for e in errors)}/{len(rows)} within {WITHIN_PCT:.0f} %, "
             f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %")
 
@@ -265,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"demo model (elite-tui run, no --model), repository: {meta['repo']}",
                      format_table(group, args.fraction), ""]
     if len(args.runs_dir) > 1:
-        sections.append("all runs: " + summary(rows))
+        sections += ["all runs: " + summary(rows),
+                     "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
+                     "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct"),
+                     "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]
 
     text = "\n".join(sections)
     print(text)

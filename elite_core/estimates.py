@@ -9,16 +9,28 @@ from typing import Sequence
 
 import numpy as np
 
+from elite_core.schedule import LrSchedule, effective_warmup_steps, schedule_from_reported_lrs
+
 ETA_WINDOW_STEPS = 200
 """The rate is measured over at most this many recent steps: recent enough to follow a change, long enough to smooth
 the one-off pauses (evaluation, checkpoints) into the rate they really cost."""
 MIN_FIT_POINTS = 6
+FIT_MAX_POINTS = 500
+"""Longer histories are thinned evenly to this many points: a curve of two coefficients gains nothing from more, and
+the monitor refits it four times a second."""
 POWER_EXPONENTS = np.geomspace(0.02, 4.0, 240)
-EXP_RATES = np.geomspace(1e-4, 1.0, 240)
 BAND_DELTA_CHI2 = 4.0
 """Curves whose squared error is within this many noise variances of the best fit stay in the band (about 2 sigma)."""
-FINE_GRID_POINTS = 81
 BAND_SIGMAS = 2.0
+HUBER_THRESHOLD_SIGMAS = 1.345
+"""Residuals past this many noise sigmas weigh linearly, not squared: Huber's usual constant (95 % efficient under
+Gaussian noise)."""
+MAD_TO_SIGMA = 1.4826
+"""The median absolute deviation of Gaussian noise times this is its standard deviation."""
+NOISE_FREE_SIGMA = 1e-9
+"""Below this share of the loss the points lie on a curve: least squares, and the residual error is the noise."""
+IRLS_MAX_ITERATIONS = 50
+IRLS_TOLERANCE = 1e-4
 FLAT_IMPROVEMENT = 0.01
 """An epoch that lowers the projected loss by less than 1 % is not worth its time."""
 MAX_RECOMMENDED_EPOCHS = 20
@@ -132,38 +144,92 @@ def estimate_eta(steps: Sequence[int], elapsed_s: Sequence[float], total_steps: 
 @dataclass(frozen=True)
 class CurveComponent:
     weight: float
-    kind: str
     offset: float
     scale: float
     exponent: float
+    annealing: float = 0.0
+    """C of the annealing term (0 unless fitted)."""
 
 
 @dataclass(frozen=True)
 class LossFit:
     """The loss curve fitted to the steps so far: the likelihood-weighted average of the curves
-    loss(step) = offset + scale * shape(step), shape step**-exponent or exp(-exponent * step), over a grid of exponents.
+    loss = offset + scale * x**-exponent - annealing * S2 over a grid of exponents, where x is the forward area of the
+    run's learning-rate schedule (schedule.LrSchedule.forward_area, the sum of the rates so far) when the schedule is
+    known, else the step count (Tissue et al. 2024, "Scaling Law with Learning Rate Annealing").
 
-    kind, offset, scale and exponent describe the most likely curve; `loss_at` is the average, which is what the
-    projection uses. Early in a run many curves fit the noisy losses about equally well, and the one that fits best
-    by a hair is often far off: on 16 recorded demo runs, from their first 20 % of steps, the best curve alone missed
-    the final loss by 22 % on average (up to 77 %), the average by 9 % (bench/results/projection-cpu.txt).
+    The annealing term (C * S2) is left at 0 unless asked for: from the first fifth of a cosine run S2 has reached
+    under 1 % of its final value, so a C fitted there is extrapolated 100 to 170 times, and on the recorded demo runs
+    it projected losses below zero (bench/results/projection-cpu.txt). What the forward area does know in advance is
+    that a decaying rate moves the weights less per step, so the curve flattens as the rate falls.
+
+    offset, scale and exponent describe the most likely curve; `loss_at` is the average, which is what the projection
+    uses: early in a run many curves fit the noisy losses about equally well, and the one that fits best by a hair is
+    often far off.
     """
 
     kind: str
-    """"power" or "exponential"."""
+    """"power": a power law in the abscissa."""
     offset: float
     scale: float
     exponent: float
     fitted_points: int
     residual_std: float
+    """The noise of one step's loss about the curve (a robust estimate: the median absolute residual, scaled)."""
     components: tuple[CurveComponent, ...] = ()
     """The curves averaged, weights summing to 1; empty means the single curve above."""
+    schedule: LrSchedule | None = None
+    """The run's learning-rate schedule, whose forward area is the abscissa; None: the step count is."""
+    annealing: float = 0.0
+    """C of the most likely curve."""
+
+    @property
+    def abscissa(self) -> str:
+        return "learning-rate area" if self.schedule is not None else "steps"
 
     def loss_at(self, steps) -> np.ndarray:
-        steps = np.asarray(steps, dtype=float)
-        if not self.components:
-            return self.offset + self.scale * _shape(self.kind, self.exponent, steps)
-        return sum(c.weight * (c.offset + c.scale * _shape(c.kind, c.exponent, steps)) for c in self.components)
+        """The fitted loss after each of `steps` optimizer steps of this run."""
+        return self._evaluate(np.asarray(steps, dtype=int), self.schedule)
+
+    def final_loss(self, total_steps: int) -> float:
+        """The fitted loss at the end of a run of `total_steps`, its schedule stretched to that length."""
+        schedule = self.schedule.with_total_steps(total_steps) if self.schedule is not None else None
+        return float(self._evaluate(np.asarray([total_steps]), schedule)[0])
+
+    def _evaluate(self, steps: np.ndarray, schedule: LrSchedule | None) -> np.ndarray:
+        curves = self.components or (CurveComponent(1.0, self.offset, self.scale, self.exponent, self.annealing),)
+        x = _abscissa(steps, schedule)
+        annealing_area = (schedule.annealing_area(steps) if schedule is not None and any(c.annealing for c in curves)
+                          else np.zeros(len(x)))
+        return sum(c.weight * (c.offset + c.scale * np.power(x, -c.exponent) - c.annealing * annealing_area)
+                   for c in curves)
+
+
+@dataclass(frozen=True)
+class CandidateCurves:
+    """Every curve of the exponent grid fitted to the same points, for the average and the band."""
+
+    exponents: np.ndarray
+    coefficients: np.ndarray
+    """Per exponent: offset, scale and, with the annealing term, C."""
+    objectives: np.ndarray
+    """Per exponent: the sum of the Huber losses of the residuals (half the squared error where none is large)."""
+    covariances: np.ndarray
+    """Per exponent: the covariance of the coefficients."""
+    valid: np.ndarray
+    """Falling curves with a non-negative floor: a cross-entropy cannot fall below zero."""
+    noise_variance: float
+
+    @property
+    def best_objective(self) -> float:
+        return float(self.objectives[self.valid].min())
+
+    def design(self, x: np.ndarray, annealing_area: np.ndarray) -> np.ndarray:
+        """Rows (offset, scale, C) of the design at abscissa x, per exponent: shape (exponents, len(x), coefficients)."""
+        columns = [np.ones((len(self.exponents), len(x))), np.power(x[None, :], -self.exponents[:, None])]
+        if self.coefficients.shape[1] == 3:
+            columns.append(np.broadcast_to(-annealing_area, columns[0].shape))
+        return np.stack(columns, axis=2)
 
 
 @dataclass(frozen=True)
@@ -183,119 +249,179 @@ class LossProjection:
     """Where one more epoch lowers the projected loss by less than 1 %; None without steps_per_epoch."""
 
 
-def _shape(kind: str, exponent: float, steps: np.ndarray) -> np.ndarray:
-    if kind == "power":
-        return np.power(steps, -exponent)
-    return np.exp(-exponent * steps)
+def _abscissa(steps: np.ndarray, schedule: LrSchedule | None) -> np.ndarray:
+    if schedule is None:
+        return np.asarray(steps, dtype=float)
+    return schedule.forward_area(steps)
 
 
-def _exponent_grids(steps: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
-    # Decay rates scale with the run's length: a rate per step that suits 100 steps is too fast for 10,000.
-    return (("power", POWER_EXPONENTS), ("exponential", EXP_RATES / max(1.0, steps.max() / 100.0)))
+def _fit_grid(design: np.ndarray, losses: np.ndarray, huber_threshold: float):
+    """Least squares of every exponent's design at once, reweighted to Huber's loss (iteratively reweighted least
+    squares); an infinite threshold is plain least squares. Returns coefficients, objectives and the coefficients'
+    covariances (Huber's asymptotic one: mean psi**2 over mean psi' squared times the inverse of the normal matrix,
+    which for least squares is the residual variance times that inverse)."""
+    weights = np.ones(design.shape[:2])
+    for _ in range(IRLS_MAX_ITERATIONS):
+        weighted = np.swapaxes(design, 1, 2) * weights[:, None, :]
+        coefficients = np.linalg.solve(weighted @ design, (weighted @ losses)[..., None])[..., 0]
+        residuals = losses[None, :] - (design @ coefficients[..., None])[..., 0]
+        if not math.isfinite(huber_threshold):
+            break
+        size = np.abs(residuals)
+        new_weights = np.where(size <= huber_threshold, 1.0, huber_threshold / np.maximum(size, 1e-300))
+        converged = np.max(np.abs(new_weights - weights)) < IRLS_TOLERANCE
+        weights = new_weights
+        if converged:
+            break
+    points, count = design.shape[1], design.shape[2]
+    psi = np.clip(residuals, -huber_threshold, huber_threshold)
+    inside = np.abs(residuals) <= huber_threshold
+    beyond = np.abs(residuals) - 0.5 * huber_threshold if math.isfinite(huber_threshold) else 0.0
+    objectives = np.where(inside, 0.5 * residuals**2, huber_threshold * beyond)
+    psi_variance = (psi**2).sum(axis=1) / max(1, points - count)
+    psi_slope = np.maximum(inside.mean(axis=1), 1.0 / points)
+    unweighted_inverse = np.linalg.inv(np.swapaxes(design, 1, 2) @ design)
+    covariances = (psi_variance / psi_slope**2)[:, None, None] * unweighted_inverse
+    return coefficients, objectives.sum(axis=1), covariances
 
 
-def _candidates(steps: np.ndarray, losses: np.ndarray, grids=None):
-    """Every grid curve with its least-squares offset and scale: (kind, exponent, offset, scale, squared error,
-    the unscaled covariance of offset and scale).
+def _candidates(x: np.ndarray, losses: np.ndarray, annealing_area: np.ndarray | None,
+                huber_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every grid exponent's curve: (exponents, coefficients, objectives, covariances). With the annealing term,
+    an exponent whose best C is negative (annealing would raise the loss) keeps its curve without the term."""
+    exponents = POWER_EXPONENTS[np.ptp(np.power(x[None, :], -POWER_EXPONENTS[:, None]), axis=1) > 1e-12]
+    ones = np.ones((len(exponents), len(x)))
+    basis = np.power(x[None, :], -exponents[:, None])
+    plain = _fit_grid(np.stack([ones, basis], axis=2), losses, huber_threshold)
+    if annealing_area is None or np.ptp(annealing_area) <= 0:
+        return exponents, *plain
+    annealed = _fit_grid(np.stack([ones, basis, np.broadcast_to(-annealing_area, ones.shape)], axis=2), losses,
+                         huber_threshold)
+    use_annealed = annealed[0][:, 2] >= 0
+    coefficients = np.where(use_annealed[:, None], annealed[0], np.pad(plain[0], ((0, 0), (0, 1))))
+    objectives = np.where(use_annealed, annealed[1], plain[1])
+    # Without the term, C is known exactly: its row and column of the covariance are 0.
+    covariances = np.where(use_annealed[:, None, None], annealed[2], np.pad(plain[2], ((0, 0), (0, 1), (0, 1))))
+    return exponents, coefficients, objectives, covariances
 
-    Only falling curves with a non-negative floor are kept; a cross-entropy cannot fall below zero.
-    """
-    design_ones = np.ones_like(steps)
-    for kind, grid in grids or _exponent_grids(steps):
-        for exponent in grid:
-            basis = _shape(kind, float(exponent), steps)
-            if np.ptp(basis) < 1e-12:
-                continue
-            design = np.stack([design_ones, basis], axis=1)
-            (offset, scale), *_ = np.linalg.lstsq(design, losses, rcond=None)
-            if scale <= 0 or offset < 0:
-                continue
-            error = float(np.sum((design @ np.array([offset, scale]) - losses) ** 2))
-            yield kind, float(exponent), float(offset), float(scale), error, np.linalg.pinv(design.T @ design)
+
+def _valid(coefficients: np.ndarray) -> np.ndarray:
+    return (coefficients[:, 1] > 0) & (coefficients[:, 0] >= 0)
 
 
-def fit_loss_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None) -> tuple[LossFit, list] | None:
-    """The fit (least squares over a grid of exponents, curves averaged by likelihood) and every candidate curve
+def fit_loss_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None, *,
+                   total_steps: int | None = None, schedule: LrSchedule | None = None,
+                   fit_annealing: bool = False) -> tuple[LossFit, CandidateCurves] | None:
+    """The fit (Huber's loss over a grid of exponents, curves averaged by likelihood) and every candidate curve
     (for the band).
 
-    With learning rates given, the warm-up steps (before the peak rate) are left out: the loss there follows the
-    ramp, not the decay the curve models.
+    The schedule is `schedule`, or the one the reported learning rates `lrs` follow over a run of `total_steps`
+    (schedule.schedule_from_reported_lrs); with none, the curve is fitted against the step count. The warm-up steps
+    (before the peak rate) are left out: the loss there follows the ramp, not the decay the curve models.
+
+    Huber's loss rather than squares: one window unlike the rest (a data file, a generated table) can cost three
+    times the loss of its neighbours, and a least-squares curve through 15 points follows it. The noise scale is the
+    median absolute residual of the best least-squares curve; noise-free points fall back to least squares.
     """
-    steps_array = np.asarray(steps, dtype=float)
+    steps_array = np.asarray(steps, dtype=int)
     loss_array = np.asarray(losses, dtype=float)
+    lr_array = np.asarray(lrs, dtype=float) if lrs is not None and len(lrs) == len(steps) else None
+    if schedule is None and lr_array is not None and total_steps:
+        schedule = schedule_from_reported_lrs(steps_array, lr_array, total_steps)
     keep = np.isfinite(loss_array) & (steps_array > 0)
-    if lrs is not None and len(lrs) == len(steps):
-        lr_array = np.asarray(lrs, dtype=float)
-        peak = int(np.argmax(lr_array))
-        keep &= np.arange(len(steps_array)) >= peak
+    if schedule is not None:
+        keep &= steps_array >= effective_warmup_steps(schedule.warmup_steps, schedule.total_steps)
+    elif lr_array is not None:
+        keep &= np.arange(len(steps_array)) >= int(np.argmax(lr_array))
     steps_array, loss_array = steps_array[keep], loss_array[keep]
+    if len(steps_array) > FIT_MAX_POINTS:
+        chosen = np.unique(np.linspace(0, len(steps_array) - 1, FIT_MAX_POINTS).round().astype(int))
+        steps_array, loss_array = steps_array[chosen], loss_array[chosen]
     if len(steps_array) < MIN_FIT_POINTS:
         return None
-    coarse = list(_candidates(steps_array, loss_array))
-    if not coarse:
+    x = _abscissa(steps_array, schedule)
+    annealing_area = schedule.annealing_area(steps_array) if fit_annealing and schedule is not None else None
+    coefficient_count = 2 if annealing_area is None or np.ptp(annealing_area) <= 0 else 3
+
+    exponents, coefficients, objectives, covariances = _candidates(x, loss_array, annealing_area, math.inf)
+    valid = _valid(coefficients)
+    if not valid.any():
         return None
-    candidates = list(coarse)
-    # A finer grid between the best coarse exponent's neighbours: extrapolation is sensitive to the exponent.
-    kind, exponent = min(candidates, key=lambda c: c[4])[:2]
-    grid = dict(_exponent_grids(steps_array))[kind]
-    position = int(np.argmin(np.abs(grid - exponent)))
-    fine = np.linspace(grid[max(0, position - 1)], grid[min(len(grid) - 1, position + 1)], FINE_GRID_POINTS)
-    candidates += list(_candidates(steps_array, loss_array, ((kind, fine),)))
-    best = min(candidates, key=lambda c: c[4])
-    kind, exponent, offset, scale, error, _ = best
-    noise_variance = error / max(1, len(steps_array) - 3)
-    averaged = coarse if any(c is best for c in coarse) else coarse + [best]
-    fit = LossFit(kind=kind, offset=offset, scale=scale, exponent=exponent, fitted_points=len(steps_array),
-                  residual_std=math.sqrt(noise_variance),
-                  components=_averaged_components(averaged, error, noise_variance))
+    best = int(np.argmin(np.where(valid, objectives, np.inf)))
+    residuals = loss_array - _design_row(x, annealing_area, exponents[best], coefficient_count) @ coefficients[best]
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
+    if sigma > NOISE_FREE_SIGMA * max(1.0, float(np.abs(loss_array).max())):
+        exponents, coefficients, objectives, covariances = _candidates(x, loss_array, annealing_area,
+                                                                    HUBER_THRESHOLD_SIGMAS * sigma)
+        noise_variance = sigma**2
+    else:
+        noise_variance = 2.0 * float(objectives[best]) / max(1, len(x) - coefficient_count - 1)
+    valid = _valid(coefficients)
+    if not valid.any():
+        return None
+    candidates = CandidateCurves(exponents=exponents, coefficients=coefficients, objectives=objectives,
+                                 covariances=covariances, valid=valid, noise_variance=noise_variance)
+    best = int(np.argmin(np.where(valid, objectives, np.inf)))
+    annealing_of = (lambda index: float(coefficients[index, 2])) if coefficients.shape[1] == 3 else (lambda index: 0.0)
+    fit = LossFit(kind="power", offset=float(coefficients[best, 0]), scale=float(coefficients[best, 1]),
+                  exponent=float(exponents[best]), fitted_points=len(x), residual_std=math.sqrt(noise_variance),
+                  components=_averaged_components(candidates, annealing_of), schedule=schedule,
+                  annealing=annealing_of(best))
     return fit, candidates
 
 
-def _averaged_components(candidates: list, best_error: float, noise_variance: float) -> tuple[CurveComponent, ...]:
-    """Each curve weighted by its likelihood under Gaussian noise of the best fit's variance.
+def _design_row(x: np.ndarray, annealing_area: np.ndarray | None, exponent: float, coefficient_count: int) -> np.ndarray:
+    columns = [np.ones_like(x), np.power(x, -exponent)]
+    if coefficient_count == 3:
+        columns.append(-annealing_area)
+    return np.stack(columns, axis=1)
 
-    Over the coarse grid only, whose exponents are evenly spaced in log: a log-uniform prior on the exponent (the fine
-    grid would crowd weight around the best). Curves below MIN_COMPONENT_WEIGHT of the best are dropped.
+
+def _averaged_components(candidates: CandidateCurves, annealing_of) -> tuple[CurveComponent, ...]:
+    """Each curve weighted by its likelihood under Gaussian noise of the estimated variance.
+
+    The grid's exponents are evenly spaced in log: a log-uniform prior on the exponent. Curves below
+    MIN_COMPONENT_WEIGHT of the best are dropped.
     """
-    errors = np.array([c[4] for c in candidates])
     # Noise-free data (exact curves) have a zero best error: then only the best curve counts.
-    scaled = (errors - best_error) / (2.0 * max(noise_variance, 1e-300))
-    weights = np.exp(-scaled)
+    scaled = (candidates.objectives - candidates.best_objective) / max(candidates.noise_variance, 1e-300)
+    weights = np.where(candidates.valid, np.exp(-scaled), 0.0)
     keep = weights >= MIN_COMPONENT_WEIGHT
     total = float(weights[keep].sum())
-    return tuple(CurveComponent(weight=float(w) / total, kind=c[0], offset=c[2], scale=c[3], exponent=c[1])
-                 for c, w, kept in zip(candidates, weights, keep) if kept)
+    return tuple(CurveComponent(weight=float(weights[index]) / total, offset=float(candidates.coefficients[index, 0]),
+                                scale=float(candidates.coefficients[index, 1]),
+                                exponent=float(candidates.exponents[index]), annealing=annealing_of(index))
+                 for index in np.flatnonzero(keep))
 
 
 def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int, lrs: Sequence[float] | None = None,
-                 steps_per_epoch: int | None = None, curve_points: int = 40) -> LossProjection | None:
+                 steps_per_epoch: int | None = None, curve_points: int = 40, *, schedule: LrSchedule | None = None,
+                 fit_annealing: bool = False) -> LossProjection | None:
     """The projected loss at total_steps (the averaged fit) with a band of the curves that fit the data about as well
-    as the best.
+    as the best, each widened by two standard errors of its own coefficients.
 
     None until enough steps (after warm-up) exist for a fit.
     """
-    fitted = fit_loss_curve(steps, losses, lrs)
+    last_step = int(max(steps)) if len(steps) else 0
+    end = max(total_steps, last_step)
+    fitted = fit_loss_curve(steps, losses, lrs, total_steps=end, schedule=schedule, fit_annealing=fit_annealing)
     if fitted is None:
         return None
     fit, candidates = fitted
-    best_error = min(c[4] for c in candidates)
-    noise_variance = best_error / max(1, fit.fitted_points - 3)
-    accepted = [c for c in candidates if c[4] <= best_error + BAND_DELTA_CHI2 * noise_variance]
-    last_step = int(max(steps))
-    end = max(total_steps, last_step)
     curve_steps = np.unique(np.linspace(last_step, end, curve_points).round().astype(int))
-    lows, highs = [], []
-    for kind, exponent, offset, scale, _, covariance in accepted:
-        basis = _shape(kind, exponent, curve_steps.astype(float))
-        curve = offset + scale * basis
-        # Two standard errors of the fitted mean at each step, from the offset and scale uncertainty of this curve
-        rows = np.stack([np.ones_like(basis), basis], axis=1)
-        spread = BAND_SIGMAS * np.sqrt(noise_variance * np.einsum("ij,jk,ik->i", rows, covariance, rows))
-        lows.append(curve - spread)
-        highs.append(curve + spread)
+    x = _abscissa(curve_steps, fit.schedule)
+    annealing_area = (fit.schedule.annealing_area(curve_steps) if candidates.coefficients.shape[1] == 3
+                      else np.zeros(len(x)))
+    accepted = candidates.valid & (candidates.objectives <= candidates.best_objective
+                                   + BAND_DELTA_CHI2 / 2.0 * candidates.noise_variance)
+    rows = candidates.design(x, annealing_area)[accepted]
+    curves = np.einsum("mnp,mp->mn", rows, candidates.coefficients[accepted])
+    # Two standard errors of each curve's fitted mean at each step, from its coefficients' covariance
+    spread = BAND_SIGMAS * np.sqrt(np.maximum(np.einsum("mnp,mpq,mnq->mn", rows, candidates.covariances[accepted],
+                                                        rows), 0.0))
     projected = fit.loss_at(curve_steps)
-    low = np.maximum(np.minimum(np.min(lows, axis=0), projected), 0.0)
-    high = np.maximum(np.max(highs, axis=0), projected)
+    low = np.maximum(np.minimum((curves - spread).min(axis=0), projected), 0.0)
+    high = np.maximum((curves + spread).max(axis=0), projected)
     return LossProjection(
         fit=fit, total_steps=end, final_loss=float(projected[-1]),
         final_loss_low=float(low[-1]), final_loss_high=float(high[-1]),
@@ -307,10 +433,11 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
 
 def recommend_epochs(fit: LossFit, steps_per_epoch: int, flat_improvement: float = FLAT_IMPROVEMENT,
                      max_epochs: int = MAX_RECOMMENDED_EPOCHS) -> int:
-    """The first epoch count after which one more epoch lowers the projected loss by less than `flat_improvement`."""
+    """The first epoch count after which one more epoch lowers the projected final loss by less than
+    `flat_improvement`; each count is a run of its own length, whose schedule decays over all of it."""
     for epochs in range(1, max_epochs):
-        now = float(fit.loss_at([epochs * steps_per_epoch])[0])
-        following = float(fit.loss_at([(epochs + 1) * steps_per_epoch])[0])
+        now = fit.final_loss(epochs * steps_per_epoch)
+        following = fit.final_loss((epochs + 1) * steps_per_epoch)
         if now <= 0 or (now - following) / now < flat_improvement:
             return epochs
     return max_epochs

@@ -227,3 +227,14 @@ def test_multigpu_benchmark_parses_and_explains_itself():
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--out" in result.stdout and "tokens_per_s" in result.stdout
+
+
+def test_largest_layer_elements_counts_one_decoder_layer():
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    one_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert distributed.largest_layer_elements(model) == one_layer == 32 * (32 + 16 + 16 + 32) + 3 * 32 * 48 + 2 * 32

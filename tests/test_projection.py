@@ -7,10 +7,12 @@ seeds) that `python bench/projection_accuracy.py --fixture tests/data/projection
 machine and the table are in bench/results/projection-cpu.txt. "Actual" is the smoothed final loss, the mean of the
 last tenth of the steps, as in the report.
 
-The issue's target (within 5 % from the first 20 %) is not met on these runs, for reasons no curve fit of the first
-fifth can see: on 100-step runs the first fifth is 5 warm-up steps and the demo's first fast drop (the random model
-learning byte frequencies), not the slower fall that follows; tier-2 runs read each window 1.6 to 3.4 times and their
-training loss falls again as windows repeat; and the actual itself has a standard error of 1.2 to 4.5 %.
+The projection fits a power law in the learning-rate area (the sum of the rates, known to the end from the schedule)
+with Huber's loss. It was chosen on the 8 runs of projection-bench (seeds 1234 and 7) and then scored once on the 8
+held-out runs of projection-validation (seeds 11 and 12): 3/8 within 5 %, mean |error| 5.8 %, where the step-count
+projection it replaced had 2/8 and 9.5 %. The issue's target (every run within 5 %) is still not met: on 100-step runs
+the first fifth is 5 warm-up steps and the demo's first fast drop; tier-2 runs read each window 1.6 to 3.4 times and
+their training loss falls again as windows repeat; and the actual itself has a standard error of 1.2 to 4.5 %.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from pathlib import Path
 import pytest
 
 from elite_core import protocol
+from elite_core.estimates import project_loss
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check
+from elite_core.schedule import LrSchedule
 
 RUNS_FILE = Path(__file__).parent / "data" / "projection-demo-runs.jsonl"
 TARGET_PCT = 5.0
 RUNS = [json.loads(line) for line in RUNS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+DEMO_WARMUP_STEPS = 5
 
 
 def step_events(run: dict) -> list[protocol.StepMetrics]:
@@ -53,26 +58,49 @@ def test_the_fixture_holds_real_runs_of_each_configuration():
         assert sum(run["losses"][-10:]) / 10 < 0.7 * run["losses"][0]
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[run["run"] for run in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[f"{run['run']}-seed{run['seed']}" for run in RUNS])
+def test_the_projection_reads_the_schedule_from_the_reported_rates(run):
+    projection, _ = projection_check(step_events(run), PROJECTION_FROM_FRACTION)
+    assert projection.fit.schedule == LrSchedule(warmup_steps=DEMO_WARMUP_STEPS, total_steps=run["steps"][-1])
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[f"{run['run']}-seed{run['seed']}" for run in RUNS])
 def test_projection_from_the_first_fifth_has_no_wild_miss(run):
-    # The most likely single curve alone once projected 1.26 for a run that reached 3.32 (-62 %).
+    # Before the projection knew the schedule and used Huber's loss, runs missed by up to 18 %.
     error, _ = errors_pct(run)
-    assert abs(error) <= 20.0, error
+    assert abs(error) <= 15.0, error
 
 
 def test_projection_on_recorded_demo_runs():
-    """What the recorded runs show (5 of 16 within 5 %, mean |error| 9.1 %), held as a floor; it is not the issue's
+    """What the recorded runs show (6 of 16 within 5 %, mean |error| 6.9 %), held as a floor; it is not the issue's
     target of every run within 5 %, which these runs do not meet (see the module docstring)."""
     errors = [errors_pct(run)[0] for run in RUNS]
     within = sum(abs(error) <= TARGET_PCT for error in errors)
     mean_abs = sum(abs(error) for error in errors) / len(errors)
     print(f"within {TARGET_PCT} %: {within}/{len(errors)}, mean |error| {mean_abs:.1f} %")
-    assert within >= 5
-    assert mean_abs <= 10.0
+    assert within >= 6
+    assert mean_abs <= 7.0
+
+
+def test_the_learning_rate_area_beats_the_step_count_with_the_same_fit():
+    """The same fit against the step count (warm-up left out alike) misses by 8.4 % on average, 6.9 % against the
+    area; the area is closer on 12 of the 16 runs."""
+    area_errors, step_errors = [], []
+    for run in RUNS:
+        count = int(len(run["steps"]) * PROJECTION_FROM_FRACTION)
+        projection, actual = projection_check(step_events(run), PROJECTION_FROM_FRACTION)
+        against_steps = project_loss(run["steps"][DEMO_WARMUP_STEPS - 1:count],
+                                     run["losses"][DEMO_WARMUP_STEPS - 1:count], run["steps"][-1])
+        assert against_steps.fit.schedule is None
+        area_errors.append(abs(projection.final_loss - actual) / actual)
+        step_errors.append(abs(against_steps.final_loss - actual) / actual)
+    closer = sum(area < steps for area, steps in zip(area_errors, step_errors))
+    assert sum(area_errors) < 0.9 * sum(step_errors), (sum(area_errors), sum(step_errors))
+    assert closer >= 10
 
 
 def test_averaging_the_curves_that_fit_beats_the_best_curve_alone():
     pairs = [errors_pct(run) for run in RUNS]
     averaged = sum(abs(error) for error, _ in pairs) / len(pairs)
     single = sum(abs(error) for _, error in pairs) / len(pairs)
-    assert averaged < 0.7 * single, (averaged, single)
+    assert averaged < 0.9 * single, (averaged, single)
