@@ -362,12 +362,15 @@ def fit_loss_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[
     candidates = CandidateCurves(exponents=exponents, coefficients=coefficients, objectives=objectives,
                                  covariances=covariances, valid=valid, noise_variance=noise_variance)
     best = int(np.argmin(np.where(valid, objectives, np.inf)))
-    annealing_of = (lambda index: float(coefficients[index, 2])) if coefficients.shape[1] == 3 else (lambda index: 0.0)
     fit = LossFit(kind="power", offset=float(coefficients[best, 0]), scale=float(coefficients[best, 1]),
                   exponent=float(exponents[best]), fitted_points=len(x), residual_std=math.sqrt(noise_variance),
-                  components=_averaged_components(candidates, annealing_of), schedule=schedule,
-                  annealing=annealing_of(best))
+                  components=_averaged_components(candidates), schedule=schedule,
+                  annealing=_annealing_of(coefficients, best))
     return fit, candidates
+
+
+def _annealing_of(coefficients: np.ndarray, index: int) -> float:
+    return float(coefficients[index, 2]) if coefficients.shape[1] == 3 else 0.0
 
 
 def _design_row(x: np.ndarray, annealing_area: np.ndarray | None, exponent: float, coefficient_count: int) -> np.ndarray:
@@ -377,7 +380,7 @@ def _design_row(x: np.ndarray, annealing_area: np.ndarray | None, exponent: floa
     return np.stack(columns, axis=1)
 
 
-def _averaged_components(candidates: CandidateCurves, annealing_of) -> tuple[CurveComponent, ...]:
+def _averaged_components(candidates: CandidateCurves) -> tuple[CurveComponent, ...]:
     """Each curve weighted by its likelihood under Gaussian noise of the estimated variance.
 
     The grid's exponents are evenly spaced in log: a log-uniform prior on the exponent. Curves below
@@ -390,7 +393,8 @@ def _averaged_components(candidates: CandidateCurves, annealing_of) -> tuple[Cur
     total = float(weights[keep].sum())
     return tuple(CurveComponent(weight=float(weights[index]) / total, offset=float(candidates.coefficients[index, 0]),
                                 scale=float(candidates.coefficients[index, 1]),
-                                exponent=float(candidates.exponents[index]), annealing=annealing_of(index))
+                                exponent=float(candidates.exponents[index]),
+                                annealing=_annealing_of(candidates.coefficients, index))
                  for index in np.flatnonzero(keep))
 
 

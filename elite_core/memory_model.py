@@ -257,6 +257,10 @@ class MemoryConstants:
     deepspeed_runtime_bytes: int = 400 * MIB
     """DeepSpeed ZeRO's GPU buffers beyond the modelled partitions and buckets (H100, one GPU, 8 points of ZeRO-2 with
     and without offload at 4K/16K: measured 0.13-0.40 GiB over the partitions at 4K; bench/results/memory-h100-zero)."""
+    zero3_offload_margin: float = 0.12
+    """ZeRO-3 with parameter offload, per byte of the modelled allocation: not a fit but a safety margin. Its
+    prediction missed by -7.9 .. +11 % on an H100 (3 points; bench/results/memory-h100-zero), so a tier marked as
+    fitting must not rest on it."""
     tiled_mlp_transient_hidden: float = 2.5
     """Tiled MLP: the tiles' outputs and their concatenation, bytes per token per hidden unit per byte of compute dtype
     (H100, 5 points: 1.5-2.4)."""
@@ -522,6 +526,8 @@ def predict_memory(
                     + constants.cuda_margin_of_activations * activations)
         if stage:
             overhead += constants.deepspeed_runtime_bytes
+        if stage == 3 and zero_offload(setup.deepspeed):
+            overhead += constants.zero3_offload_margin * allocated
     return MemoryBreakdown(
         weights_bytes=int(weights),
         lora_bytes=int(lora),

@@ -233,3 +233,19 @@ def test_auto_gradient_accumulation_aims_at_32k_tokens_per_update():
     fixed = config.replace(grad_accum=3)
     assert plan_for_config(LLAMA_8B, fake_profile("h100"), fixed).grad_accum == 3 == resolved_grad_accum(fixed)
     assert default_config().grad_accum == 1  # the demo shows 50 single-window steps
+
+
+def test_flash_attn_only_where_it_beats_sdpa():
+    from elite_core.hardware import Capability, fake_profile
+    from elite_core.planner import FLASH_ATTENTION, attention_for
+
+    h100 = fake_profile("h100")
+    with_flash = tuple(Capability(c.name, True, "installed", c.fallback) if c.name == "flash-attn" else c
+                       for c in h100.capabilities)
+    assert attention_for(h100) == "sdpa"  # not installed
+    assert attention_for(dataclasses.replace(h100, capabilities=with_flash)) == "sdpa"  # Hopper: cuDNN SDPA is faster
+    ampere_gpu = dataclasses.replace(h100.gpus[0], architecture="Ampere", compute_capability=(8, 0))
+    ampere = dataclasses.replace(h100, gpus=(ampere_gpu,), capabilities=with_flash)
+    assert attention_for(ampere) == FLASH_ATTENTION
+    assert "flash-attn" in plan_tiers(LLAMA_8B, ampere, default_config(model="x/y"))[0].options
+    assert attention_for(fake_profile("cpu")) == "sdpa"
