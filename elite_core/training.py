@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from elite_core import checkpoints, distributed, protocol
+from elite_core import checkpoints, distributed, protocol, schedule
 from elite_core.config import RunConfig, zero_offload
 from elite_core.lean_layers import offload_saved_tensors, share_adapter_inputs, use_lean_norms
 from elite_core.memory_model import TrainingSetup
@@ -222,16 +222,8 @@ def make_optimizer(model, config: RunConfig, setup: TrainingSetup, device: str):
 
 
 def lr_lambda(config: RunConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    """Linear warm-up, then cosine decay to a tenth of the peak (elite_core.schedule owns the math)."""
+    return schedule.lr_lambda(config.warmup_steps, total_steps)
 
 
 @dataclass

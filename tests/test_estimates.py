@@ -8,7 +8,7 @@ import pytest
 
 from elite_core import protocol
 from elite_core.config import default_config
-from elite_core.estimates import (epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs)
+from elite_core.estimates import epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs
 from elite_core.schedule import LrSchedule, lr_factor, schedule_from_reported_lrs
 
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
