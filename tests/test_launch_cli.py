@@ -149,21 +149,6 @@ def finished_run(process: subprocess.Popen, timeout_s: float = 150) -> str:
     return out
 
 
-@pytest.mark.slow
-def test_run_with_two_processes_trains_two_gloo_ranks(tiny_repo, runs):
-    out = finished_run(cli_run("--repo", str(tiny_repo), "--output", str(runs), "--run-name", "ddp", "--gpus", "2",
-                               *SMALL_RUN))
-    run_dir = runs / "ddp"
-    assert distributed.read_launch(run_dir) == distributed.LaunchSettings(nproc=2)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    [started] = [e for e in events if e["type"] == "started"]
-    # one window of 192 + 64 tokens per rank and step: 2 ranks took part
-    assert started["tokens_per_step"] == 2 * (192 + 64)
-    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
-    assert events[-1]["type"] == "finished" and "finished at step 2" in out
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-
-
 def reachable_address() -> str | None:
     """This machine's first non-loopback IPv4 address: the two 'nodes' meet over TCP, as two machines would."""
     import ipaddress
