@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +140,8 @@ class LrFindResult:
             return None
 
 
-class LrFindFailed(Exception):
-    def __init__(self, message: str, hint: str = "", kind: str = "exception"):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.kind = kind
+class LrFindFailed(protocol.ChildJobFailed):
+    pass
 
 
 def smoothed_losses(losses: Sequence[float], beta: float = SMOOTHING) -> list[float]:
@@ -293,39 +288,13 @@ def lr_find_mode(engine, request: LrFindRequest, run_dir: Path, emit) -> protoco
 def lr_find_training(config: RunConfig, request: LrFindRequest, find_dir: Path, dataset_dir: Path,
                      timeout_s: float = 600.0, on_event: Callable[[object], None] | None = None) -> LrFindResult:
     """Run the sweep in one training child in find_dir (its config.yaml is written here); raises LrFindFailed."""
-    from elite_core.runner import RunLockedError, TrainingProcess
+    from elite_core.runner import run_child_job
 
-    find_dir = Path(find_dir)
-    find_dir.mkdir(parents=True, exist_ok=True)
-    config.save(find_dir / "config.yaml")
-    (find_dir / LR_FIND_FILE).unlink(missing_ok=True)
-    try:
-        process = TrainingProcess.spawn(find_dir, dataset_dir=dataset_dir, child_args=request.child_args())
-    except RunLockedError as exc:
-        raise LrFindFailed(str(exc), "wait for the other sweep to end, or close the elite-tui that runs it") from exc
-    timer = threading.Timer(timeout_s, process.kill)
-    timer.daemon = True
-    timer.start()
-    finished = None
-    try:
-        for event in process.events():
-            if on_event is not None:
-                on_event(event)
-            if isinstance(event, protocol.Finished):
-                finished = event
-            elif isinstance(event, protocol.Error):
-                if event.kind == "crash" and not timer.is_alive():
-                    raise LrFindFailed(f"the learning-rate sweep took longer than {timeout_s:.0f} s and was stopped",
-                                       f"see {find_dir / 'child.log'}", "timeout")
-                hint = ("lower the tier or micro-batch, then sweep again" if event.kind == "oom"
-                        else f"see {find_dir / 'child.log'}")
-                raise LrFindFailed(event.message, hint, event.kind)
-    finally:
-        timer.cancel()
-        if process.is_alive():
-            process.kill()
-    result = LrFindResult.load(find_dir / LR_FIND_FILE)
-    if finished is None or result is None:
-        raise LrFindFailed("the learning-rate sweep ended without a result", f"see {find_dir / 'child.log'}")
+    path = run_child_job(config, find_dir, dataset_dir, request.child_args(), LR_FIND_FILE,
+                         what="learning-rate sweep", oom_hint="lower the tier or micro-batch, then sweep again",
+                         failure=LrFindFailed, timeout_s=timeout_s, on_event=on_event)
+    result = LrFindResult.load(path)
+    if result is None:
+        raise LrFindFailed("the learning-rate sweep ended without a result", f"see {Path(find_dir) / 'child.log'}")
     return result
 

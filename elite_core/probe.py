@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +143,8 @@ def saved_calibration(run_dir: str | Path, model: str, device: str) -> RateCalib
     return probe.calibration()
 
 
-class ProbeFailed(Exception):
-    def __init__(self, message: str, hint: str = "", kind: str = "exception"):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.kind = kind
+class ProbeFailed(protocol.ChildJobFailed):
+    pass
 
 
 class _SearchCut(Exception):
@@ -296,34 +291,12 @@ def run_probes(engine, request: ProbeRequest, emit: Callable[[object], None]) ->
 def probe_training(config: RunConfig, request: ProbeRequest, probe_dir: Path, dataset_dir: Path,
                    timeout_s: float = 600.0, on_event: Callable[[object], None] | None = None) -> ProbeResult:
     """Run the probes in one training child in probe_dir (its config.yaml is written here); raises ProbeFailed."""
-    from elite_core.runner import TrainingProcess
+    from elite_core.runner import run_child_job
 
-    probe_dir = Path(probe_dir)
-    probe_dir.mkdir(parents=True, exist_ok=True)
-    config.save(probe_dir / "config.yaml")
-    (probe_dir / PROBE_FILE).unlink(missing_ok=True)
-    process = TrainingProcess.spawn(probe_dir, dataset_dir=dataset_dir, child_args=request.child_args())
-    timer = threading.Timer(timeout_s, process.kill)
-    timer.daemon = True
-    timer.start()
-    finished = None
-    try:
-        for event in process.events():
-            if on_event is not None:
-                on_event(event)
-            if isinstance(event, protocol.Finished):
-                finished = event
-            elif isinstance(event, protocol.Error):
-                if event.kind == "crash" and not timer.is_alive():
-                    raise ProbeFailed(f"the probe took longer than {timeout_s:.0f} s and was stopped",
-                                      f"see {probe_dir / 'child.log'}", "timeout")
-                hint = "lower the tier or micro-batch" if event.kind == "oom" else f"see {probe_dir / 'child.log'}"
-                raise ProbeFailed(event.message, hint, event.kind)
-    finally:
-        timer.cancel()
-        if process.is_alive():
-            process.kill()
-    result = ProbeResult.load(probe_dir / PROBE_FILE)
-    if finished is None or result is None:
-        raise ProbeFailed("the probe ended without a result", f"see {probe_dir / 'child.log'}")
+    path = run_child_job(config, probe_dir, dataset_dir, request.child_args(), PROBE_FILE, what="probe",
+                         oom_hint="lower the tier or micro-batch", failure=ProbeFailed, timeout_s=timeout_s,
+                         on_event=on_event)
+    result = ProbeResult.load(path)
+    if result is None:
+        raise ProbeFailed("the probe ended without a result", f"see {Path(probe_dir) / 'child.log'}")
     return result

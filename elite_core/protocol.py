@@ -158,3 +158,13 @@ def decode_event(line: str) -> Event:
 
 def decode_command(line: str) -> Command:
     return _decode(line, COMMAND_TYPES)
+
+
+class ChildJobFailed(Exception):
+    """A short job of the training child (pre-flight probe, learning-rate sweep) that ended without its result."""
+
+    def __init__(self, message: str, hint: str = "", kind: str = "exception"):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.kind = kind

@@ -281,6 +281,47 @@ class AttachedRun:
         self._signal(signal.SIGKILL)
 
 
+def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_args: Sequence[str], result_file: str,
+                  *, what: str, oom_hint: str, failure: type[protocol.ChildJobFailed], timeout_s: float = 600.0,
+                  on_event=None) -> Path:
+    """Run one training child in job_dir (its config.yaml is written there) in the mode child_args ask for, until it
+    finishes; return the path of the result file it wrote, or raise `failure` with a hint (out of memory, timeout,
+    crash, another controller holding the directory)."""
+    import threading
+
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    config.save(job_dir / "config.yaml")
+    result_path = job_dir / result_file
+    result_path.unlink(missing_ok=True)
+    log_hint = f"see {job_dir / CHILD_LOG}"
+    try:
+        process = TrainingProcess.spawn(job_dir, dataset_dir=dataset_dir, child_args=child_args)
+    except RunLockedError as exc:
+        raise failure(str(exc), f"wait for the other {what} to end, or close the elite-tui that runs it") from exc
+    timer = threading.Timer(timeout_s, process.kill)
+    timer.daemon = True
+    timer.start()
+    finished = None
+    try:
+        for event in process.events():
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, protocol.Finished):
+                finished = event
+            elif isinstance(event, protocol.Error):
+                if event.kind == "crash" and not timer.is_alive():
+                    raise failure(f"the {what} took longer than {timeout_s:.0f} s and was stopped", log_hint, "timeout")
+                raise failure(event.message, oom_hint if event.kind == "oom" else log_hint, event.kind)
+    finally:
+        timer.cancel()
+        if process.is_alive():
+            process.kill()
+    if finished is None or not result_path.is_file():
+        raise failure(f"the {what} ended without a result", log_hint)
+    return result_path
+
+
 def step_down(config: RunConfig) -> tuple[RunConfig, str] | None:
     """The next smaller setup after an out-of-memory error, and what changed; None when nothing smaller is left.
 
