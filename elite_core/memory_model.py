@@ -246,7 +246,7 @@ class MemoryConstants:
     cuda_margin_of_loss: float = 0.33
     """Reserved over allocated on CUDA (expandable segments), per byte of the loss chunk's peak: its large blocks,
     freed before each layer's backward, leave holes that smaller blocks cannot fill. Set to cover the worst of 150
-    H100 points (0.16 was the median fit; the tiled MLP's 5 points and rank-32 QLoRA points needed 0.28-0.36)."""
+    H100 points (0.16 was the median fit; the tiled MLP's points and rank-32 QLoRA points needed 0.28-0.36)."""
     cuda_margin_of_activations: float = 0.0
     """The same per byte of activations (H100 fit with the lean layers: 0.0; 0.031 before them)."""
     cuda_offload_slack_layer_inputs: float = 2.5
@@ -487,9 +487,10 @@ def predict_memory(
     # backward peak (the last layer's) one layer's worth exists; fully trained modules get theirs at the loss.
     # All of them exist at the optimizer step, when the activations are gone: that moment is the peak only for tiny
     # windows. (Counting every gradient at the backward peak over-predicted rank 32 by 1.5-2 %.)
-    adapter_gradients = gradients - extra_params * extra_bytes_per_param
-    backward_gradients = adapter_gradients / max(1, shape.layers) + (gradients - adapter_gradients)
-    optimizer_step_peak = 2.0 * gradients  # the gradients, and AdamW's temporaries of their size
+    all_gradients = gradients
+    adapter_gradients = all_gradients - extra_params * extra_bytes_per_param
+    backward_gradients = adapter_gradients / max(1, shape.layers) + (all_gradients - adapter_gradients)
+    optimizer_step_peak = 2.0 * all_gradients  # the gradients, and AdamW's temporaries of their size
     gradients = max(backward_gradients, optimizer_step_peak - activations - logits)
 
     stage = zero_stage(setup.deepspeed) if not on_cpu else 0
@@ -502,17 +503,19 @@ def predict_memory(
         lora = trainable * sixteen / (gpus if stage == 3 else 1)
         gradients = 2 * min(trainable, ZERO_BUCKET_ELEMENTS) * sixteen + trainable * sixteen / gpus
         optimizer = trainable * (4.0 + 8.0 + 4.0) / gpus
-        if zero_offload(setup.deepspeed):
+        offload = zero_offload(setup.deepspeed)
+        if offload:
             cpu_offload += optimizer * gpus  # every GPU's partition (on one node; an upper bound for several)
             optimizer = 0.0
         if stage == 3:
             # Frozen weights are split too and gathered about two layers at a time (one prefetched).
             gathered = 2 * shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
-            resident = gathered if zero_offload(setup.deepspeed) else gathered + max(0.0, weights - gathered) / gpus
-            cpu_offload += max(0.0, weights - gathered) if zero_offload(setup.deepspeed) else 0.0
-            weights = min(weights, resident)
+            sharded = max(0.0, weights - gathered)
+            if offload:
+                cpu_offload += sharded
+            weights = min(weights, gathered + (0.0 if offload else sharded / gpus))
     elif gpus > 1 and not on_cpu:
-        gradients += lora_params * adapter_bytes + extra_params * extra_bytes_per_param  # DDP's gradient buckets
+        gradients += all_gradients  # DDP's gradient buckets
 
     allocated = weights + lora + gradients + optimizer + activations + logits
     if on_cpu:
