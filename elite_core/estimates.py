@@ -3,6 +3,7 @@ fitted to the losses so far, with a band and a recommended number of epochs. num
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -11,9 +12,13 @@ import numpy as np
 
 from elite_core.schedule import LrSchedule, effective_warmup_steps, schedule_from_reported_lrs
 
-ETA_WINDOW_STEPS = 200
-"""The rate is measured over at most this many recent steps: recent enough to follow a change, long enough to smooth
-the one-off pauses (evaluation, checkpoints) into the rate they really cost."""
+ETA_WINDOW_S = 600.0
+"""The rate is measured over the steps of the last ten minutes of wall time: recent enough to follow a change, long
+enough to smooth the one-off pauses (evaluation, checkpoints) into the rate they really cost. A window counted in steps
+was either seconds long on fast steps (a 200-step window of 30 ms steps misread 5 s of noise as the rate by 25 %) or
+hours long on slow ones."""
+ETA_MIN_WINDOW_STEPS = 20
+"""...but never fewer step intervals than this when the history has them: one slow step is not a rate."""
 MIN_FIT_POINTS = 6
 FIT_MAX_POINTS = 500
 """Longer histories are thinned evenly to this many points: a curve of two coefficients gains nothing from more, and
@@ -122,7 +127,7 @@ class Eta:
 
 
 def estimate_eta(steps: Sequence[int], elapsed_s: Sequence[float], total_steps: int,
-                 window_steps: int = ETA_WINDOW_STEPS) -> Eta | None:
+                 window_s: float = ETA_WINDOW_S) -> Eta | None:
     """Time left until `total_steps`, from the wall time between the recent step events.
 
     The first step event is only a starting mark: its elapsed time holds model loading, the dataset build and the
@@ -131,7 +136,8 @@ def estimate_eta(steps: Sequence[int], elapsed_s: Sequence[float], total_steps: 
     if len(steps) < 2 or len(steps) != len(elapsed_s):
         return None
     last = len(steps) - 1
-    first = max(0, last - window_steps)
+    in_window = bisect.bisect_left(elapsed_s, elapsed_s[last] - window_s)
+    first = max(0, min(in_window, last - ETA_MIN_WINDOW_STEPS))
     step_span = steps[last] - steps[first]
     if step_span <= 0:
         return None

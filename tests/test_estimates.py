@@ -28,9 +28,13 @@ def test_eta_ignores_setup_time_and_the_first_step():
 
 
 def test_eta_follows_a_change_of_rate_through_its_window():
+    # 1 s a step for 100 steps, then 2 s a step: after 200 s more, a 200-s window holds only the new rate.
     steps = list(range(1, 401))
     elapsed = [float(s) if s <= 100 else 100.0 + 2.0 * (s - 100) for s in steps]
-    assert estimate_eta(steps, elapsed, 500, window_steps=200).seconds_per_step == pytest.approx(2.0)
+    assert estimate_eta(steps, elapsed, 500, window_s=200.0).seconds_per_step == pytest.approx(2.0)
+    # ...and minutes-long steps still average over the last 20, not over the one step the window holds.
+    slow = [60.0 * s + (30.0 if s == 400 else 0.0) for s in steps]
+    assert estimate_eta(steps, slow, 500, window_s=100.0).seconds_per_step == pytest.approx(60.0 + 30.0 / 20)
 
 
 def test_power_law_with_noise_is_projected_within_two_percent_and_inside_its_band():
@@ -118,6 +122,7 @@ def _engine(tmp_path, repo, run_name, **overrides):
     return engine, events
 
 
+@pytest.mark.alone
 def test_eta_after_30_s_is_within_10_percent_on_a_real_cpu_run(tmp_path, tiny_repo):
     """A real demo run of about 40 s, sized from a probe of 8 steps; the ETA at the first step 30 s in is compared
     with the wall time the remaining steps really took. (The loss projection's 5 % target is measured on a 200-step

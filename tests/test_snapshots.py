@@ -6,6 +6,7 @@ Update after an intended UI change: pytest tests/test_snapshots.py --snapshot-up
 from __future__ import annotations
 
 import pytest
+from textual.widgets import Input
 
 from elite_tui.showcase import showcase_app
 
@@ -22,6 +23,9 @@ def workdir(tmp_path, monkeypatch):
 async def settle(pilot) -> None:
     await pilot.pause()
     await pilot.app.workers.wait_for_complete()
+    # A blinking cursor in a focused field made snapshots differ from run to run (overrides, setup).
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
     await pilot.pause()
 
 
@@ -41,7 +45,6 @@ class TestErrors:
         async def type_bad_rank(pilot):
             await settle(pilot)
             field = pilot.app.screen.query_one("#field-lora_rank")
-            field.cursor_blink = False  # a blinking cursor made the snapshot differ from run to run
             field.value = "abc"
             await settle(pilot)
 
@@ -51,7 +54,6 @@ class TestErrors:
         async def missing_repo(pilot):
             await settle(pilot)
             field = pilot.app.screen.query_one("#field-repo")
-            field.cursor_blink = False
             field.value = "no-such-repo"
             await pilot.pause()
 
