@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,33 +13,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # every training child they start, would oversubscribe the cores. Set before anything imports torch.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-
-@pytest.fixture(autouse=True)
-def _share_the_machine(request):
-    """Tests marked `alone` time wall clock: under pytest-xdist they run with no other test beside them.
-
-    A readers-writer lock over files all workers see: every test holds it shared, an `alone` test exclusively. The
-    turnstile gives the waiting `alone` test priority, or the other worker could take the shared lock again between two
-    of its tests for ever.
-    """
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
-        yield
-        return
-    base = Path(tempfile.gettempdir()) / f"elite-tests-{run_id}"
-    alone = request.node.get_closest_marker("alone") is not None
-    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.share", "a") as share:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        if alone:
-            fcntl.flock(share, fcntl.LOCK_EX)
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
-        if not alone:
-            fcntl.flock(share, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(share, fcntl.LOCK_UN)
 
 TINY_REPO_FILES = 24
 """Enough source text for a few 4,608-token windows of the byte-level demo tokenizer, and still quick to build."""
