@@ -124,7 +124,7 @@ def _engine(tmp_path, repo, run_name, **overrides):
 
 @pytest.mark.alone
 def test_eta_after_30_s_is_within_10_percent_on_a_real_cpu_run(tmp_path, tiny_repo):
-    """A real demo run of about 40 s, sized from a probe of 8 steps; the ETA at the first step 30 s in is compared
+    """A real demo run of about RUN_TARGET_S (60 s), sized from a probe of 8 steps; the ETA at the first step 30 s in is compared
     with the wall time the remaining steps really took. (The loss projection's 5 % target is measured on a 200-step
     run over real code, not here: on the tiny repository the loss falls to near zero, where a relative error means
     nothing.)"""
