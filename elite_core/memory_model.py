@@ -261,6 +261,9 @@ class MemoryConstants:
     """ZeRO-3 with parameter offload, per byte of the modelled allocation: not a fit but a safety margin. Its
     prediction missed by -7.9 .. +11 % on an H100 (3 points; bench/results/memory-h100-zero), so a tier marked as
     fitting must not rest on it."""
+    zero3_margin: float = 0.05
+    """ZeRO-3 without offload, the same kind of margin: on one H100 it measured 0.07-0.70 GiB over ZeRO-2's modelled
+    partitions (its gather buffers; 3 points, -4.8 % at worst without a margin), too few and too scattered to fit."""
     tiled_mlp_transient_hidden: float = 2.5
     """Tiled MLP: the tiles' outputs and their concatenation, bytes per token per hidden unit per byte of compute dtype
     (H100, 5 points: 1.5-2.4)."""
@@ -529,8 +532,9 @@ def predict_memory(
                     + constants.cuda_margin_of_activations * activations)
         if stage:
             overhead += constants.deepspeed_runtime_bytes
-        if stage == 3 and zero_offload(setup.deepspeed):
-            overhead += constants.zero3_offload_margin * allocated
+        if stage == 3:
+            margin = constants.zero3_offload_margin if zero_offload(setup.deepspeed) else constants.zero3_margin
+            overhead += margin * allocated
     return MemoryBreakdown(
         weights_bytes=int(weights),
         lora_bytes=int(lora),
