@@ -24,6 +24,10 @@ Score the kept runs again after a change of the fit, and refresh the test fixtur
     python bench/projection_accuracy.py --rescore --runs-dir elite-runs/projection-bench elite-runs/projection-validation
         --fixture tests/data/projection-demo-runs.jsonl
 
+Score the runs the fixture holds, without their run directories (how the committed table is made):
+
+    python bench/projection_accuracy.py --from-fixture tests/data/projection-demo-runs.jsonl
+
 Training writes the runs under --runs-dir (default elite-runs/projection-bench) and scores them; --rescore scores every
 finished run under the given directories without training. --fixture also writes each run's steps, losses and
 learning rates (tests/test_projection.py fits them).
@@ -69,6 +73,12 @@ BEFORE_SCHEDULE = {
 }
 """What the projection scored on these same runs before it knew the schedule (commit 544cae8: least squares over a
 grid of power and exponential curves in the step count), for comparison."""
+BEFORE_WARMUP = {
+    "projection-bench": "3/8 within 5 %, mean |error| 8.0 %, max 14.8 %; actual inside the band 6/8",
+    "projection-validation": "3/8 within 5 %, mean |error| 5.8 %, max 11.3 %; actual inside the band 7/8",
+    "all": "6/16 within 5 %, mean |error| 6.9 %, max 14.8 %",
+}
+"""What the same fit scored with the warm-up steps left out of it (commit 2bcc1aa), for comparison."""
 
 
 def machine_name() -> str:
@@ -142,19 +152,24 @@ def read_steps(run_dir: Path) -> tuple[list[protocol.StepMetrics], protocol.Fini
 def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
     config = RunConfig.load(run_dir / "config.yaml")
     steps, finished = read_steps(run_dir)
+    row = score_steps(steps, fraction, run_dir.name, seed)
+    row.update(tier=config.tier, tier_choice=label_tier, window_tokens=config.window_tokens,
+               train_s=round(finished.elapsed_s, 1) if finished else None)
+    return row
+
+
+def score_steps(steps: list[protocol.StepMetrics], fraction: float, name: str, seed: int) -> dict:
+    """The scores of one run from its step events alone."""
     checked = projection_check(steps, fraction)
     if checked is None:
-        raise RuntimeError(f"{run_dir}: too few steps for a projection")
+        raise RuntimeError(f"{name}: too few steps for a projection")
     projection, actual = checked
     error_pct = (projection.final_loss - actual) / actual * 100
     # The most likely single curve, which the projection was before it averaged the curves that fit.
     best_curve = float(dataclasses.replace(projection.fit, components=()).loss_at([projection.total_steps])[0])
     against_steps, with_annealing = _counterfactuals(steps, fraction)
     return {
-        "run": run_dir.name,
-        "tier": config.tier,
-        "tier_choice": label_tier,
-        "window_tokens": config.window_tokens,
+        "run": name,
         "seed": seed,
         "total_steps": steps[-1].step,
         "epochs": round(steps[-1].epoch, 3),
@@ -176,14 +191,13 @@ def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
         "fit_exponent": round(projection.fit.exponent, 6),
         "steps_abscissa_error_pct": round((against_steps - actual) / actual * 100, 2),
         "annealing_fitted_error_pct": round((with_annealing - actual) / actual * 100, 2),
-        "train_s": round(finished.elapsed_s, 1) if finished else None,
         "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
     }
 
 
 def _counterfactuals(steps: list[protocol.StepMetrics], fraction: float) -> tuple[float, float]:
-    """The projected final loss of the same fit against the step count (no schedule; the warm-up left out as the
-    schedule-aware fit leaves it out), and with the paper's annealing term C * S2 fitted from the same steps."""
+    """The projected final loss of the same fit against the step count (no schedule; the warm-up left out: the step
+    count does not model the ramp), and with the paper's annealing term C * S2 fitted from the same steps."""
     observed = steps[:int(len(steps) * fraction)]
     total = steps[-1].step
     peak = max(range(len(observed)), key=lambda index: observed[index].lr)
@@ -212,9 +226,37 @@ def _error_pct(steps: list[protocol.StepMetrics], fraction: float) -> float | No
 
 def loss_series(run_dir: Path, row: dict) -> dict:
     steps, _ = read_steps(run_dir)
-    return {"run": row["run"], "tier": row["tier"], "seed": row["seed"], "window_tokens": row["window_tokens"],
+    return {"run": row["run"], "runs_dir": row["runs_dir"], "machine": row["machine"], "tier": row["tier"],
+            "seed": row["seed"], "window_tokens": row["window_tokens"],
             "steps": [s.step for s in steps], "losses": [round(s.loss, 6) for s in steps],
             "lrs": [float(f"{s.lr:.6g}") for s in steps], "epochs": [round(s.epoch, 5) for s in steps]}
+
+
+def fixture_steps(series: dict) -> list[protocol.StepMetrics]:
+    """A fixture line's steps as the step events they were recorded from (rates and timings not kept are 0)."""
+    return [protocol.StepMetrics(step=step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=0.0, memory_bytes=0,
+                                 elapsed_s=0.0)
+            for step, epoch, loss, lr in zip(series["steps"], series["epochs"], series["losses"], series["lrs"])]
+
+
+def score_fixture(path: Path, fraction: float) -> tuple[list[dict], list[str]]:
+    """Every run of a fixture written by --fixture, grouped by the runs directory it was trained in."""
+    groups: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        series = json.loads(line)
+        row = score_steps(fixture_steps(series), fraction, series["run"], series["seed"])
+        row.update(tier=series["tier"], tier_choice=series["run"].split("-")[0].removeprefix("tier"),
+                   window_tokens=series["window_tokens"], train_s=None, runs_dir=series["runs_dir"],
+                   machine=series["machine"])
+        groups.setdefault(series["runs_dir"], []).append(row)
+    rows, sections = [], []
+    for runs_dir, group in groups.items():
+        rows += group
+        sections += [f"{runs_dir}: rescored from {path.name} (losses and rates as trained on {group[0]['machine']})",
+                     format_table(group, fraction), ""]
+    return rows, sections
 
 
 def format_table(rows: list[dict], fraction: float) -> str:
@@ -235,6 +277,8 @@ def format_table(rows: list[dict], fraction: float) -> str:
                  f"{WITHIN_PCT:.0f} %, mean |error| {sum(best_errors) / len(best_errors):.1f} %, max {max(best_errors):.1f} %")
     lines.append(f"the same fit against the step count: {summary(rows, 'steps_abscissa_error_pct')}")
     lines.append(f"with the annealing term C * S2 fitted too: {summary(rows, 'annealing_fitted_error_pct')}")
+    if rows and rows[0].get("runs_dir") in BEFORE_WARMUP:
+        lines.append(f"before (2bcc1aa, the warm-up left out of the fit): {BEFORE_WARMUP[rows[0]['runs_dir']]}")
     if rows and rows[0].get("runs_dir") in BEFORE_SCHEDULE:
         lines.append(f"before (544cae8, step-count curves, least squares): {BEFORE_SCHEDULE[rows[0]['runs_dir']]}")
     for later in LATER_FRACTIONS:
@@ -243,7 +287,7 @@ def format_table(rows: list[dict], fraction: float) -> str:
         lines.append(f"from the first {later:.0%} instead: {sum(e <= WITHIN_PCT for e in later_errors)}/{len(rows)} "
                      f"within {WITHIN_PCT:.0f} %, mean |error| {sum(later_errors) / len(later_errors):.1f} %, "
                      f"max {max(later_errors):.1f} %")
-    lines.append(f"projected from the first {fraction:.0%} of steps (warm-up left out); actual = mean training loss of "
+    lines.append(f"projected from the first {fraction:.0%} of steps (warm-up included); actual = mean training loss of "
                  f"the last tenth of the steps, +-se its standard error (the reference is itself this uncertain)")
     return "\n".join(lines)
 
@@ -278,7 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "projection-cpu",
                         help="results prefix: writes PREFIX.jsonl and PREFIX.txt")
     parser.add_argument("--fixture", type=Path, help="also write each run's steps, losses and learning rates here")
+    parser.add_argument("--from-fixture", type=Path, metavar="FILE",
+                        help="score the runs a --fixture file holds instead of run directories (no training)")
     args = parser.parse_args(argv)
+
+    if args.from_fixture:
+        rows, sections = score_fixture(args.from_fixture, args.fraction)
+        if len({row["runs_dir"] for row in rows}) > 1:
+            sections += all_runs_summary(rows)
+        write_results(args.out, rows, "\n".join(sections))
+        return 0
 
     if not args.rescore:
         if len(args.runs_dir) != 1:
@@ -298,22 +351,31 @@ def main(argv: list[str] | None = None) -> int:
                      f"demo model (elite-tui run, no --model), repository: {meta['repo']}",
                      format_table(group, args.fraction), ""]
     if len(args.runs_dir) > 1:
-        sections += ["all runs: " + summary(rows),
-                     "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
-                     "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct"),
-                     "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]
+        sections += all_runs_summary(rows)
 
-    text = "\n".join(sections)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row) + "\n" for row in rows)
-    args.out.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    write_results(args.out, rows, "\n".join(sections))
     if args.fixture:
         args.fixture.parent.mkdir(parents=True, exist_ok=True)
         with open(args.fixture, "w", encoding="utf-8") as out:
             out.writelines(json.dumps(item, separators=(",", ":")) + "\n" for item in series)
     return 0
+
+
+def all_runs_summary(rows: list[dict]) -> list[str]:
+    in_band = sum(row["in_band"] for row in rows)
+    return ["all runs: " + summary(rows) + f"; actual inside the band {in_band}/{len(rows)}",
+            "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
+            "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct"),
+            "all runs before (2bcc1aa, the warm-up left out of the fit): " + BEFORE_WARMUP["all"],
+            "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]
+
+
+def write_results(prefix: Path, rows: list[dict], text: str) -> None:
+    print(text)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(prefix.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    prefix.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
 
 
 def train_matrix(args) -> None:

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
     run.add_argument("--reprofile", action="store_true")
+    run.add_argument("--preflight", choices=("auto", "on", "off"), default="auto",
+                     help="the wizard's pre-flight checks before training. auto (default): all of them on a CUDA GPU, "
+                          "where real probe steps confirm the largest micro-batch; on a CPU the checks without steps "
+                          "(a CPU does not run out of memory, it swaps). on: the probe steps everywhere. off: none")
     launch = run.add_argument_group("several GPUs or machines")
     launch.add_argument("--gpus", type=int, metavar="N",
                         help="training processes per node: GPUs, or CPU processes on a CPU run (default 1)")
@@ -391,10 +395,32 @@ def _run(args) -> int:
     if launch.is_distributed:
         print(f"{launch.world_size} training processes ({launch.nproc} per node, node {launch.node_rank} of "
               f"{launch.nnodes})")
-    _build_dataset(config)
+    summary = _build_dataset(config)
+    config = _preflight(args.preflight, config, profile, summary)
     from elite_tui.engine import Engine
 
     return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0)
+
+
+def _preflight(mode: str, config: RunConfig, profile, summary) -> RunConfig:
+    """The wizard's pre-flight checks, one line each; the first failure stops the run with its fix, before training.
+    Returns the config to train with: the probe steps' confirmed micro-batch (and the accumulation that keeps the
+    tokens per update), as the wizard's Pre-flight screen hands on."""
+    if mode == "off":
+        return config
+    from elite_core.preflight import run_preflight
+
+    on_gpu = profile.has_gpu and config.device != "cpu"
+    shape = _load_shape(config.model, config.trust_remote_code)
+    confirmed = config
+    for result in run_preflight(config, profile, summary, shape, run_step=mode == "on" or on_gpu):
+        print(f"pre-flight: {result.name}: {'ok' if result.ok else 'FAILED'}: {result.message}", flush=True)
+        if not result.ok:
+            raise CliError(f"pre-flight check failed ({result.name}): {result.fix_hint or result.message}"
+                           + "; --preflight off skips the checks")
+        if result.config is not None:
+            confirmed = result.config
+    return confirmed
 
 
 def _lr_find(args) -> int:

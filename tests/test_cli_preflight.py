@@ -1,0 +1,65 @@
+"""`elite-tui run` runs the wizard's pre-flight checks before training: each printed, the first failure stops the run
+with its fix before anything trains, and the probe's confirmed config is the one that trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elite_tui.cli import main
+
+SMALL_RUN = ["--max-steps", "2", "--set", "device=cpu", "--set", "context_tokens=192", "--set", "target_tokens=64",
+             "--set", "lora_rank=8", "--set", "eval_every_steps=0", "--set", "compile_eval_prompts=0",
+             "--set", "checkpoint_every_seconds=0", "--set", "eval_fraction=0"]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "runs"
+
+
+def test_run_prints_every_check_then_trains_with_the_probed_config(tiny_repo, runs, capsys):
+    code = main(["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "checked", "--tier", "1",
+                 "--preflight", "on", *SMALL_RUN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    checks = [line for line in out.splitlines() if line.startswith("pre-flight: ")]
+    assert [line.split(": ")[1] for line in checks] == [
+        "output directory writable", "model and tokenizer load", "dataset has training windows",
+        "memory fits with headroom", "training steps run"]
+    assert all(": ok: " in line for line in checks), checks
+    assert "tokens/s" in checks[-1]  # the probe measured the rate
+    run_dir = runs / "checked"
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert probe["micro_batch"] == 1 and probe["tokens_per_s"] > 0
+    assert (run_dir / "adapter").is_dir()
+    # the probe's scratch directory is gone; the run's own files are there
+    assert not (run_dir / "preflight-probe").exists()
+    assert "step      2" in out
+
+
+def test_on_a_cpu_auto_runs_the_checks_without_probe_steps(tiny_repo, runs, capsys):
+    code = main(["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "auto", "--tier", "1",
+                 *SMALL_RUN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    names = [line.split(": ")[1] for line in out.splitlines() if line.startswith("pre-flight: ")]
+    assert names == ["output directory writable", "model and tokenizer load", "dataset has training windows",
+                     "memory fits with headroom"]
+    assert not (runs / "auto" / "probe.json").exists()
+
+
+def test_a_failed_check_stops_the_run_before_training_and_keeps_the_dataset(tiny_repo, runs, capsys):
+    # Tier 7's window (about 295K tokens) at micro-batch 4 needs several times this machine's RAM.
+    code = main(["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "too-big", "--tier", "7",
+                 "--max-steps", "2", "--set", "device=cpu", "--set", "micro_batch=4"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "pre-flight: memory fits with headroom: FAILED: predicted" in out
+    assert "pre-flight check failed (memory fits with headroom): pick a lower tier" in err
+    assert "--preflight off" in err
+    run_dir = runs / "too-big"
+    assert (run_dir / "dataset" / "manifest.json").exists()  # what was built is kept
+    assert not (run_dir / "events.jsonl").exists() and not (run_dir / "adapter").exists()
