@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     run.add_argument("--config", type=Path, help="a run config YAML (other options are then ignored)")
     run.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
-    run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 60 on the demo)")
+    run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 50 on the demo)")
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
     run.add_argument("--reprofile", action="store_true")

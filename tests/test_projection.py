@@ -11,10 +11,12 @@ The projection fits a power law in the learning-rate area (the sum of the rates,
 with Huber's loss, the warm-up steps included (the area models the ramp). Each change was chosen on the 8 runs of
 projection-bench (seeds 1234 and 7) and then scored on the 8 held-out runs of projection-validation (seeds 11 and 12).
 Fitting the warm-up too took the held-out runs from 3/8 within 5 % (mean |error| 5.8 %, max 11.3 %) to 6/8 (3.2 %,
-max 9.3 %), and the bench runs from 3/8 (8.0 %, max 14.8 %) to 5/8 (4.5 %, max 8.4 %). Tried on the bench runs and
+max 9.3 %), and the bench runs from 3/8 (8.0 %, max 14.8 %) to 5/8 (4.5 %, max 8.4 %). Then 8 more runs were trained
+with that fit fixed (projection-fresh, seeds 13 and 14, same tree and configurations): 6/8 within 5 %, mean 3.6 %,
+max 9.7 % (with the warm-up left out they would have scored 4/8, 5.6 %, max 18.9 %). Tried on the bench runs and
 not kept, no clear gain there: a Student-t likelihood, a fit of the log-loss, the Laplace evidence of each exponent, an
-average with pure power laws (no offset). The issue's target (every run within 5 %) is still not met: 5 of 16 runs
-miss by 5.0 to 9.3 %, the noise of 20 to 40 steps whose loss depends on the window drawn, against an actual that
+average with pure power laws (no offset). The issue's target (every run within 5 %) is still not met: 7 of 24 runs
+miss by 5.0 to 9.7 %, the noise of 20 to 40 steps whose loss depends on the window drawn, against an actual that
 itself has a standard error of 1.2 to 4.5 %. Repeated windows are not what is left: fitted to its whole first epoch,
 each multi-epoch run's later epochs come out within -3.2 to +3.9 % of the curve (with the warm-up left out they fell
 4 to 10 % below it by the fourth epoch, which looked like a repetition effect), so the fit has no epoch term.
@@ -80,34 +82,35 @@ def test_projection_from_the_first_fifth_has_no_wild_miss(run):
 
 
 def test_projection_on_recorded_demo_runs():
-    """What the recorded runs show (11 of 16 within 5 %, mean |error| 3.9 %; 6 and 6.9 % with the warm-up left out),
+    """What the recorded runs show (17 of 24 within 5 %, mean |error| 3.8 %; 10 and 6.5 % with the warm-up left out),
     held as a floor; it is not the issue's target of every run within 5 %, which these runs do not meet (see the
     module docstring)."""
     errors = [errors_pct(run)[0] for run in RUNS]
     within = sum(abs(error) <= TARGET_PCT for error in errors)
     mean_abs = sum(abs(error) for error in errors) / len(errors)
     print(f"within {TARGET_PCT} %: {within}/{len(errors)}, mean |error| {mean_abs:.1f} %")
-    assert within >= 11
+    assert within >= 17
     assert mean_abs <= 4.0
 
 
 def test_projection_on_the_held_out_runs():
-    """The runs no choice of the fit was tuned on (seeds 11 and 12): 6 of 8 within 5 %, mean |error| 3.2 %."""
-    errors = [errors_pct(run)[0] for run in RUNS if run["runs_dir"] == "projection-validation"]
-    assert len(errors) == 8
-    assert sum(abs(error) <= TARGET_PCT for error in errors) >= 6
+    """The runs no choice of the fit was tuned on: seeds 11 and 12, and seeds 13 and 14, trained after the fit was
+    chosen (projection-fresh): 12 of 16 within 5 %, mean |error| 3.4 % (each set 6 of 8)."""
+    errors = [errors_pct(run)[0] for run in RUNS if run["runs_dir"] in ("projection-validation", "projection-fresh")]
+    assert len(errors) == 16
+    assert sum(abs(error) <= TARGET_PCT for error in errors) >= 12
     assert sum(abs(error) for error in errors) / len(errors) <= 3.5
 
 
 def test_the_band_holds_the_actual_on_all_but_one_run():
     held = sum(projection.final_loss_low <= actual <= projection.final_loss_high
                for projection, actual in (projection_check(step_events(run), PROJECTION_FROM_FRACTION) for run in RUNS))
-    assert held >= 15
+    assert held >= 22  # of 24
 
 
 def test_the_learning_rate_area_beats_the_step_count_with_the_same_fit():
     """The same fit against the step count (the warm-up left out: the step count does not model the ramp) misses by
-    8.4 % on average, 3.9 % against the area; the area is closer on 13 of the 16 runs."""
+    8.6 % on average, 3.8 % against the area; the area is closer on 19 of the 24 runs."""
     area_errors, step_errors = [], []
     for run in RUNS:
         count = int(len(run["steps"]) * PROJECTION_FROM_FRACTION)
@@ -119,11 +122,11 @@ def test_the_learning_rate_area_beats_the_step_count_with_the_same_fit():
         step_errors.append(abs(against_steps.final_loss - actual) / actual)
     closer = sum(area < steps for area, steps in zip(area_errors, step_errors))
     assert sum(area_errors) < 0.6 * sum(step_errors), (sum(area_errors), sum(step_errors))
-    assert closer >= 12
+    assert closer >= 18
 
 
 def test_averaging_the_curves_that_fit_beats_the_best_curve_alone():
-    # Measured: 3.9 % against 5.5 %.
+    # Measured: 3.8 % against 5.7 % (24 runs).
     pairs = [errors_pct(run) for run in RUNS]
     averaged = sum(abs(error) for error, _ in pairs) / len(pairs)
     single = sum(abs(error) for _, error in pairs) / len(pairs)
