@@ -38,6 +38,30 @@ def write_tiny_repo(root: Path, files: int = TINY_REPO_FILES) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request):
+    """Training children run in their own session, so that an SSH drop does not reach them; a test that fails or times
+    out while one trains would leave it running, and its load would skew every later test (a CPU run at 301K tokens
+    once went on for minutes after its test). After each test, whatever still runs on that test's files is killed."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    marker = str(request.getfixturevalue("tmp_path"))
+    yield
+    import psutil
+
+    leftovers = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.info["pid"] != os.getpid() and any(marker in part for part in process.info["cmdline"] or ()):
+            leftovers.append(process)
+    for process in leftovers:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=10)
+
+
 @pytest.fixture
 def tiny_repo(tmp_path: Path) -> Path:
     return write_tiny_repo(tmp_path / "repo")
