@@ -366,6 +366,7 @@ def _run(args) -> int:
             raise CliError(f"cannot read {args.config}: {exc.strerror or exc}") from exc
         profile = _profile_hardware(config.output_dir, args.reprofile)
         config = config.replace(gpus=_processes_per_node(args, config.gpus, "--config") * args.nnodes)
+        shape = None
     else:
         config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
                                 run_name=args.run_name or new_run_name())
@@ -396,13 +397,13 @@ def _run(args) -> int:
         print(f"{launch.world_size} training processes ({launch.nproc} per node, node {launch.node_rank} of "
               f"{launch.nnodes})")
     summary = _build_dataset(config)
-    config = _preflight(args.preflight, config, profile, summary)
+    config = _preflight(args.preflight, config, profile, summary, shape)
     from elite_tui.engine import Engine
 
     return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0)
 
 
-def _preflight(mode: str, config: RunConfig, profile, summary) -> RunConfig:
+def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> RunConfig:
     """The wizard's pre-flight checks, one line each; the first failure stops the run with its fix, before training.
     Returns the config to train with: the probe steps' confirmed micro-batch (and the accumulation that keeps the
     tokens per update), as the wizard's Pre-flight screen hands on."""
@@ -411,7 +412,7 @@ def _preflight(mode: str, config: RunConfig, profile, summary) -> RunConfig:
     from elite_core.preflight import run_preflight
 
     on_gpu = profile.has_gpu and config.device != "cpu"
-    shape = _load_shape(config.model, config.trust_remote_code)
+    shape = shape or _load_shape(config.model, config.trust_remote_code)
     confirmed = config
     for result in run_preflight(config, profile, summary, shape, run_step=mode == "on" or on_gpu):
         print(f"pre-flight: {result.name}: {'ok' if result.ok else 'FAILED'}: {result.message}", flush=True)
