@@ -126,8 +126,8 @@ def _engine(tmp_path, repo, run_name, **overrides):
 
 @pytest.mark.alone
 def test_eta_after_30_s_is_within_10_percent_on_a_real_cpu_run(tmp_path, tiny_repo):
-    """A real demo run of about RUN_TARGET_S (60 s), sized from a probe of PROBE_STEPS steps; the ETA at the first step 30 s in is compared
-    with the wall time the remaining steps really took. (The loss projection's 5 % target is measured on a 200-step
+    """A real demo run of about RUN_TARGET_S (60 s), sized from a probe of PROBE_STEPS steps; the ETA at the first
+    step 30 s in is compared with the wall time the remaining steps really took. (The loss projection's 5 % target is measured on a 200-step
     run over real code, not here: on the tiny repository the loss falls to near zero, where a relative error means
     nothing.)
 
@@ -148,7 +148,8 @@ def _run_and_check_the_eta(tmp_path, tiny_repo):
     probe_steps = [e for e in probe_events if isinstance(e, protocol.StepMetrics)]
     # from step 5 on: the first steps still allocate (the 8-step probe this test used to run overrated the step time by
     # half, which shortened the run to 40 s)
-    seconds_per_step = (probe_steps[-1].elapsed_s - probe_steps[4].elapsed_s) / (probe_steps[-1].step - probe_steps[4].step)
+    first, last = probe_steps[4], probe_steps[-1]
+    seconds_per_step = (last.elapsed_s - first.elapsed_s) / (last.step - first.step)
     total = max(60, int(RUN_TARGET_S / seconds_per_step))
 
     engine, events = _engine(tmp_path, tiny_repo, "timed", max_steps=total)
