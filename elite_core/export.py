@@ -15,7 +15,7 @@ class ExportError(RuntimeError):
 
 def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Merge RUN_DIR/adapter into its base model (peft merge_and_unload) and save model and tokenizer to out_dir
-    (default RUN_DIR/merged). The demo's base is rebuilt from the run's seed, as training built it."""
+    (default RUN_DIR/merged). The demo's base is built as training built it (its shipped weights, the run's seed)."""
     import torch
     from peft import PeftModel
 

@@ -92,7 +92,8 @@ def scale_rope(hf_config, factor: float) -> None:
 
 def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                    quantization_config=None, seed: int = 0, rope_scaling_factor: float = 1.0):
-    """The model for training. The demo is built in code from a fixed seed; others load with from_pretrained."""
+    """The model for training. The demo is built from its config and loads its shipped weights; others load with
+    from_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,8 +101,11 @@ def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool =
     scale_rope(hf_config, rope_scaling_factor)
     if source == DEMO_MODEL:
         hf_config._attn_implementation = attn_implementation
+        from elite_core.demo_model import load_demo_weights
+
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        load_demo_weights(model)
         return model.to(device)
     kwargs = {"config": hf_config, "dtype": dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attn_implementation}

@@ -61,16 +61,11 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
         lines += [f"Run {state} after {finished.step} steps in {finished.elapsed_s:.0f} s.", ""]
     lines += ["## Results", ""]
     if steps:
-        first, last = steps[0].loss, steps[-1].loss
-        drop = (first - last) / first * 100 if first else 0.0
         rate = sum(s.tokens_per_s for s in steps) / len(steps)
-        lines += [
-            f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step} ({drop:.1f} % lower)",
-            f"- mean throughput: {rate:,.0f} tokens/s",
-        ]
+        lines += [_training_loss_line(steps), f"- mean throughput: {rate:,.0f} tokens/s"]
         lines += probe_lines(run_dir, rate)
     if evals:
-        lines.append(f"- held-out loss: {evals[-1].loss:.4f} (perplexity {evals[-1].perplexity:.2f}) at step {evals[-1].step}")
+        lines.append(_held_out_line(evals))
     if steps and plan:
         measured = max(s.memory_bytes for s in steps)
         predicted = plan["predicted_peak_bytes"]
@@ -162,6 +157,34 @@ def eta_check(steps: list[protocol.StepMetrics], total_steps: int, after_s: floa
     return None
 
 
+def _change(before: float, after: float) -> str:
+    if not before:
+        return ""
+    change = (after - before) / before * 100
+    return f" ({abs(change):.1f} % {'lower' if change < 0 else 'higher'})"
+
+
+def _training_loss_line(steps: list[protocol.StepMetrics]) -> str:
+    """First and last tenth of the steps, each a mean: one step's loss says mostly which window it drew."""
+    from elite_core.estimates import SMOOTHED_TAIL_FRACTION, smoothed_final_loss
+
+    count = max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+    first = sum(s.loss for s in steps[:count]) / count
+    last = smoothed_final_loss([s.loss for s in steps])
+    if count == 1:
+        return f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step}{_change(first, last)}"
+    return (f"- training loss (mean of each tenth of the steps): {first:.4f} in steps {steps[0].step}-{steps[count - 1].step}"
+            f" -> {last:.4f} in steps {steps[-count].step}-{steps[-1].step}{_change(first, last)}")
+
+
+def _held_out_line(evals: list[protocol.EvalMetrics]) -> str:
+    last = evals[-1]
+    line = f"- held-out loss: {last.loss:.4f} (perplexity {last.perplexity:.2f}) at step {last.step}"
+    if evals[0].step == 0 and last.step > 0:
+        line += f"; before training {evals[0].loss:.4f} (perplexity {evals[0].perplexity:.2f}){_change(evals[0].loss, last.loss)}"
+    return line
+
+
 def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJECTION_FROM_FRACTION):
     """The loss projected from the first `fraction` of the steps beside the smoothed final loss actually reached."""
     from elite_core.estimates import project_loss, smoothed_final_loss
@@ -190,6 +213,9 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
     checked = projection_check(steps)
+    if checked is None and len(steps) >= 10:
+        lines.append(f"- loss projection from the first {PROJECTION_FROM_FRACTION:.0%} of steps: none (no falling curve "
+                     "fits those steps' losses)")
     if checked is not None:
         projection, actual = checked
         error = (projection.final_loss - actual) / actual * 100 if actual else 0.0

@@ -565,6 +565,8 @@ class TrainingEngine:
         ))
         last_checkpoint = time.monotonic()
         stopped_early = False
+        if self.step == 0 and not self.probe_steps and config.eval_every_steps:
+            self._emit_eval()  # the base model's held-out loss: what the report measures the fine-tune against
         while self.step < self.total_steps:
             self._drain_commands()
             if self.stop_requested:

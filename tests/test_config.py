@@ -50,7 +50,7 @@ def test_parse_field_turns_typed_text_into_values():
     assert "micro_batch" in caught.value.errors
 
 
-def test_demo_defaults_train_embeddings_so_random_weights_learn():
+def test_demo_defaults_train_lora_alone_as_a_users_run_does():
     config = default_config()
-    assert config.is_demo and "embed_tokens" in config.extra_trainable_modules
+    assert config.is_demo and config.extra_trainable_modules == ()
     assert validation_errors(config) == {}

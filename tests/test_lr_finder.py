@@ -53,7 +53,8 @@ def assert_well_formed(result: LrFindResult, request: LrFindRequest) -> None:
 
 def test_a_sweep_on_the_demo_records_one_loss_per_rising_rate(tmp_path, tiny_repo):
     config = small_demo_config(tmp_path, tiny_repo)
-    request = LrFindRequest(steps=30, min_lr=1e-6, max_lr=1e-1)
+    # Up to 3e-2: the pretrained demo diverges in the last two steps of a sweep to 1e-1 (the test below covers that)
+    request = LrFindRequest(steps=30, min_lr=1e-6, max_lr=3e-2)
     events = []
     result = find_learning_rate(config, request, timeout_s=120, on_event=events.append)
 
@@ -61,8 +62,9 @@ def test_a_sweep_on_the_demo_records_one_loss_per_rising_rate(tmp_path, tiny_rep
     assert len(result.lrs) == request.steps
     assert_well_formed(result, request)
     assert all(math.isfinite(loss) for loss in result.losses)
-    # The demo starts at chance (ln 259 = 5.56) and learns at the higher rates: the sweep really trained.
-    assert result.losses[0] == pytest.approx(math.log(259), abs=0.2)
+    # The pretrained demo starts far below chance (ln 259 = 5.56) and learns the tiny repository at the higher rates:
+    # the sweep really trained.
+    assert result.losses[0] < 2.0
     assert min(result.smoothed) < result.smoothed[0] - 0.5
     assert result.suggested_lr < result.min_loss_lr
     assert (result.model, result.device, result.window_tokens, result.tokens_per_update) == ("demo", "cpu", 256, 256)

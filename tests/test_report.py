@@ -48,4 +48,4 @@ def test_a_finished_run_gets_plots_estimates_evaluation_and_tensorboard(tmp_path
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
     losses = [e.loss for e in events if isinstance(e, protocol.StepMetrics)]
     assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
-    assert [step for step, _ in scalars["eval/loss"]] == [5, 10, 12]
+    assert [step for step, _ in scalars["eval/loss"]] == [0, 5, 10, 12]  # 0: the base model, before training
