@@ -63,7 +63,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
-from elite_core.estimates import project_loss  # noqa: E402
+from elite_core.estimates import project_loss, smoothed_final_loss  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 
 WITHIN_PCT = 5.0
@@ -90,6 +90,13 @@ BEFORE_WARMUP = {
 
 
 def machine_name() -> str:
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.split("\n")
+        if gpus[0].strip():
+            return f"{len([g for g in gpus if g.strip()])} x {gpus[0].strip()}"
+    except (OSError, subprocess.CalledProcessError):
+        pass
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,12 +127,12 @@ def run_name(tier: str, steps: int, seed: int) -> str:
     return f"tier{tier}-steps{steps}-seed{seed}"
 
 
-def train(repo: Path, runs_dir: Path, tier: str, steps: int, seed: int) -> Path:
+def train(repo: Path, runs_dir: Path, tier: str, steps: int, seed: int, settings: tuple[str, ...] = ()) -> Path:
     """One `elite-tui run` of the demo; `tier` "default" lets the CLI preselect it, as a user's run does."""
     name = run_name(tier, steps, seed)
     command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(repo), "--output", str(runs_dir),
                "--max-steps", str(steps), "--run-name", name, "--set", f"seed={seed}"]
-    for setting in NO_SIDE_WORK:
+    for setting in (*NO_SIDE_WORK, *settings):
         command += ["--set", setting]
     if tier != "default":
         command += ["--tier", tier]
@@ -170,7 +177,8 @@ def score_steps(steps: list[protocol.StepMetrics], fraction: float, name: str, s
     """The scores of one run from its step events alone."""
     checked = projection_check(steps, fraction)
     if checked is None:
-        raise RuntimeError(f"{name}: too few steps for a projection")
+        # No falling curve fits the first steps (seen on flat, noisy fine-tunes): no projection, which is a miss.
+        return _no_projection_row(steps, fraction, name, seed)
     projection, actual = checked
     error_pct = (projection.final_loss - actual) / actual * 100
     # The most likely single curve, which the projection was before it averaged the curves that fit.
@@ -197,10 +205,29 @@ def score_steps(steps: list[protocol.StepMetrics], fraction: float, name: str, s
         "fit": projection.fit.kind,
         "fit_abscissa": projection.fit.abscissa,
         "fit_exponent": round(projection.fit.exponent, 6),
-        "steps_abscissa_error_pct": round((against_steps - actual) / actual * 100, 2),
-        "annealing_fitted_error_pct": round((with_annealing - actual) / actual * 100, 2),
+        "steps_abscissa_error_pct": _pct(against_steps, actual),
+        "annealing_fitted_error_pct": _pct(with_annealing, actual),
         "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
     }
+
+
+def _no_projection_row(steps: list[protocol.StepMetrics], fraction: float, name: str, seed: int) -> dict:
+    actual = smoothed_final_loss([s.loss for s in steps])
+    against_steps, with_annealing = _counterfactuals(steps, fraction)
+    return {
+        "run": name, "seed": seed, "total_steps": steps[-1].step, "epochs": round(steps[-1].epoch, 3),
+        "projected_from_steps": int(len(steps) * fraction), "projected": None, "band_low": None, "band_high": None,
+        "actual_smoothed": round(actual, 5), "actual_standard_error_pct": round(_tail_standard_error_pct(steps), 2),
+        "actual_last_step": round(steps[-1].loss, 5), "first_loss": round(steps[0].loss, 5), "error_pct": None,
+        "within_5pct": False, "in_band": False, "best_curve": None, "best_curve_error_pct": None, "fit": None,
+        "fit_abscissa": None, "fit_exponent": None,
+        "steps_abscissa_error_pct": _pct(against_steps, actual), "annealing_fitted_error_pct": _pct(with_annealing, actual),
+        "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
+    }
+
+
+def _pct(projected: float | None, actual: float) -> float | None:
+    return None if projected is None else round((projected - actual) / actual * 100, 2)
 
 
 def _counterfactuals(steps: list[protocol.StepMetrics], fraction: float) -> tuple[float, float]:
@@ -213,7 +240,8 @@ def _counterfactuals(steps: list[protocol.StepMetrics], fraction: float) -> tupl
     against_steps = project_loss([s.step for s in after_warmup], [s.loss for s in after_warmup], total)
     with_annealing = project_loss([s.step for s in observed], [s.loss for s in observed], total,
                                   [s.lr for s in observed], fit_annealing=True)
-    return against_steps.final_loss, with_annealing.final_loss
+    return (None if against_steps is None else against_steps.final_loss,
+            None if with_annealing is None else with_annealing.final_loss)
 
 
 def _tail_standard_error_pct(steps: list[protocol.StepMetrics]) -> float:
@@ -272,13 +300,18 @@ def format_table(rows: list[dict], fraction: float) -> str:
               f"{'actual':>9}{'+-se':>6}{'error':>9}  within 5 %  in band  {'best curve':>10}{'error':>9}")
     lines = [header]
     for row in rows:
+        if row["projected"] is None:
+            lines.append(f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
+                         f"{row['projected_from_steps']:>5}{'none':>10}{'':>16}{row['actual_smoothed']:>9.3f}"
+                         f"{row['actual_standard_error_pct']:>5.1f}%{'':>9}  NO (no falling curve fits)")
+            continue
         band = f"{row['band_low']:.3f}-{row['band_high']:.3f}"
         lines.append(f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
                      f"{row['projected_from_steps']:>5}{row['projected']:>10.3f}{band:>16}{row['actual_smoothed']:>9.3f}"
                      f"{row['actual_standard_error_pct']:>5.1f}%"
                      f"{row['error_pct']:>+8.1f}%  {'yes' if row['within_5pct'] else 'NO':<10} "
                      f"{'yes' if row['in_band'] else 'no':<8} {row['best_curve']:>10.3f}{row['best_curve_error_pct']:>+8.1f}%")
-    best_errors = [abs(row["best_curve_error_pct"]) for row in rows]
+    best_errors = [math.inf if row["best_curve_error_pct"] is None else abs(row["best_curve_error_pct"]) for row in rows]
     in_band = sum(row["in_band"] for row in rows)
     lines.append(f"projection: {summary(rows)}; actual inside the band {in_band}/{len(rows)}")
     lines.append(f"best single curve: {sum(abs(e) <= WITHIN_PCT for e in best_errors)}/{len(rows)} within "
@@ -311,7 +344,7 @@ def kept_runs(runs_dir: Path) -> list[tuple[Path, str, int]]:
 
 
 def summary(rows: list[dict], key: str = "error_pct") -> str:
-    errors = [abs(row[key]) for row in rows]
+    errors = [math.inf if row[key] is None else abs(row[key]) for row in rows]  # no projection: a miss
     return (f"{sum(e <= WITHIN_PCT for e in errors)}/{len(rows)} within {WITHIN_PCT:.0f} %, "
             f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %")
 
@@ -324,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiers", nargs="+", default=["default", "1"],
                         help="'default' (the tier `elite-tui run` preselects here) and/or tier numbers")
     parser.add_argument("--fraction", type=float, default=PROJECTION_FROM_FRACTION)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config override for every run (elite-tui run --set)")
     parser.add_argument("--runs-dir", type=Path, nargs="+", default=[DEFAULT_RUNS_DIR],
                         help="where the runs are kept (several with --rescore)")
     parser.add_argument("--rescore", action="store_true", help="score every kept run again instead of training")
@@ -356,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             series.append(loss_series(run_dir, row))
         rows += group
         sections += [f"{runs_dir.name}: {meta['machine']}, {meta['date']}, training wall time {meta['wall_s']:.0f} s",
-                     f"demo model (elite-tui run, no --model), repository: {meta['repo']}",
+                     f"demo model (elite-tui run, no --model), repository: {meta['repo']}"
+                     + (f"; --set {' '.join(meta['settings'])}" if meta.get("settings") else ""),
                      format_table(group, args.fraction), ""]
     if len(args.runs_dir) > 1:
         sections += all_runs_summary(rows)
@@ -402,9 +438,9 @@ def train_matrix(args) -> None:
                 if run_dir.exists():
                     raise SystemExit(f"{run_dir} exists: remove it, or --rescore to score the kept runs")
                 print(f"training {run_dir.name} ...", file=sys.stderr, flush=True)
-                train(repo, runs_dir, tier, steps, seed)
+                train(repo, runs_dir, tier, steps, seed, tuple(args.settings))
     meta = {"machine": machine_name(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "repo": repo_note, "wall_s": round(time.time() - started, 1)}
+            "repo": repo_note, "settings": args.settings, "wall_s": round(time.time() - started, 1)}
     (runs_dir / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 

@@ -651,12 +651,24 @@ def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_hashes, to_
         finally:
             processor.close()
         return results
+    _check_worker_imports()
     # spawn, not fork: the caller may be a UI with threads, and a forked child would inherit their locks.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
         for chunk_results in pool.imap_unordered(_worker_process_chunk, chunks):
             record(chunk_results)
     return results
+
+
+def _check_worker_imports() -> None:
+    """What each worker imports, imported here first: a pool whose initializer fails starts new workers forever,
+    so a missing package would hang the build instead of naming itself (seen with detect-secrets absent)."""
+    try:
+        from elite_core.secret_filter import SecretScanner
+
+        SecretScanner()
+    except ImportError as exc:
+        raise DatasetError(f"the secret scanner cannot load: {exc}; install it with pip install detect-secrets") from exc
 
 
 def _finish_build(repo, dataset_dir, shard_dir, scan, entries, tokenizer, settings, fingerprint, eval_fraction, seed,

@@ -171,17 +171,19 @@ def _training_loss_line(steps: list[protocol.StepMetrics]) -> str:
     count = max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
     first = sum(s.loss for s in steps[:count]) / count
     last = smoothed_final_loss([s.loss for s in steps])
+    change = _change(first, last)
     if count == 1:
-        return f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step}{_change(first, last)}"
-    return (f"- training loss (mean of each tenth of the steps): {first:.4f} in steps {steps[0].step}-{steps[count - 1].step}"
-            f" -> {last:.4f} in steps {steps[-count].step}-{steps[-1].step}{_change(first, last)}")
+        return f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step}{change}"
+    return (f"- training loss (mean of each tenth of the steps): {first:.4f} in steps "
+            f"{steps[0].step}-{steps[count - 1].step} -> {last:.4f} in steps {steps[-count].step}-{steps[-1].step}{change}")
 
 
 def _held_out_line(evals: list[protocol.EvalMetrics]) -> str:
     last = evals[-1]
     line = f"- held-out loss: {last.loss:.4f} (perplexity {last.perplexity:.2f}) at step {last.step}"
     if evals[0].step == 0 and last.step > 0:
-        line += f"; before training {evals[0].loss:.4f} (perplexity {evals[0].perplexity:.2f}){_change(evals[0].loss, last.loss)}"
+        before = evals[0]
+        line += f"; before training {before.loss:.4f} (perplexity {before.perplexity:.2f}){_change(before.loss, last.loss)}"
     return line
 
 
@@ -238,13 +240,14 @@ def _steps_per_epoch(steps: list[protocol.StepMetrics]) -> int | None:
 
 
 def _evaluation_section(run_dir: Path) -> list[str]:
-    from elite_core.evaluation import read_evaluation
+    from elite_core.evaluation import MAX_COMPLETION_TOKENS, read_evaluation
 
     evaluation = read_evaluation(run_dir)
     if evaluation is None:
         return []
+    completion_tokens = min(evaluation["target_tokens"], MAX_COMPLETION_TOKENS)
     lines = ["## Compile rate on held-out files", "",
-             f"Greedy completions of {evaluation['target_tokens']:,} tokens (KV cache) after up to "
+             f"Greedy completions of up to {completion_tokens:,} tokens (KV cache) after up to "
              f"{evaluation['context_tokens']:,} tokens of context; the first unit written must parse in its file.", "",
              "| | prompts | parse | syntax error | unfinished | rate |", "|---|---|---|---|---|---|"]
     for key in ("before", "after"):

@@ -289,3 +289,24 @@ def test_errors_are_one_clear_line(tmp_path):
         build_dataset(tmp_path / "binaries", tmp_path / "ds2")
     with pytest.raises(DatasetError, match="no dataset in"):
         WindowDataset(tmp_path / "missing", "train", 8, 4)
+
+
+def test_a_missing_secret_scanner_fails_the_build_with_its_name_instead_of_hanging(tmp_path):
+    """Worker processes that cannot import detect-secrets made the pool restart them forever (seen on a GPU machine
+    without the package); the build must stop at once and say what to install."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    line = "def handler_{index}(request):\n    return {{'status': {index}, 'body': request.body[:{index}]}}\n"
+    for number in range(12):  # over MIN_BYTES_FOR_WORKER_PROCESSES, so the build uses worker processes
+        write(repo, f"pkg/module_{number}.py", "".join(line.format(index=i) for i in range(number * 9000, (number + 1) * 9000)))
+    blocker = tmp_path / "no-detect-secrets" / "detect_secrets"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named detect_secrets (blocked by the test)')\n")
+    script = (f"from elite_core.dataset import build_dataset\n"
+              f"build_dataset({str(repo)!r}, {str(tmp_path / 'ds')!r}, workers=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(Path(__file__).resolve().parents[1])])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "DatasetError" in result.stderr and "pip install detect-secrets" in result.stderr, result.stderr[-2000:]

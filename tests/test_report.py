@@ -1,5 +1,7 @@
 """The report of a real (short, in-process) demo run: sections, PNG plots, compile rate, TensorBoard event files."""
 
+import re
+
 import pytest
 
 from elite_core import protocol
@@ -40,6 +42,9 @@ def test_a_finished_run_gets_plots_estimates_evaluation_and_tensorboard(tmp_path
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({PLOTS_DIR}/{file_name})" in report and str(png) in report
     assert "held-out loss" in report and "peak memory" in report
+    # The base model's held-out loss (step 0) beside the last one: what the fine-tune changed
+    assert re.search(r"held-out loss: [0-9.]+ .* at step 12; before training [0-9.]+ \(perplexity [0-9.]+\) "
+                     r"\([0-9.]+ % (lower|higher)\)", report), report
     assert f"| before training | {evaluation.before.prompts} |" in report
     # 12 steps are too few to project from their first fifth, enough to fit the whole curve
     assert "## Estimates against what happened" in report and "recommended epochs" in report

@@ -162,7 +162,7 @@ class SetupScreen(WizardScreen):
         old = self.state.config
         model, repo, output_dir, run_name = (self.value(name) for name, _, _ in FIELDS)
         if (model == DEMO_MODEL) != old.is_demo:
-            # Demo defaults (high LR, trained embeddings) only suit the random-weight demo.
+            # Demo defaults (a high LR for a tiny model, 50 steps) only suit the demo model.
             return default_config(model, repo, output_dir, run_name=run_name)
         return old.replace(model=model, repo=repo, output_dir=output_dir, run_name=run_name)
 
