@@ -407,11 +407,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def all_runs_summary(rows: list[dict]) -> list[str]:
     in_band = sum(row["in_band"] for row in rows)
-    return ["all runs: " + summary(rows) + f"; actual inside the band {in_band}/{len(rows)}",
-            "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
-            "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct"),
-            "all runs before (2bcc1aa, the warm-up left out of the fit): " + BEFORE_WARMUP["all"],
-            "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]
+    lines = ["all runs: " + summary(rows) + f"; actual inside the band {in_band}/{len(rows)}",
+             "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
+             "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct")]
+    if all(row.get("runs_dir") in BEFORE_WARMUP for row in rows):  # the recorded scores are of those runs only
+        lines += ["all runs before (2bcc1aa, the warm-up left out of the fit): " + BEFORE_WARMUP["all"],
+                  "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]
+    return lines
 
 
 def write_results(prefix: Path, rows: list[dict], text: str) -> None:
