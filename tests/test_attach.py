@@ -37,8 +37,10 @@ def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(t
                "--run-name", "drop", "--tier", "1", "--max-steps", "100000"]
     for setting in SMALL:
         command += ["--set", setting]
+    # SIGHUP at its default, as in a login shell: under nohup (or a CI runner that ignores it) the controller would
+    # inherit "ignore" and outlive the hang-up this test sends.
     controller = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         wait_for(lambda: len(steps_in(run_dir)) >= 2, 180, "the first steps")
         assert ControllerLock(run_dir).holder() == controller.pid
