@@ -16,6 +16,8 @@ TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora
                 "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0}
 ETA_CHECK_AFTER_S = 30.0
 RUN_TARGET_S = 60.0
+ETA_TOLERANCE = 0.10
+"""The issue's target: the ETA within 10 % of the remaining wall time."""
 PROBE_STEPS = 60
 
 
@@ -175,16 +177,18 @@ def _run_and_check_the_eta(tmp_path, tiny_repo):
     actual_s = last_step_at - asked
     assert step < total
     print(f"ETA at step {step}/{total}: predicted {predicted_s:.1f} s, actual {actual_s:.1f} s")
-    # Other work on a shared machine can change the step rate mid-run, which no running-rate ETA can foresee: when the
-    # rate after the check differs from the rate before it by more than 15 %, the comparison says nothing about the ETA.
+    # Other work on a shared machine can change the step rate mid-run, which no ETA from the steps so far can foresee:
+    # when the rate after the check differs from the rate before it by more than the 10 % the ETA is allowed, no such
+    # ETA could hold, and the comparison says nothing about this one (a fresh-clone CI run: 54.8 -> 62.3 steps/s, +14 %,
+    # so the ETA was 14 % high). A wrong ETA on a steady machine still fails.
     steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
     before = [s for s in steps if s.step <= step]
     rate_before = (before[-1].step - before[0].step) / (before[-1].elapsed_s - before[0].elapsed_s)
     rate_after = (steps[-1].step - step) / (steps[-1].elapsed_s - before[-1].elapsed_s)
-    if abs(rate_after - rate_before) > 0.15 * rate_before:
+    if abs(rate_after - rate_before) > ETA_TOLERANCE * rate_before:
         pytest.skip(f"the step rate changed from {rate_before:.1f} to {rate_after:.1f} steps/s mid-run (other load); "
                     f"ETA {predicted_s:.0f} s vs {actual_s:.0f} s")
-    assert predicted_s == pytest.approx(actual_s, rel=0.10), (step, total, predicted_s, actual_s)
+    assert predicted_s == pytest.approx(actual_s, rel=ETA_TOLERANCE), (step, total, predicted_s, actual_s)
 
 
 @pytest.mark.parametrize("warmup_steps,total_steps", [(5, 100), (0, 50), (10, 1000), (40, 30), (3, 1)])

@@ -20,6 +20,10 @@ miss by 5.0 to 9.7 %, the noise of 20 to 40 steps whose loss depends on the wind
 itself has a standard error of 1.2 to 4.5 %. Repeated windows are not what is left: fitted to its whole first epoch,
 each multi-epoch run's later epochs come out within -3.2 to +3.9 % of the curve (with the warm-up left out they fell
 4 to 10 % below it by the fourth epoch, which looked like a repetition effect), so the fit has no epoch term.
+
+These runs are of the random-weight demo model that the demo used before it shipped pretrained weights: they stay as
+the record the fit was chosen on. On fine-tunes of the pretrained model the projection is worse (0/4 within 5 % on an
+H200 with a user run's batch: bench/results/projection-gpu-accum.txt), which the README says.
 """
 
 from __future__ import annotations
