@@ -23,7 +23,6 @@ It prints a table (step, train loss, held-out loss, tokens/s) and writes model.s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import platform

@@ -643,6 +643,7 @@ def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_hashes, to_
             state["bytes_done"] += result["size"]
         _emit_progress(progress, state)
 
+    _check_worker_imports()
     if workers <= 1 or sum(size for _, size, _ in to_read) < MIN_BYTES_FOR_WORKER_PROCESSES:
         processor = _FileProcessor(*init_args)
         try:
@@ -651,7 +652,6 @@ def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_hashes, to_
         finally:
             processor.close()
         return results
-    _check_worker_imports()
     # spawn, not fork: the caller may be a UI with threads, and a forked child would inherit their locks.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
@@ -661,8 +661,9 @@ def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_hashes, to_
 
 
 def _check_worker_imports() -> None:
-    """What each worker imports, imported here first: a pool whose initializer fails starts new workers forever,
-    so a missing package would hang the build instead of naming itself (seen with detect-secrets absent)."""
+    """What each file processor imports, imported here first, for one message on either path: a pool whose
+    initializer fails starts new workers forever, so a missing package would hang the build instead of naming itself
+    (seen with detect-secrets absent)."""
     try:
         from elite_core.secret_filter import SecretScanner
 

@@ -204,7 +204,7 @@ def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJEC
 def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Started | None) -> list[str]:
     if not steps or started is None:
         return []
-    from elite_core.estimates import project_loss
+    from elite_core.estimates import MIN_FIT_POINTS, project_loss
 
     lines = []
     total = steps[-1].step
@@ -215,7 +215,8 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
     checked = projection_check(steps)
-    if checked is None and len(steps) >= 10:
+    if checked is None and int(len(steps) * PROJECTION_FROM_FRACTION) >= MIN_FIT_POINTS:
+        # Enough steps for a fit, so the fit found no curve: say so rather than leave the line out.
         lines.append(f"- loss projection from the first {PROJECTION_FROM_FRACTION:.0%} of steps: none (no falling curve "
                      "fits those steps' losses)")
     if checked is not None:

@@ -20,8 +20,9 @@ def loss_on(model, text: str) -> float:
 def test_the_shipped_weights_model_python_far_better_than_random_weights():
     text = PYTHON_SOURCE.read_text(encoding="utf-8")  # elite-tui's own code: not in the pretraining corpus
     pretrained, random = loss_on(demo_model(), text), loss_on(demo_model(pretrained=False), text)
-    # Measured: about 1.0 nats per byte against 5.6 (ln 259, a uniform guess) for random weights.
-    assert pretrained < 1.6 < 5.0 < random, (pretrained, random)
+    # Measured on this file: 1.58 nats per byte (0.99 on the held-out standard library it was pretrained beside)
+    # against 5.63 for random weights (ln 259 = 5.56 is a uniform guess).
+    assert pretrained < 2.0 < 5.0 < random, (pretrained, random)
 
 
 def test_training_and_save_pretrained_load_the_shipped_weights(tmp_path):
