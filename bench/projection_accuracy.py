@@ -6,9 +6,14 @@ child as it always does), then the projection the report makes (elite_core.repor
 loss. "Actual" is the smoothed final loss, the mean training loss of the last tenth of the steps
 (estimates.smoothed_final_loss): one step's loss depends on which window it drew, so a single last step is noise.
 
-Beside the projection, each table scores the same fit against the step count instead of the learning-rate area, and
-with the annealing term C * S2 of Tissue et al. 2024 fitted from the same steps (off in the product: see
-estimates.LossFit), and quotes what the projection scored on these runs before it knew the schedule.
+Beside the projection (the steady fall, with the band of both fits: elite_core.estimates), each table scores the
+flattening fit alone with its own band, which was the projection before (commit c68c5bd), from the same steps.
+--noise-floor (with --from-fixture) asks what the noise alone allows: each run's whole curve is taken as the truth and
+redrawn with its own noise, and the projection from the first fifth is scored on the draws.
+
+The fine-tunes on an H200 (tests/data/projection-finetune-runs.jsonl, bench/results/projection-gpu-finetunes.txt) are
+trained by bench/projection_gpu.sh, which runs this script once per run. The CPU runs below are of the random-weight
+demo model, from before the demo shipped pretrained weights.
 
 Train 2 seeds x 100/200 steps x the default tier and tier 1, and score them:
 
@@ -46,7 +51,6 @@ unless --repo names another. Evaluation and compile-rate prompts are turned off:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -58,12 +62,15 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
-from elite_core.estimates import project_loss, smoothed_final_loss  # noqa: E402
+from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_loss_curve, fit_steady_fall, flattening_band,  # noqa: E402
+                                  project_loss, smoothed_final_loss)
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 
 WITHIN_PCT = 5.0
@@ -174,74 +181,54 @@ def score(run_dir: Path, fraction: float, label_tier: str, seed: int) -> dict:
 
 
 def score_steps(steps: list[protocol.StepMetrics], fraction: float, name: str, seed: int) -> dict:
-    """The scores of one run from its step events alone."""
+    """The scores of one run from its step events alone: the projection (the steady fall, with its band), and beside
+    it the flattening fit alone with its own band, which is what the projection was before (commit c68c5bd)."""
+    actual = smoothed_final_loss([s.loss for s in steps])
+    count = int(len(steps) * fraction)
     checked = projection_check(steps, fraction)
-    if checked is None:
-        # No falling curve fits the first steps (seen on flat, noisy fine-tunes): no projection, which is a miss.
-        return _no_projection_row(steps, fraction, name, seed)
-    projection, actual = checked
-    error_pct = (projection.final_loss - actual) / actual * 100
-    # The most likely single curve, which the projection was before it averaged the curves that fit.
-    best_curve = float(dataclasses.replace(projection.fit, components=()).loss_at([projection.total_steps])[0])
-    against_steps, with_annealing = _counterfactuals(steps, fraction)
-    return {
+    projection = checked[0] if checked is not None else None
+    flattening = _flattening_projection(steps[:count], steps[-1].step)
+    row = {
         "run": name,
         "seed": seed,
         "total_steps": steps[-1].step,
         "epochs": round(steps[-1].epoch, 3),
-        "projected_from_steps": int(len(steps) * fraction),
-        "projected": round(projection.final_loss, 5),
-        "band_low": round(projection.final_loss_low, 5),
-        "band_high": round(projection.final_loss_high, 5),
+        "projected_from_steps": count,
+        "projected": None, "band_low": None, "band_high": None, "error_pct": None, "within_5pct": False,
+        "in_band": False, "fit": None, "fit_exponent": None,
         "actual_smoothed": round(actual, 5),
         "actual_standard_error_pct": round(_tail_standard_error_pct(steps), 2),
         "actual_last_step": round(steps[-1].loss, 5),
         "first_loss": round(steps[0].loss, 5),
-        "error_pct": round(error_pct, 2),
-        "within_5pct": abs(error_pct) <= WITHIN_PCT,
-        "in_band": projection.final_loss_low <= actual <= projection.final_loss_high,
-        "best_curve": round(best_curve, 5),
-        "best_curve_error_pct": round((best_curve - actual) / actual * 100, 2),
-        "fit": projection.fit.kind,
-        "fit_abscissa": projection.fit.abscissa,
-        "fit_exponent": round(projection.fit.exponent, 6),
-        "steps_abscissa_error_pct": _pct(against_steps, actual),
-        "annealing_fitted_error_pct": _pct(with_annealing, actual),
+        "flattening": None, "flattening_error_pct": None, "flattening_in_band": False,
         "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
     }
+    if projection is not None:
+        error_pct = (projection.final_loss - actual) / actual * 100
+        row.update(projected=round(projection.final_loss, 5), band_low=round(projection.final_loss_low, 5),
+                   band_high=round(projection.final_loss_high, 5), error_pct=round(error_pct, 2),
+                   within_5pct=abs(error_pct) <= WITHIN_PCT,
+                   in_band=projection.final_loss_low <= actual <= projection.final_loss_high,
+                   fit=projection.fit.kind, fit_exponent=round(projection.fit.exponent, 6))
+    if flattening is not None:
+        final, low, high = flattening
+        row.update(flattening=round(final, 5), flattening_error_pct=_pct(final, actual),
+                   flattening_in_band=low <= actual <= high)
+    return row
 
 
-def _no_projection_row(steps: list[protocol.StepMetrics], fraction: float, name: str, seed: int) -> dict:
-    actual = smoothed_final_loss([s.loss for s in steps])
-    against_steps, with_annealing = _counterfactuals(steps, fraction)
-    return {
-        "run": name, "seed": seed, "total_steps": steps[-1].step, "epochs": round(steps[-1].epoch, 3),
-        "projected_from_steps": int(len(steps) * fraction), "projected": None, "band_low": None, "band_high": None,
-        "actual_smoothed": round(actual, 5), "actual_standard_error_pct": round(_tail_standard_error_pct(steps), 2),
-        "actual_last_step": round(steps[-1].loss, 5), "first_loss": round(steps[0].loss, 5), "error_pct": None,
-        "within_5pct": False, "in_band": False, "best_curve": None, "best_curve_error_pct": None, "fit": None,
-        "fit_abscissa": None, "fit_exponent": None,
-        "steps_abscissa_error_pct": _pct(against_steps, actual), "annealing_fitted_error_pct": _pct(with_annealing, actual),
-        "error_pct_from": {f"{later:.0%}": _error_pct(steps, later) for later in LATER_FRACTIONS},
-    }
+def _flattening_projection(observed: list[protocol.StepMetrics], total: int) -> tuple[float, float, float] | None:
+    """The flattening fit's final loss and band from the same steps: the projection before the steady fall."""
+    fitted = fit_loss_curve([s.step for s in observed], [s.loss for s in observed], [s.lr for s in observed],
+                            total_steps=total)
+    if fitted is None:
+        return None
+    low, high = flattening_band(*fitted, np.asarray([total]))
+    return float(fitted[0].loss_at([total])[0]), float(low[0]), float(high[0])
 
 
 def _pct(projected: float | None, actual: float) -> float | None:
     return None if projected is None else round((projected - actual) / actual * 100, 2)
-
-
-def _counterfactuals(steps: list[protocol.StepMetrics], fraction: float) -> tuple[float, float]:
-    """The projected final loss of the same fit against the step count (no schedule; the warm-up left out: the step
-    count does not model the ramp), and with the paper's annealing term C * S2 fitted from the same steps."""
-    observed = steps[:int(len(steps) * fraction)]
-    total = steps[-1].step
-    peak = max(range(len(observed)), key=lambda index: observed[index].lr)
-    after_warmup = observed[peak:]
-    against_steps = project_loss([s.step for s in after_warmup], [s.loss for s in after_warmup], total)
-    with_annealing = project_loss([s.step for s in observed], [s.loss for s in observed], total,
-                                  [s.lr for s in observed], fit_annealing=True)
-    return (None if against_steps is None else against_steps.final_loss,
-            None if with_annealing is None else with_annealing.final_loss)
 
 
 def _tail_standard_error_pct(steps: list[protocol.StepMetrics]) -> float:
@@ -285,7 +272,7 @@ def score_fixture(path: Path, fraction: float) -> tuple[list[dict], list[str]]:
         row = score_steps(fixture_steps(series), fraction, series["run"], series["seed"])
         row.update(tier=series["tier"], tier_choice=series["run"].split("-")[0].removeprefix("tier"),
                    window_tokens=series["window_tokens"], train_s=None, runs_dir=series["runs_dir"],
-                   machine=series["machine"])
+                   machine=series["machine"], tokens_per_update=series.get("tokens_per_update"))
         groups.setdefault(series["runs_dir"], []).append(row)
     rows, sections = [], []
     for runs_dir, group in groups.items():
@@ -295,29 +282,78 @@ def score_fixture(path: Path, fraction: float) -> tuple[list[dict], list[str]]:
     return rows, sections
 
 
+NOISE_FLOOR_DRAWS = 200
+NOISE_FLOOR_SCALES = (1.0, 0.5, 0.25)
+"""The measured noise, and half and a quarter of it: what 4 and 16 times the tokens per update would leave."""
+
+
+def noise_floor(path: Path, fraction: float, seed: int = 0) -> list[str]:
+    """How often a projection could be within the target if the steady fall were exactly each run's curve.
+
+    Each run's whole curve is fitted (the steady fall, all steps after the warm-up) and taken as the truth; its
+    residuals (in log loss) are drawn again at random, scaled, onto that curve; the projection from the first
+    `fraction` is scored against the mean of the last tenth of the same draw, as the real runs are. What misses here
+    misses for the noise alone, whatever the curve model."""
+    rng = np.random.default_rng(seed)
+    lines = [f"{'run':<31}{'noise':>7}" + "".join(f"{f'x{scale:g}: within 5 %':>18}{'sd':>7}" for scale in NOISE_FLOOR_SCALES)]
+    shares = {scale: [] for scale in NOISE_FLOOR_SCALES}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        series = json.loads(line)
+        steps, losses, lrs = (np.asarray(series[key], dtype=float) for key in ("steps", "losses", "lrs"))
+        steps = steps.astype(int)
+        whole = fit_steady_fall(steps, losses, lrs)
+        if whole is None:
+            continue
+        truth = whole.fit.loss_at(steps)
+        residuals = (np.log(losses) - np.log(truth))[int(np.argmax(lrs)):]
+        count, tail = int(len(steps) * fraction), max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+        cells = ""
+        for scale in NOISE_FLOOR_SCALES:
+            errors = []
+            for _ in range(NOISE_FLOOR_DRAWS):
+                drawn = truth * np.exp(scale * rng.choice(residuals, size=len(steps)))
+                projection = project_loss(steps[:count], drawn[:count], int(steps[-1]), lrs[:count])
+                actual = float(drawn[-tail:].mean())
+                errors.append(math.inf if projection is None else (projection.final_loss - actual) / actual * 100)
+            errors = np.asarray(errors)
+            share = float(np.mean(np.abs(errors) <= WITHIN_PCT))
+            shares[scale].append(share)
+            cells += f"{share:>18.0%}{np.std(errors[np.isfinite(errors)]):>6.1f}%"
+        lines.append(f"{series['run'] + ' ' + series['runs_dir']:<31}{np.std(residuals) * 100:>6.1f}%{cells}")
+    lines.append("mean share within 5 %: " + ", ".join(f"noise x{scale:g} {np.mean(values):.0%}"
+                                                       for scale, values in shares.items() if values))
+    lines.append(f"noise = the standard deviation of one step's log loss about the whole run's steady fall; each share "
+                 f"of {NOISE_FLOOR_DRAWS} draws; sd = the spread of the error (no projection counts as a miss)")
+    return lines
+
+
 def format_table(rows: list[dict], fraction: float) -> str:
     header = (f"{'run':<31}{'tier':>5}{'steps':>6}{'epochs':>7}{'from':>5}{'projected':>10}{'band':>16}"
-              f"{'actual':>9}{'+-se':>6}{'error':>9}  within 5 %  in band  {'best curve':>10}{'error':>9}")
+              f"{'actual':>9}{'+-se':>6}{'error':>9}  within 5 %  in band  {'flattening':>10}{'error':>9}  in its band")
     lines = [header]
     for row in rows:
         if row["projected"] is None:
-            lines.append(f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
-                         f"{row['projected_from_steps']:>5}{'none':>10}{'':>16}{row['actual_smoothed']:>9.3f}"
-                         f"{row['actual_standard_error_pct']:>5.1f}%{'':>9}  NO (no falling curve fits)")
-            continue
-        band = f"{row['band_low']:.3f}-{row['band_high']:.3f}"
-        lines.append(f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
-                     f"{row['projected_from_steps']:>5}{row['projected']:>10.3f}{band:>16}{row['actual_smoothed']:>9.3f}"
-                     f"{row['actual_standard_error_pct']:>5.1f}%"
-                     f"{row['error_pct']:>+8.1f}%  {'yes' if row['within_5pct'] else 'NO':<10} "
-                     f"{'yes' if row['in_band'] else 'no':<8} {row['best_curve']:>10.3f}{row['best_curve_error_pct']:>+8.1f}%")
-    best_errors = [math.inf if row["best_curve_error_pct"] is None else abs(row["best_curve_error_pct"]) for row in rows]
-    in_band = sum(row["in_band"] for row in rows)
-    lines.append(f"projection: {summary(rows)}; actual inside the band {in_band}/{len(rows)}")
-    lines.append(f"best single curve: {sum(abs(e) <= WITHIN_PCT for e in best_errors)}/{len(rows)} within "
-                 f"{WITHIN_PCT:.0f} %, mean |error| {sum(best_errors) / len(best_errors):.1f} %, max {max(best_errors):.1f} %")
-    lines.append(f"the same fit against the step count: {summary(rows, 'steps_abscissa_error_pct')}")
-    lines.append(f"with the annealing term C * S2 fitted too: {summary(rows, 'annealing_fitted_error_pct')}")
+            projected = f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}" \
+                        f"{row['projected_from_steps']:>5}{'none':>10}{'':>16}{row['actual_smoothed']:>9.3f}" \
+                        f"{row['actual_standard_error_pct']:>5.1f}%{'':>9}  {'NO':<10} {'no':<8}"
+        else:
+            band = f"{row['band_low']:.3f}-{row['band_high']:.3f}"
+            projected = (f"{row['run']:<31}{row['tier']:>5}{row['total_steps']:>6}{row['epochs']:>7.2f}"
+                         f"{row['projected_from_steps']:>5}{row['projected']:>10.3f}{band:>16}"
+                         f"{row['actual_smoothed']:>9.3f}{row['actual_standard_error_pct']:>5.1f}%"
+                         f"{row['error_pct']:>+8.1f}%  {'yes' if row['within_5pct'] else 'NO':<10} "
+                         f"{'yes' if row['in_band'] else 'no':<8}")
+        if row["flattening"] is None:
+            lines.append(projected + f" {'none':>10}")
+        else:
+            lines.append(projected + f" {row['flattening']:>10.3f}{row['flattening_error_pct']:>+8.1f}%  "
+                         f"{'yes' if row['flattening_in_band'] else 'no'}")
+    lines.append(f"projection (steady fall): {summary(rows)}; actual inside the band "
+                 f"{sum(row['in_band'] for row in rows)}/{len(rows)}")
+    lines.append(f"flattening fit alone (the projection before): {summary(rows, 'flattening_error_pct')}; actual "
+                 f"inside its band {sum(row['flattening_in_band'] for row in rows)}/{len(rows)}")
     if rows and rows[0].get("runs_dir") in BEFORE_WARMUP:
         lines.append(f"before (2bcc1aa, the warm-up left out of the fit): {BEFORE_WARMUP[rows[0]['runs_dir']]}")
     if rows and rows[0].get("runs_dir") in BEFORE_SCHEDULE:
@@ -328,8 +364,9 @@ def format_table(rows: list[dict], fraction: float) -> str:
         lines.append(f"from the first {later:.0%} instead: {sum(e <= WITHIN_PCT for e in later_errors)}/{len(rows)} "
                      f"within {WITHIN_PCT:.0f} %, mean |error| {sum(later_errors) / len(later_errors):.1f} %, "
                      f"max {max(later_errors):.1f} %")
-    lines.append(f"projected from the first {fraction:.0%} of steps (warm-up included); actual = mean training loss of "
-                 f"the last tenth of the steps, +-se its standard error (the reference is itself this uncertain)")
+    lines.append(f"projected from the first {fraction:.0%} of steps; actual = mean training loss of the last tenth of "
+                 f"the steps, +-se its standard error (the reference is itself this uncertain); no projection counts "
+                 f"as a miss")
     return "\n".join(lines)
 
 
@@ -345,8 +382,10 @@ def kept_runs(runs_dir: Path) -> list[tuple[Path, str, int]]:
 
 def summary(rows: list[dict], key: str = "error_pct") -> str:
     errors = [math.inf if row[key] is None else abs(row[key]) for row in rows]  # no projection: a miss
+    signed = [row[key] for row in rows if row[key] is not None]
+    bias = f", mean error {sum(signed) / len(signed):+.1f} % over the {len(signed)} projected" if signed else ""
     return (f"{sum(e <= WITHIN_PCT for e in errors)}/{len(rows)} within {WITHIN_PCT:.0f} %, "
-            f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %")
+            f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %{bias}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,12 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixture", type=Path, help="also write each run's steps, losses and learning rates here")
     parser.add_argument("--from-fixture", type=Path, metavar="FILE",
                         help="score the runs a --fixture file holds instead of run directories (no training)")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="with --from-fixture: also score redrawn runs whose true curve is known (noise alone)")
     args = parser.parse_args(argv)
 
     if args.from_fixture:
         rows, sections = score_fixture(args.from_fixture, args.fraction)
         if len({row["runs_dir"] for row in rows}) > 1:
             sections += all_runs_summary(rows)
+        if args.noise_floor:
+            sections += ["", "What the noise allows: the same projection on each run's own steady fall, redrawn with "
+                         "its measured noise", *noise_floor(args.from_fixture, args.fraction)]
         write_results(args.out, rows, "\n".join(sections))
         return 0
 
@@ -407,9 +451,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def all_runs_summary(rows: list[dict]) -> list[str]:
     in_band = sum(row["in_band"] for row in rows)
+    flattening_in_band = sum(row["flattening_in_band"] for row in rows)
     lines = ["all runs: " + summary(rows) + f"; actual inside the band {in_band}/{len(rows)}",
-             "all runs, the same fit against the step count: " + summary(rows, "steps_abscissa_error_pct"),
-             "all runs, with the annealing term fitted too: " + summary(rows, "annealing_fitted_error_pct")]
+             "all runs, the flattening fit alone (the projection before): " + summary(rows, "flattening_error_pct")
+             + f"; actual inside its band {flattening_in_band}/{len(rows)}"]
+    batches: dict[int, list[dict]] = {}
+    for row in rows:
+        if row.get("tokens_per_update"):
+            # Tiers 1 and 2 fill an update with 7 x 4,608 or 3 x 10,240 tokens: one batch size, to the nearest doubling.
+            batches.setdefault(round(math.log2(row["tokens_per_update"] / 1000)), []).append(row)
+    if len(batches) > 1:
+        for doubling, group in sorted(batches.items()):
+            lines.append(f"about {2 ** doubling}K tokens per update ({len(group)} runs): " + summary(group)
+                         + f"; actual inside the band {sum(row['in_band'] for row in group)}/{len(group)}")
+            lines.append("    the flattening fit alone: " + summary(group, "flattening_error_pct")
+                         + f"; inside its band {sum(row['flattening_in_band'] for row in group)}/{len(group)}")
     if all(row.get("runs_dir") in BEFORE_WARMUP for row in rows):  # the recorded scores are of those runs only
         lines += ["all runs before (2bcc1aa, the warm-up left out of the fit): " + BEFORE_WARMUP["all"],
                   "all runs before (544cae8): " + BEFORE_SCHEDULE["all"]]

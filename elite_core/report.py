@@ -215,8 +215,10 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
     checked = projection_check(steps)
-    if checked is None and int(len(steps) * PROJECTION_FROM_FRACTION) >= MIN_FIT_POINTS:
-        # Enough steps for a fit, so the fit found no curve: say so rather than leave the line out.
+    first_fifth = steps[:int(len(steps) * PROJECTION_FROM_FRACTION)]
+    after_warmup = len(first_fifth) - max(range(len(first_fifth)), key=lambda i: first_fifth[i].lr, default=0)
+    if checked is None and after_warmup >= MIN_FIT_POINTS:
+        # Enough steps after the warm-up for a fit, so the loss did not fall: say so rather than leave the line out.
         lines.append(f"- loss projection from the first {PROJECTION_FROM_FRACTION:.0%} of steps: none (no falling curve "
                      "fits those steps' losses)")
     if checked is not None:

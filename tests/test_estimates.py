@@ -9,7 +9,8 @@ import torch
 
 from elite_core import protocol
 from elite_core.config import default_config
-from elite_core.estimates import epoch_seconds, estimate_eta, fit_loss_curve, project_loss, recommend_epochs
+from elite_core.estimates import (STEADY_FALL, epoch_seconds, estimate_eta, fit_loss_curve, fit_steady_fall,
+                                  project_loss, recommend_epochs)
 from elite_core.schedule import LrSchedule, lr_factor, schedule_from_reported_lrs
 
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
@@ -41,31 +42,48 @@ def test_eta_follows_a_change_of_rate_through_its_window():
     assert estimate_eta(steps, slow, 500, window_s=100.0).seconds_per_step == pytest.approx(60.0 + 30.0 / 20)
 
 
-def test_power_law_with_noise_is_projected_within_two_percent_and_inside_its_band():
+def test_a_steady_fall_with_noise_is_projected_within_two_percent_and_inside_its_band():
     rng = np.random.default_rng(0)
     steps = np.arange(1, 1001)
-    truth = 1.2 + 4.0 * steps ** -0.6
-    noisy = truth + rng.normal(0, 0.05, size=steps.shape)
+    truth = 2.0 * steps ** -0.08
+    noisy = truth * np.exp(rng.normal(0, 0.05, size=steps.shape))
     projection = project_loss(steps[:200], noisy[:200], total_steps=1000)
+    assert projection.fit.kind == STEADY_FALL and projection.fit.offset == 0.0
+    assert projection.fit.exponent == pytest.approx(0.08, rel=0.1)
     assert projection.final_loss == pytest.approx(truth[-1], rel=0.02)
     assert projection.final_loss_low <= truth[-1] <= projection.final_loss_high
     assert projection.curve_steps[0] == 200 and projection.curve_steps[-1] == 1000
 
 
-def test_a_power_law_in_the_learning_rate_area_is_projected_through_the_cosine_decay():
+def test_a_curve_that_flattens_stays_inside_the_band():
+    # A run from random weights falls to a floor: the steady fall projects below it, the band's flattening curves hold it.
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 1001)
+    truth = 1.2 + 4.0 * steps ** -0.6
+    noisy = truth + rng.normal(0, 0.05, size=steps.shape)
+    projection = project_loss(steps[:200], noisy[:200], total_steps=1000)
+    assert projection.final_loss < truth[-1]
+    assert projection.final_loss_low <= truth[-1] <= projection.final_loss_high
+    assert projection.flattening.final_loss(1000) == pytest.approx(truth[-1], rel=0.02)
+
+
+def test_the_flattening_fit_reads_a_power_law_in_the_learning_rate_area_through_the_cosine_decay():
     # The schedule is read from the reported rates; the step count alone misreads the flattening the decay brings.
     schedule = LrSchedule(warmup_steps=10, total_steps=1000)
     steps = np.arange(1, 1001)
     truth = 0.5 + 4.0 * schedule.forward_area(steps) ** -0.3
     lrs = 2e-4 * schedule.factors(steps)
-    projection = project_loss(steps[:200], truth[:200], 1000, lrs[:200])
-    assert projection.fit.schedule == schedule and projection.fit.abscissa == "learning-rate area"
+    fit, _ = fit_loss_curve(steps[:200], truth[:200], lrs[:200], total_steps=1000)
+    assert fit.schedule == schedule and fit.abscissa == "learning-rate area"
     # Every step, the warm-up too: the learning-rate area grows slowly while the rate ramps up, so the curve covers it
-    assert projection.fit.fitted_points == 200
-    assert projection.final_loss == pytest.approx(truth[-1], rel=0.002)
-    against_steps = project_loss(steps[9:200], truth[9:200], 1000)
-    assert against_steps.fit.abscissa == "steps"
-    assert abs(against_steps.final_loss / truth[-1] - 1) > 0.01
+    assert fit.fitted_points == 200
+    assert fit.final_loss(1000) == pytest.approx(truth[-1], rel=0.002)
+    against_steps, _ = fit_loss_curve(steps[9:200], truth[9:200], total_steps=1000)
+    assert against_steps.abscissa == "steps"
+    assert abs(against_steps.final_loss(1000) / truth[-1] - 1) > 0.01
+    # ...and the projection's band reaches that curve's end (noise-free, the flattening band is the curve itself)
+    projection = project_loss(steps[:200], truth[:200], 1000, lrs[:200])
+    assert projection.final_loss_low <= truth[-1] <= projection.final_loss_high * 1.002
 
 
 def test_the_annealing_term_is_recovered_when_asked_for_and_the_decay_is_seen():
@@ -82,30 +100,40 @@ def test_the_annealing_term_is_recovered_when_asked_for_and_the_decay_is_seen():
 def test_one_outlying_window_does_not_drag_the_projection():
     rng = np.random.default_rng(1)
     steps = np.arange(1, 301)
-    truth = 1.2 + 4.0 * steps ** -0.6
-    noisy = truth + rng.normal(0, 0.05, size=steps.shape)
-    noisy[40] += 7.0  # one window three times as hard as its neighbours, as the demo runs show
+    truth = 2.0 * steps ** -0.1
+    noisy = truth * np.exp(rng.normal(0, 0.05, size=steps.shape))
+    noisy[40] *= 3.0  # one window three times as hard as its neighbours, as the demo runs show
     projection = project_loss(steps[:60], noisy[:60], total_steps=300)
     assert projection.final_loss == pytest.approx(truth[-1], rel=0.02)
 
 
-def test_warmup_steps_before_the_peak_rate_are_left_out_of_the_fit():
+def test_warmup_steps_before_the_peak_rate_are_left_out_of_the_steady_fall():
     steps = np.arange(1, 101)
-    losses = 1.0 + 5.0 * steps ** -0.5
+    losses = 2.0 * steps ** -0.1
     losses[:9] = 8.0  # flat while the learning rate ramps up to its peak at step 10
     lrs = np.minimum(1.0, steps / 10)
+    steady = fit_steady_fall(steps, losses, lrs)
+    assert steady.fit.fitted_points == 91
+    assert steady.fit.loss_at([100])[0] == pytest.approx(losses[-1], rel=1e-6)
+    # the flattening fit, against the step count here (a linear ramp is not the schedule), leaves them out too
     fit, _ = fit_loss_curve(steps, losses, lrs)
     assert fit.fitted_points == 91
-    assert fit.loss_at([100])[0] == pytest.approx(losses[-1], rel=0.01)
+
+
+def test_a_loss_that_does_not_fall_has_no_projection():
+    steps = np.arange(1, 41)
+    assert project_loss(steps, 1.0 + 0.001 * steps, 200) is None
 
 
 def test_recommended_epochs_is_where_an_epoch_stops_paying():
+    # A steady fall lowers the loss by a factor ((e + 1) / e) ** -exponent from epoch e to e + 1: under 1 % from
+    # e = 5 on at exponent 0.05 (6/5 -> 0.9909), never within 20 epochs at exponent 0.5.
     steps = np.arange(1, 501)
-    fast = project_loss(steps, 2.0 + 3.0 * steps ** -1.5, 500, steps_per_epoch=100)
-    slow = project_loss(steps, 0.5 + 6.0 * steps ** -0.3, 500, steps_per_epoch=100)
-    assert fast.recommended_epochs == 1
-    assert 1 < slow.recommended_epochs <= 20
-    assert recommend_epochs(slow.fit, 100) == slow.recommended_epochs
+    gentle = project_loss(steps, 2.0 * steps ** -0.05, 500, steps_per_epoch=100)
+    steep = project_loss(steps, 2.0 * steps ** -0.5, 500, steps_per_epoch=100)
+    assert gentle.recommended_epochs == 5
+    assert steep.recommended_epochs == 20
+    assert recommend_epochs(gentle.fit, 100) == gentle.recommended_epochs
     assert epoch_seconds(1_000_000, 2_000.0) == 500.0 and math.isinf(epoch_seconds(10, 0.0))
 
 
