@@ -196,7 +196,8 @@ class LossFit:
     exponent: float
     fitted_points: int
     residual_std: float
-    """The noise of one step's loss about the curve (a robust estimate: the median absolute residual, scaled)."""
+    """The noise of one step's loss about the curve (a robust estimate: the median absolute residual, scaled); for
+    the steady fall, of its logarithm: a share of the loss."""
     components: tuple[CurveComponent, ...] = ()
     """The curves averaged, weights summing to 1; empty means the single curve above."""
     schedule: LrSchedule | None = None

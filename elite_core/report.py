@@ -187,6 +187,10 @@ def _held_out_line(evals: list[protocol.EvalMetrics]) -> str:
     return line
 
 
+WIDE_BAND = 0.4
+"""A band wider than this share of the projected loss gets a line saying why it is wide and what narrows it."""
+
+
 def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJECTION_FROM_FRACTION):
     """The loss projected from the first `fraction` of the steps beside the smoothed final loss actually reached."""
     from elite_core.estimates import project_loss, smoothed_final_loss
@@ -214,6 +218,8 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         error = (predicted_s - actual_s) / actual_s * 100 if actual_s > 0 else 0.0
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
+    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps],
+                        steps_per_epoch=_steps_per_epoch(steps))
     checked = projection_check(steps)
     first_fifth = steps[:int(len(steps) * PROJECTION_FROM_FRACTION)]
     after_warmup = len(first_fifth) - max(range(len(first_fifth)), key=lambda i: first_fifth[i].lr, default=0)
@@ -227,8 +233,12 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         lines.append(f"- loss projected from the first {PROJECTION_FROM_FRACTION:.0%} of steps: "
                      f"{projection.final_loss:.4f} (band {projection.final_loss_low:.4f} to "
                      f"{projection.final_loss_high:.4f}); reached {actual:.4f}, mean of the last tenth ({error:+.1f} %)")
-    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps],
-                        steps_per_epoch=_steps_per_epoch(steps))
+        wide = projection.final_loss_high - projection.final_loss_low > WIDE_BAND * projection.final_loss
+        if wide and full is not None:
+            # The scatter about the whole run's curve: a fifth's few points underrate it.
+            lines.append(f"  - the band is wide: one step's loss scatters {full.fit.residual_std:.0%} about the "
+                         "run's curve. More tokens per update (grad_accum) narrow it: on the recorded fine-tunes 4 "
+                         "times as many halved the scatter")
     if full is not None and full.recommended_epochs is not None:
         lines.append(f"- recommended epochs: {full.recommended_epochs} (one more would lower the fitted loss by "
                      f"less than 1 %; fit: {full.fit.kind}, exponent {full.fit.exponent:.3g})")

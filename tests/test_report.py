@@ -55,3 +55,32 @@ def test_a_finished_run_gets_plots_estimates_evaluation_and_tensorboard(tmp_path
     losses = [e.loss for e in events if isinstance(e, protocol.StepMetrics)]
     assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
     assert [step for step, _ in scalars["eval/loss"]] == [0, 5, 10, 12]  # 0: the base model, before training
+
+
+@pytest.mark.parametrize("noise,says_why", [(0.2, True), (0.01, False)])
+def test_a_wide_projection_band_says_why_and_what_narrows_it(noise, says_why):
+    """One window per step scatters the loss by about 20 % (the default CPU demo, bench/results/
+    projection-cpu-pretrained-demo50.txt); a large batch by a few percent. 200 steps: the first fifth's 40 fall
+    clearly enough to project at 20 % noise (at 50 steps 10 points often do not: the report then says so)."""
+    import numpy as np
+
+    from elite_core.report import _estimates_section
+    from elite_core.schedule import LrSchedule
+
+    rng = np.random.default_rng(3)
+    total = 200
+    schedule = LrSchedule(warmup_steps=5, total_steps=total)
+    numbers = np.arange(1, total + 1)
+    losses = 1.6 * numbers ** -0.1 * np.exp(rng.normal(0, noise, len(numbers)))
+    # Training reports the rate the next update will use: factor(step).
+    steps = [protocol.StepMetrics(step=int(n), epoch=n / 600, loss=float(loss), lr=3e-3 * float(factor),
+                                  tokens_per_s=4000.0, memory_bytes=2**30, elapsed_s=2.5 * float(n))
+             for n, loss, factor in zip(numbers, losses, schedule.factors(numbers))]
+    started = protocol.Started(run_dir="r", pid=1, device="cpu", total_steps=total, tokens_per_step=10240,
+                               trainable_params=1, total_params=1, predicted_peak_bytes=2**30)
+    section = "\n".join(_estimates_section(steps, started))
+    assert "loss projected from the first 20% of steps" in section
+    assert ("the band is wide" in section) == says_why
+    if says_why:
+        scatter = int(re.search(r"scatters (\d+)%", section).group(1))
+        assert 15 <= scatter <= 25, section
