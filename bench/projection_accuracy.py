@@ -69,8 +69,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
-from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_loss_curve, fit_steady_fall, flattening_band,  # noqa: E402
-                                  project_loss, smoothed_final_loss)
+from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_steady_fall, project_flattening,  # noqa: E402
+                                  project_loss, smoothed_final_loss, steady_fall_points)
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 
 WITHIN_PCT = 5.0
@@ -219,12 +219,12 @@ def score_steps(steps: list[protocol.StepMetrics], fraction: float, name: str, s
 
 def _flattening_projection(observed: list[protocol.StepMetrics], total: int) -> tuple[float, float, float] | None:
     """The flattening fit's final loss and band from the same steps: the projection before the steady fall."""
-    fitted = fit_loss_curve([s.step for s in observed], [s.loss for s in observed], [s.lr for s in observed],
-                            total_steps=total)
-    if fitted is None:
+    projected = project_flattening([s.step for s in observed], [s.loss for s in observed], [s.lr for s in observed],
+                                   total, [total])
+    if projected is None:
         return None
-    low, high = flattening_band(*fitted, np.asarray([total]))
-    return float(fitted[0].loss_at([total])[0]), float(low[0]), float(high[0])
+    fit, low, high = projected
+    return float(fit.loss_at([total])[0]), float(low[0]), float(high[0])
 
 
 def _pct(projected: float | None, actual: float) -> float | None:
@@ -307,7 +307,8 @@ def noise_floor(path: Path, fraction: float, seed: int = 0) -> list[str]:
         if whole is None:
             continue
         truth = whole.fit.loss_at(steps)
-        residuals = (np.log(losses) - np.log(truth))[int(np.argmax(lrs)):]
+        fitted_steps, fitted_losses = steady_fall_points(steps, losses, lrs)
+        residuals = np.log(fitted_losses) - np.log(whole.fit.loss_at(fitted_steps))
         count, tail = int(len(steps) * fraction), max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
         cells = ""
         for scale in NOISE_FLOOR_SCALES:

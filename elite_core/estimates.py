@@ -277,7 +277,7 @@ class LossProjection:
 def _after_warmup(steps: np.ndarray, lrs: np.ndarray | None) -> np.ndarray:
     """Which steps follow the warm-up: from the peak of the reported rates on (all of them without rates)."""
     keep = steps > 0
-    if lrs is not None:
+    if lrs is not None and len(lrs):
         keep &= np.arange(len(steps)) >= int(np.argmax(lrs))
     return keep
 
@@ -306,6 +306,16 @@ class SteadyFall:
         return np.exp(centre - spread), np.exp(centre + spread)
 
 
+def steady_fall_points(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and losses the steady fall fits: after the warm-up, finite and positive, thinned to FIT_MAX_POINTS."""
+    step_array = np.asarray(steps, dtype=int)
+    loss_array = np.asarray(losses, dtype=float)
+    lr_array = np.asarray(lrs, dtype=float) if lrs is not None and len(lrs) == len(steps) else None
+    keep = _after_warmup(step_array, lr_array) & np.isfinite(loss_array) & (loss_array > 0)
+    return _thinned(step_array[keep], loss_array[keep])
+
+
 def fit_steady_fall(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None
                     ) -> SteadyFall | None:
     """The steady fall fitted to the steps after the warm-up (while the rate ramps up the loss follows the ramp, which
@@ -316,11 +326,7 @@ def fit_steady_fall(steps: Sequence[int], losses: Sequence[float], lrs: Sequence
     Against the step count, not the learning-rate area: over a cosine schedule the area grows ever slower, so a curve
     in it flattens late, and the fine-tunes kept falling as the rate decayed (the annealing gain of Tissue et al.
     2024 made up for the slower area); the steady fall in steps matched them."""
-    step_array = np.asarray(steps, dtype=int)
-    loss_array = np.asarray(losses, dtype=float)
-    lr_array = np.asarray(lrs, dtype=float) if lrs is not None and len(lrs) == len(steps) else None
-    keep = _after_warmup(step_array, lr_array) & np.isfinite(loss_array) & (loss_array > 0)
-    step_array, loss_array = _thinned(step_array[keep], loss_array[keep])
+    step_array, loss_array = steady_fall_points(steps, losses, lrs)
     if len(step_array) < MIN_FIT_POINTS or np.ptp(step_array) == 0:
         return None
     log_losses = np.log(loss_array)
@@ -503,10 +509,9 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
     curve_steps = np.unique(np.linspace(max(last_step, 1), end, curve_points).round().astype(int))
     projected = steady.fit.loss_at(curve_steps)
     low, high = steady.band(curve_steps)
-    flattening = fit_loss_curve(steps, losses, lrs, total_steps=end, schedule=schedule)
+    flattening = project_flattening(steps, losses, lrs, end, curve_steps, schedule=schedule)
     if flattening is not None:
-        flat_low, flat_high = flattening_band(*flattening, curve_steps)
-        low, high = np.minimum(low, flat_low), np.maximum(high, flat_high)
+        low, high = np.minimum(low, flattening[1]), np.maximum(high, flattening[2])
     low, high = np.maximum(np.minimum(low, projected), 0.0), np.maximum(high, projected)
     return LossProjection(
         fit=steady.fit, flattening=flattening[0] if flattening is not None else None, total_steps=end,
@@ -517,7 +522,19 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
     )
 
 
-def flattening_band(fit: LossFit, candidates: CandidateCurves, curve_steps: np.ndarray
+def project_flattening(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None, total_steps: int,
+                       curve_steps, *, schedule: LrSchedule | None = None
+                       ) -> tuple[LossFit, np.ndarray, np.ndarray] | None:
+    """The flattening fit (`fit_loss_curve`) and its band's low and high edges at `curve_steps`; None when no falling
+    curve with a floor fits. The projection's band holds this band; alone, it was the projection before the steady
+    fall (bench/projection_accuracy.py scores it beside)."""
+    fitted = fit_loss_curve(steps, losses, lrs, total_steps=total_steps, schedule=schedule)
+    if fitted is None:
+        return None
+    return (fitted[0], *_flattening_band(*fitted, np.asarray(curve_steps, dtype=int)))
+
+
+def _flattening_band(fit: LossFit, candidates: CandidateCurves, curve_steps: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The lowest and highest of the flattening curves that fit about as well as the best (within BAND_DELTA_CHI2
     noise variances), each two standard errors of its fitted mean out, and the averaged curve itself."""

@@ -208,7 +208,7 @@ def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJEC
 def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Started | None) -> list[str]:
     if not steps or started is None:
         return []
-    from elite_core.estimates import MIN_FIT_POINTS, project_loss
+    from elite_core.estimates import MIN_FIT_POINTS, project_loss, steady_fall_points
 
     lines = []
     total = steps[-1].step
@@ -222,8 +222,9 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
                         steps_per_epoch=_steps_per_epoch(steps))
     checked = projection_check(steps)
     first_fifth = steps[:int(len(steps) * PROJECTION_FROM_FRACTION)]
-    after_warmup = len(first_fifth) - max(range(len(first_fifth)), key=lambda i: first_fifth[i].lr, default=0)
-    if checked is None and after_warmup >= MIN_FIT_POINTS:
+    fittable, _ = steady_fall_points([s.step for s in first_fifth], [s.loss for s in first_fifth],
+                                     [s.lr for s in first_fifth])
+    if checked is None and len(fittable) >= MIN_FIT_POINTS:
         # Enough steps after the warm-up for a fit, so the loss did not fall: say so rather than leave the line out.
         lines.append(f"- loss projection from the first {PROJECTION_FROM_FRACTION:.0%} of steps: none (no falling curve "
                      "fits those steps' losses)")

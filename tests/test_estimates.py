@@ -10,7 +10,7 @@ import torch
 from elite_core import protocol
 from elite_core.config import default_config
 from elite_core.estimates import (STEADY_FALL, epoch_seconds, estimate_eta, fit_loss_curve, fit_steady_fall,
-                                  project_loss, recommend_epochs)
+                                  project_loss, recommend_epochs, steady_fall_points)
 from elite_core.schedule import LrSchedule, lr_factor, schedule_from_reported_lrs
 
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
@@ -257,3 +257,10 @@ def test_the_schedule_is_recovered_from_reported_rates():
     assert schedule_from_reported_lrs(steps, np.full(len(steps), 3e-4), 500) is None
     fit, _ = fit_loss_curve(steps, 1.0 + 2.0 * steps ** -0.5, np.full(len(steps), 3e-4), total_steps=500)
     assert fit.schedule is None and fit.abscissa == "steps"
+
+
+def test_no_steps_fit_nothing_and_do_not_fail():
+    # The report asks how many steps of a run's first fifth could be fitted; a run of under five steps has none.
+    steps, losses = steady_fall_points([], [], [])
+    assert len(steps) == 0 and len(losses) == 0
+    assert fit_steady_fall([], [], []) is None and project_loss([], [], 10, []) is None

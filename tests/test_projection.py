@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from elite_core import protocol
-from elite_core.estimates import STEADY_FALL, fit_loss_curve, flattening_band, smoothed_final_loss
+from elite_core.estimates import STEADY_FALL, project_flattening, smoothed_final_loss
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check
 from elite_core.schedule import LrSchedule
 
@@ -57,9 +56,8 @@ def flattening_scored(run: dict) -> tuple[float, bool]:
     """The same for the flattening fit alone: the projection before the steady fall (commit c68c5bd)."""
     count = int(len(run["steps"]) * PROJECTION_FROM_FRACTION)
     total = run["steps"][-1]
-    fit, candidates = fit_loss_curve(run["steps"][:count], run["losses"][:count], run["lrs"][:count],
-                                     total_steps=total)
-    low, high = flattening_band(fit, candidates, np.asarray([total]))
+    fit, low, high = project_flattening(run["steps"][:count], run["losses"][:count], run["lrs"][:count], total,
+                                        [total])
     actual = smoothed_final_loss(run["losses"])
     final = float(fit.loss_at([total])[0])
     return (final - actual) / actual * 100, bool(low[0] <= actual <= high[0])
