@@ -50,6 +50,16 @@ FLAT_IMPROVEMENT = 0.01
 """An epoch that lowers the projected loss by less than 1 % is not worth its time."""
 MAX_RECOMMENDED_EPOCHS = 20
 SMOOTHED_TAIL_FRACTION = 0.1
+OVERFIT_RISE = 0.01
+"""A held-out loss this share above its lowest evaluation, at the last one: the steps after the lowest overfit."""
+MIN_HELD_OUT_POINTS = 3
+"""Evaluations after the warm-up that a held-out recommendation needs: they are few (every eval_every_steps) but carry
+no window-to-window noise."""
+REPEATED_EPOCHS_WORTH = 1.0
+"""R* of Muennighoff et al. 2023 (Scaling Data-Constrained Language Models), in epochs: a second epoch is worth 63 % of
+fresh windows, a third 23 % more, and all repeats together at most one fresh epoch. Fitted to 3 repositories' final
+held-out losses after 1-4 epochs (the best fit: 1.0-1.5; pretraining's 15 would have every epoch pay); on 3 others
+trained after, it put the recommendation within one epoch of the truth on each (bench/results/epochs-gpu.txt)."""
 MIN_COMPONENT_WEIGHT = 1e-6
 """Curves less likely than this, relative to the best, are left out of the average: they would change it by less."""
 
@@ -270,8 +280,6 @@ class LossProjection:
     curve_loss: tuple[float, ...]
     curve_low: tuple[float, ...]
     curve_high: tuple[float, ...]
-    recommended_epochs: int | None
-    """Where one more epoch lowers the projected loss by less than 1 %; None without steps_per_epoch."""
 
 
 def _after_warmup(steps: np.ndarray, lrs: np.ndarray | None) -> np.ndarray:
@@ -309,25 +317,25 @@ class SteadyFall:
 def steady_fall_points(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """The steps and losses the steady fall fits: after the warm-up, finite and positive, thinned to FIT_MAX_POINTS."""
-    step_array = np.asarray(steps, dtype=int)
+    step_array = np.asarray(steps, dtype=float)  # float: the epoch advice fits effective steps
     loss_array = np.asarray(losses, dtype=float)
     lr_array = np.asarray(lrs, dtype=float) if lrs is not None and len(lrs) == len(steps) else None
     keep = _after_warmup(step_array, lr_array) & np.isfinite(loss_array) & (loss_array > 0)
     return _thinned(step_array[keep], loss_array[keep])
 
 
-def fit_steady_fall(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None
-                    ) -> SteadyFall | None:
+def fit_steady_fall(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None = None,
+                    min_points: int = MIN_FIT_POINTS) -> SteadyFall | None:
     """The steady fall fitted to the steps after the warm-up (while the rate ramps up the loss follows the ramp, which
     the step count does not know): a line in log-log, with Huber's loss at the noise scale of its least-squares
-    residuals (one window unlike the rest must not tilt the line). None with fewer than MIN_FIT_POINTS such steps or
+    residuals (one window unlike the rest must not tilt the line). None with fewer than `min_points` such steps or
     when the line does not fall.
 
     Against the step count, not the learning-rate area: over a cosine schedule the area grows ever slower, so a curve
     in it flattens late, and the fine-tunes kept falling as the rate decayed (the annealing gain of Tissue et al.
     2024 made up for the slower area); the steady fall in steps matched them."""
     step_array, loss_array = steady_fall_points(steps, losses, lrs)
-    if len(step_array) < MIN_FIT_POINTS or np.ptp(step_array) == 0:
+    if len(step_array) < min_points or np.ptp(step_array) == 0:
         return None
     log_losses = np.log(loss_array)
     design = np.stack([np.ones(len(step_array)), np.log(step_array.astype(float))], axis=1)[None]
@@ -493,7 +501,7 @@ def _averaged_components(candidates: CandidateCurves) -> tuple[CurveComponent, .
 
 
 def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int, lrs: Sequence[float] | None = None,
-                 steps_per_epoch: int | None = None, curve_points: int = 40, *,
+                 curve_points: int = 40, *,
                  schedule: LrSchedule | None = None) -> LossProjection | None:
     """The projected loss at total_steps (the steady fall) with a band that holds both readings of the steps so far:
     the steady fall two standard errors either side, and the flattening curves that fit the data about as well as the
@@ -518,7 +526,6 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
         final_loss=float(projected[-1]), final_loss_low=float(low[-1]), final_loss_high=float(high[-1]),
         curve_steps=tuple(int(s) for s in curve_steps), curve_loss=tuple(float(v) for v in projected),
         curve_low=tuple(float(v) for v in low), curve_high=tuple(float(v) for v in high),
-        recommended_epochs=recommend_epochs(steady.fit, steps_per_epoch) if steps_per_epoch else None,
     )
 
 
@@ -551,16 +558,83 @@ def _flattening_band(fit: LossFit, candidates: CandidateCurves, curve_steps: np.
     return (np.minimum((curves - spread).min(axis=0), averaged), np.maximum((curves + spread).max(axis=0), averaged))
 
 
+def effective_steps(steps, steps_per_epoch: int) -> np.ndarray:
+    """Steps counted by what their windows are still worth: the first epoch's in full, each repeat less (a repeated
+    epoch's worth decays as exp(-repeats / REPEATED_EPOCHS_WORTH), Muennighoff et al. 2023's effective data), so that
+    no number of epochs is worth more than 1 + REPEATED_EPOCHS_WORTH fresh ones."""
+    epochs = np.asarray(steps, dtype=float) / steps_per_epoch
+    repeats = np.maximum(epochs - 1.0, 0.0)
+    worth = np.minimum(epochs, 1.0) + REPEATED_EPOCHS_WORTH * (1.0 - np.exp(-repeats / REPEATED_EPOCHS_WORTH))
+    return worth * steps_per_epoch
+
+
 def recommend_epochs(fit: LossFit, steps_per_epoch: int, flat_improvement: float = FLAT_IMPROVEMENT,
                      max_epochs: int = MAX_RECOMMENDED_EPOCHS) -> int:
     """The first epoch count after which one more epoch lowers the projected final loss by less than
-    `flat_improvement`; each count is a run of its own length, whose schedule decays over all of it."""
+    `flat_improvement`. `fit` is a steady fall in effective steps; each count is a run of its own length, whose
+    schedule decays over all of it."""
     for epochs in range(1, max_epochs):
-        now = fit.final_loss(epochs * steps_per_epoch)
-        following = fit.final_loss((epochs + 1) * steps_per_epoch)
+        worth = effective_steps([epochs * steps_per_epoch, (epochs + 1) * steps_per_epoch], steps_per_epoch)
+        now, following = fit.scale * worth ** -fit.exponent
         if now <= 0 or (now - following) / now < flat_improvement:
             return epochs
     return max_epochs
+
+
+@dataclass(frozen=True)
+class EpochAdvice:
+    """Epochs worth training, and what says so (`basis`): the held-out loss bottomed out and rose ("held-out rose"),
+    where the held-out loss's steady fall flattens ("held-out loss"), one when it does not fall ("held-out flat"),
+    or, without evaluations, where the first epoch's training loss flattens ("training loss")."""
+
+    epochs: int
+    basis: str
+    lowest_step: int | None = None
+    """The held-out evaluation with the lowest loss, when the basis is the held-out loss."""
+
+
+def advise_epochs(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float] | None, steps_per_epoch: int,
+                  eval_steps: Sequence[int] = (), eval_losses: Sequence[float] = ()) -> EpochAdvice | None:
+    """Epochs worth training, from the held-out evaluations when there are MIN_HELD_OUT_POINTS after the warm-up, else
+    from the training loss of the first epoch. The training loss of later epochs is not used: those windows were seen
+    and it keeps falling as they are learnt by heart (on the recorded fine-tunes the whole run's training loss
+    recommended 13-20 epochs where 2-3 paid: bench/results/epochs-gpu.txt). None when neither has a fit."""
+    if steps_per_epoch < 1:
+        return None
+    held_out = _advice_from_held_out(eval_steps, eval_losses, steps_per_epoch, steps, lrs)
+    if held_out is not None:
+        return held_out
+    step_array = np.asarray(steps, dtype=int)
+    first_epoch = step_array <= steps_per_epoch
+    steady = fit_steady_fall(step_array[first_epoch], np.asarray(losses, dtype=float)[first_epoch],
+                             np.asarray(lrs, dtype=float)[first_epoch] if lrs is not None and len(lrs) else None)
+    if steady is None:
+        return None
+    return EpochAdvice(epochs=recommend_epochs(steady.fit, steps_per_epoch), basis="training loss")
+
+
+def _advice_from_held_out(eval_steps: Sequence[int], eval_losses: Sequence[float], steps_per_epoch: int,
+                          steps: Sequence[int], lrs: Sequence[float] | None) -> EpochAdvice | None:
+    """The held-out loss carries no window-to-window noise (every evaluation scores the same windows), so a few
+    evaluations give a curve; those of the warm-up (before the peak of the run's rates) are left out."""
+    eval_array = np.asarray(eval_steps, dtype=int)
+    loss_array = np.asarray(eval_losses, dtype=float)
+    keep = (eval_array > 0) & np.isfinite(loss_array) & (loss_array > 0)
+    if lrs is not None and len(lrs) and len(lrs) == len(steps):
+        keep &= eval_array >= int(np.asarray(steps)[int(np.argmax(lrs))])
+    eval_array, loss_array = eval_array[keep], loss_array[keep]
+    if len(eval_array) < MIN_HELD_OUT_POINTS:
+        return None
+    lowest = int(np.argmin(loss_array))
+    lowest_step = int(eval_array[lowest])
+    if loss_array[-1] > loss_array[lowest] * (1 + OVERFIT_RISE):
+        return EpochAdvice(epochs=max(1, math.ceil(lowest_step / steps_per_epoch)), basis="held-out rose",
+                           lowest_step=lowest_step)
+    steady = fit_steady_fall(effective_steps(eval_array, steps_per_epoch), loss_array, min_points=MIN_HELD_OUT_POINTS)
+    if steady is None:  # no epoch paid, so none more will
+        return EpochAdvice(epochs=1, basis="held-out flat", lowest_step=lowest_step)
+    return EpochAdvice(epochs=recommend_epochs(steady.fit, steps_per_epoch), basis="held-out loss",
+                       lowest_step=lowest_step)
 
 
 def smoothed_final_loss(losses: Sequence[float], tail_fraction: float = SMOOTHED_TAIL_FRACTION) -> float:

@@ -73,7 +73,7 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
         where = "GPU" if started and started.device == "cuda" else "process RAM"
         lines.append(f"- peak memory ({where}): predicted {format_bytes(predicted)}, measured {format_bytes(measured)} ({error:+.1f} %)")
     lines.append("")
-    lines += _estimates_section(steps, started)
+    lines += _estimates_section(steps, evals, started)
     lines += _evaluation_section(run_dir)
     plots = write_plots(run_dir, steps, evals, plan, started)
     if plots:
@@ -205,7 +205,8 @@ def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJEC
     return projection, smoothed_final_loss([s.loss for s in steps])
 
 
-def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Started | None) -> list[str]:
+def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.EvalMetrics],
+                       started: protocol.Started | None) -> list[str]:
     if not steps or started is None:
         return []
     from elite_core.estimates import MIN_FIT_POINTS, project_loss, steady_fall_points
@@ -218,8 +219,7 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
         error = (predicted_s - actual_s) / actual_s * 100 if actual_s > 0 else 0.0
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
-    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps],
-                        steps_per_epoch=_steps_per_epoch(steps))
+    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps])
     checked = projection_check(steps)
     first_fifth = steps[:int(len(steps) * PROJECTION_FROM_FRACTION)]
     fittable, _ = steady_fall_points([s.step for s in first_fifth], [s.loss for s in first_fifth],
@@ -240,12 +240,32 @@ def _estimates_section(steps: list[protocol.StepMetrics], started: protocol.Star
             lines.append(f"  - the band is wide: one step's loss scatters {full.fit.residual_std:.0%} about the "
                          "run's curve. More tokens per update (grad_accum) narrow it: on the recorded fine-tunes 4 "
                          "times as many halved the scatter")
-    if full is not None and full.recommended_epochs is not None:
-        lines.append(f"- recommended epochs: {full.recommended_epochs} (one more would lower the fitted loss by "
-                     f"less than 1 %; fit: {full.fit.kind}, exponent {full.fit.exponent:.3g})")
+    lines += _epochs_lines(steps, evals)
     if not lines:
         return []
     return ["## Estimates against what happened", "", *lines, ""]
+
+
+def _epochs_lines(steps: list[protocol.StepMetrics], evals: list[protocol.EvalMetrics]) -> list[str]:
+    from elite_core.estimates import FLAT_IMPROVEMENT, advise_epochs
+
+    steps_per_epoch = _steps_per_epoch(steps)
+    if steps_per_epoch is None:
+        return []
+    advice = advise_epochs([s.step for s in steps], [s.loss for s in steps], [s.lr for s in steps], steps_per_epoch,
+                           [e.step for e in evals], [e.loss for e in evals])
+    if advice is None:
+        return []
+    flat = f"one more would lower it by less than {FLAT_IMPROVEMENT:.0%}"
+    why = {
+        "held-out rose": f"the held-out loss was lowest at step {advice.lowest_step} and rose after it: later steps "
+                         "overfit",
+        "held-out flat": "the held-out loss did not fall after the warm-up",
+        "held-out loss": f"from the held-out loss: {flat}, a repeated epoch counted at its decaying worth",
+        "training loss": f"from the first epoch's training loss (no held-out evaluations): {flat}, a repeated epoch "
+                         "counted at its decaying worth",
+    }[advice.basis]
+    return [f"- recommended epochs: {advice.epochs} ({why})"]
 
 
 def _steps_per_epoch(steps: list[protocol.StepMetrics]) -> int | None:

@@ -9,8 +9,9 @@ import torch
 
 from elite_core import protocol
 from elite_core.config import default_config
-from elite_core.estimates import (STEADY_FALL, epoch_seconds, estimate_eta, fit_loss_curve, fit_steady_fall,
-                                  project_loss, recommend_epochs, steady_fall_points)
+from elite_core.estimates import (REPEATED_EPOCHS_WORTH, STEADY_FALL, advise_epochs, effective_steps, epoch_seconds,
+                                  estimate_eta, fit_loss_curve, fit_steady_fall, project_loss, recommend_epochs,
+                                  steady_fall_points)
 from elite_core.schedule import LrSchedule, lr_factor, schedule_from_reported_lrs
 
 TINY_WINDOWS = {"context_tokens": 96, "target_tokens": 32, "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 2,
@@ -125,16 +126,53 @@ def test_a_loss_that_does_not_fall_has_no_projection():
     assert project_loss(steps, 1.0 + 0.001 * steps, 200) is None
 
 
+def test_a_repeated_epoch_is_worth_less_than_a_fresh_one():
+    # The first epoch counts in full; a second adds 1 - exp(-1) of one, and no number of them more than one.
+    worth = effective_steps([50, 100, 200, 300, 100_000], steps_per_epoch=100)
+    assert worth[:2].tolist() == [50.0, 100.0]
+    assert worth[2] == pytest.approx(100 + 100 * (1 - math.exp(-1)))
+    assert worth[2] < worth[3] < worth[4] <= 100 * (1 + REPEATED_EPOCHS_WORTH)
+
+
 def test_recommended_epochs_is_where_an_epoch_stops_paying():
-    # A steady fall lowers the loss by a factor ((e + 1) / e) ** -exponent from epoch e to e + 1: under 1 % from
-    # e = 5 on at exponent 0.05 (6/5 -> 0.9909), never within 20 epochs at exponent 0.5.
-    steps = np.arange(1, 501)
-    gentle = project_loss(steps, 2.0 * steps ** -0.05, 500, steps_per_epoch=100)
-    steep = project_loss(steps, 2.0 * steps ** -0.5, 500, steps_per_epoch=100)
-    assert gentle.recommended_epochs == 5
-    assert steep.recommended_epochs == 20
-    assert recommend_epochs(gentle.fit, 100) == gentle.recommended_epochs
+    # A steady fall lowers the loss by (W(e + 1) / W(e)) ** -exponent from e epochs to e + 1, W the effective
+    # epochs (1, 1.632, 1.865, 1.950, 1.982): at exponent 0.05, -2.4 % then -0.7 % (stop at 2); at 0.5, -21.7, -6.5,
+    # -2.2, then -0.8 % (stop at 4).
+    steps = np.arange(1, 101)
+    gentle = fit_steady_fall(steps, 2.0 * steps ** -0.05)
+    steep = fit_steady_fall(steps, 2.0 * steps ** -0.5)
+    assert recommend_epochs(gentle.fit, 100) == 2
+    assert recommend_epochs(steep.fit, 100) == 4
     assert epoch_seconds(1_000_000, 2_000.0) == 500.0 and math.isinf(epoch_seconds(10, 0.0))
+
+
+def test_epoch_advice_reads_the_held_out_loss_first_and_sees_it_rise():
+    steps = np.arange(1, 201)
+    lrs = np.full(len(steps), 1e-3)
+    losses = 2.0 * steps ** -0.3
+    # the held-out loss bottoms out at step 80 (epoch 2 of 50-step epochs) and rises 5 % by the end
+    eval_steps = np.arange(10, 201, 10)
+    eval_losses = np.where(eval_steps <= 80, 1.5 * eval_steps ** -0.05, 1.5 * 80 ** -0.05 * (1 + (eval_steps - 80) / 2400))
+    rose = advise_epochs(steps, losses, lrs, 50, eval_steps, eval_losses)
+    assert (rose.epochs, rose.basis, rose.lowest_step) == (2, "held-out rose", 80)
+    falling = advise_epochs(steps, losses, lrs, 50, eval_steps, 1.5 * eval_steps ** -0.05)
+    assert falling.basis == "held-out loss" and falling.epochs == 2
+    # rising, but by under OVERFIT_RISE: no fall to fit, and no epoch paid
+    flat = advise_epochs(steps, losses, lrs, 50, eval_steps, 1.2 * (1 + 4e-5 * eval_steps))
+    assert (flat.epochs, flat.basis) == (1, "held-out flat")
+
+
+def test_epoch_advice_without_evaluations_reads_the_first_epoch_only():
+    # From epoch 2 on the training windows repeat and their loss plunges (learnt by heart): the advice must not follow
+    steps = np.arange(1, 201)
+    lrs = np.full(len(steps), 1e-3)
+    fresh = 2.0 * steps ** -0.05
+    memorised = np.where(steps <= 50, fresh, fresh * np.exp(-(steps - 50) / 40))
+    one_epoch = advise_epochs(steps[:50], fresh[:50], lrs[:50], 50)
+    four_epochs = advise_epochs(steps, memorised, lrs, 50)
+    assert one_epoch.basis == four_epochs.basis == "training loss"
+    assert four_epochs.epochs == one_epoch.epochs == 2
+    assert advise_epochs(steps[:3], fresh[:3], lrs[:3], 50) is None
 
 
 def test_no_projection_without_enough_points():

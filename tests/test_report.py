@@ -78,9 +78,25 @@ def test_a_wide_projection_band_says_why_and_what_narrows_it(noise, says_why):
              for n, loss, factor in zip(numbers, losses, schedule.factors(numbers))]
     started = protocol.Started(run_dir="r", pid=1, device="cpu", total_steps=total, tokens_per_step=10240,
                                trainable_params=1, total_params=1, predicted_peak_bytes=2**30)
-    section = "\n".join(_estimates_section(steps, started))
+    section = "\n".join(_estimates_section(steps, [], started))
     assert "loss projected from the first 20% of steps" in section
+    assert "recommended epochs: " in section and "from the first epoch's training loss" in section
     assert ("the band is wide" in section) == says_why
     if says_why:
         scatter = int(re.search(r"scatters (\d+)%", section).group(1))
         assert 15 <= scatter <= 25, section
+
+
+def test_the_recommended_epochs_say_when_the_held_out_loss_rose():
+    from elite_core.report import _estimates_section
+
+    steps = [protocol.StepMetrics(step=n, epoch=n / 50, loss=2.0 * n ** -0.2, lr=1e-3, tokens_per_s=4000.0,
+                                  memory_bytes=2**30, elapsed_s=float(n)) for n in range(1, 201)]
+    held_out = [1.30, 1.20, 1.15, 1.12, 1.14, 1.18, 1.22]  # lowest at step 80, in the second 50-step epoch
+    evals = [protocol.EvalMetrics(step=20 * (i + 1), loss=loss, perplexity=2.0) for i, loss in enumerate(held_out)]
+    evals.append(protocol.EvalMetrics(step=200, loss=1.25, perplexity=2.0))
+    started = protocol.Started(run_dir="r", pid=1, device="cpu", total_steps=200, tokens_per_step=10240,
+                               trainable_params=1, total_params=1, predicted_peak_bytes=2**30)
+    section = "\n".join(_estimates_section(steps, evals, started))
+    assert ("- recommended epochs: 2 (the held-out loss was lowest at step 80 and rose after it: later steps overfit)"
+            in section), section

@@ -58,6 +58,7 @@ class MonitorScreen(WizardScreen):
         self.lrs: list[float] = []
         self.steps_per_epoch: int | None = None
         self.projection: Any = None
+        self.epoch_advice: Any = None
         self.eval_steps: list[int] = []
         self.eval_losses: list[float] = []
         self.notes: deque[str] = deque(maxlen=NOTES_KEPT)
@@ -158,8 +159,8 @@ class MonitorScreen(WizardScreen):
             projection = self.projection
             parts.append(f"final ~{format_loss(projection.final_loss)} "
                          f"({format_loss(projection.final_loss_low)}-{format_loss(projection.final_loss_high)})")
-            if projection.recommended_epochs is not None:
-                parts.append(f"epochs worth it {projection.recommended_epochs}")
+        if self.epoch_advice is not None:
+            parts.append(f"epochs worth it {self.epoch_advice.epochs} ({self.epoch_advice.basis})")
         self.query_one("#stats", Static).update("  ".join(parts))
 
     def eta_s(self, total_steps: int) -> float | None:
@@ -172,16 +173,18 @@ class MonitorScreen(WizardScreen):
         return eta.remaining_s if eta is not None else None
 
     def update_projection(self) -> None:
-        from elite_core.estimates import project_loss
+        """The projected final loss and the epochs worth training (the projection and the advice: estimates)."""
+        from elite_core.estimates import advise_epochs, project_loss
 
         total = self.started.total_steps if self.started else 0
         if not total or not self.steps:
-            self.projection = None
+            self.projection = self.epoch_advice = None
             return
         # A fit over at most ~2,000 points keeps a redraw cheap on runs of many thousand steps.
         stride = max(1, len(self.steps) // 2000)
-        self.projection = project_loss(self.steps[::stride], self.losses[::stride], total, self.lrs[::stride],
-                                       steps_per_epoch=self.steps_per_epoch)
+        self.projection = project_loss(self.steps[::stride], self.losses[::stride], total, self.lrs[::stride])
+        self.epoch_advice = advise_epochs(self.steps, self.losses, self.lrs, self.steps_per_epoch,
+                                          self.eval_steps, self.eval_losses) if self.steps_per_epoch else None
 
     def note(self, text: str, markup: bool = False) -> None:
         self.notes.append(text if markup else escape(text))
