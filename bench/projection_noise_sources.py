@@ -1,0 +1,136 @@
+"""Where the loss projection's error on the demo run comes from: the windows, and the schedule.
+
+1. Each step's training loss is one window's loss, and windows differ: this scores every step's window with the
+   model before training (the shipped demo weights, no adapter) and reports how much of the step-to-step scatter
+   about the run's steady fall that window difficulty explains. What it explains is noise no curve fitted to the
+   training loss can remove; what is left is the noise a projection from the first fifth would still face if the
+   child also reported each window's difficulty.
+2. The held-out loss scores the same windows at every evaluation, so it has no window noise at all. A run that
+   evaluates at every step (`--set eval_every_steps=1`) gives its curve step by step; this projects it from the first
+   fifth (estimates.project_loss, as the report projects the training loss) and compares with where it ended.
+
+    elite-tui run --output /tmp/demo-eval --set eval_every_steps=1 --set compile_eval_prompts=0
+    python bench/projection_noise_sources.py /tmp/demo-eval/run-* --out bench/results/projection-noise-sources-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from elite_core import protocol  # noqa: E402
+from elite_core.config import RunConfig  # noqa: E402
+from elite_core.dataset import WindowDataset  # noqa: E402
+from elite_core.estimates import fit_steady_fall, project_loss  # noqa: E402
+from elite_core.model_loading import load_causal_lm  # noqa: E402
+from elite_core.report import PROJECTION_FROM_FRACTION  # noqa: E402
+from elite_core.runs import read_events  # noqa: E402
+from elite_core.training import epoch_order  # noqa: E402
+from projection_accuracy import machine_name  # noqa: E402
+
+
+def step_windows(config: RunConfig, windows: int, steps: list[int]) -> list[list[int]]:
+    """The windows each step trained on: the data order is the seed's permutation per epoch (training.epoch_order)."""
+    per_step = config.micro_batch * config.grad_accum
+    stream = np.concatenate([epoch_order(windows, config.seed, epoch) for epoch in range(max(steps) * per_step
+                                                                                          // windows + 1)])
+    return [stream[(step - 1) * per_step:step * per_step].tolist() for step in steps]
+
+
+@torch.no_grad()
+def base_losses(config: RunConfig, data: WindowDataset, windows_per_step: list[list[int]]) -> np.ndarray:
+    model = load_causal_lm(config.model, dtype=torch.float32, device="cpu")
+    model.eval()
+    losses = []
+    for windows in windows_per_step:
+        pairs = [data[i] for i in windows]
+        ids = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        losses.append(float(model(input_ids=ids, labels=labels).loss))
+    return np.asarray(losses)
+
+
+def analyse(run_dir: Path) -> list[str]:
+    config = RunConfig.load(run_dir / "config.yaml")
+    events = read_events(run_dir)
+    steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
+    evals = {e.step: e.loss for e in events if isinstance(e, protocol.EvalMetrics)}
+    numbers = [s.step for s in steps]
+    losses = np.asarray([s.loss for s in steps])
+    lrs = [s.lr for s in steps]
+    data = WindowDataset(run_dir / "dataset", "train", config.context_tokens, config.target_tokens)
+    started = time.monotonic()
+    difficulty = base_losses(config, data, step_windows(config, len(data), numbers))
+    seconds = time.monotonic() - started
+    steady = fit_steady_fall(numbers, losses, lrs)
+    scatter = np.log(losses) - np.log(steady.fit.loss_at(numbers))
+    log_difficulty = np.log(difficulty)
+    slope, _ = np.polyfit(log_difficulty, scatter, 1)
+    left = scatter - slope * (log_difficulty - log_difficulty.mean())
+    explained = 1 - left.var() / scatter.var()
+    lines = [f"{run_dir.name}: {len(steps)} steps of {config.micro_batch * config.grad_accum} window(s) of "
+             f"{config.context_tokens:,} + {config.target_tokens:,} tokens, seed {config.seed}",
+             f"1. step loss about the run's steady fall: scatter {scatter.std():.1%} (of the loss, one sigma)",
+             f"   each step's windows scored by the model before training ({seconds:.0f} s for {len(steps)} steps): "
+             f"they explain {explained:.0%} of that scatter's variance (slope {slope:.2f} in log-log); "
+             f"{left.std():.1%} is left"]
+    ratio = losses / difficulty
+    steady_ratio = fit_steady_fall(numbers, ratio, lrs)
+    if steady_ratio is not None:
+        lines.append("   the loss divided by its windows' difficulty scatters "
+                     f"{np.std(np.log(ratio) - np.log(steady_ratio.fit.loss_at(numbers))):.1%} about its own "
+                     "steady fall")
+    every_step = sorted(evals)
+    if len(every_step) >= 0.9 * len(steps):
+        lines += _held_out_lines(every_step, evals, numbers, lrs)
+    return lines
+
+
+def _held_out_lines(every_step: list[int], evals: dict[int, float], numbers: list[int], lrs: list[float]) -> list[str]:
+    total = numbers[-1]
+    rate_at = dict(zip(numbers, lrs))
+    trained = [step for step in every_step if step > 0]
+    held_out = np.asarray([evals[step] for step in trained])
+    changes = np.diff(np.log(held_out))
+    lines = [f"2. held-out loss at every step ({len(trained)} evaluations): {evals.get(0, float('nan')):.4f} before "
+             f"training -> {held_out[-1]:.4f}; step-to-step change {changes.std():.1%} (one sigma)",
+             "   by tenths of the run: " + ", ".join(f"{chunk.mean():.3f}" for chunk in
+                                                    np.array_split(held_out, 10))]
+    for fraction in (PROJECTION_FROM_FRACTION, 0.3, 0.5):
+        shown = [step for step in trained if step <= fraction * total]
+        projection = project_loss(shown, [evals[step] for step in shown], total, [rate_at[step] for step in shown])
+        if projection is None:
+            lines.append(f"   projected from the first {fraction:.0%}: none (no falling curve)")
+            continue
+        error = (projection.final_loss - held_out[-1]) / held_out[-1]
+        lines.append(f"   projected from the first {fraction:.0%}: {projection.final_loss:.4f} (band "
+                     f"{projection.final_loss_low:.3f}-{projection.final_loss_high:.3f}) against {held_out[-1]:.4f} "
+                     f"reached ({error:+.1%})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", help="write the table to OUT.txt")
+    args = parser.parse_args(argv)
+    lines = [f"projection noise sources, on {machine_name()}", ""]
+    for run_dir in args.run_dirs:
+        lines += analyse(run_dir) + [""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out + ".txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
