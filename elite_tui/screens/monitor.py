@@ -201,6 +201,8 @@ class MonitorScreen(WizardScreen):
         if final or now - self.projection_fitted_at >= PROJECTION_REFIT_S:
             self.projection_fitted_at = now
             self.update_projection()
+            if self.state.last_step is not None:  # the stats line shows the new projection and advice now
+                self.show_step(self.state.last_step)
         self.query_one(LossPlot).draw(self.steps, self.losses, self.eval_steps, self.eval_losses, self.projection)
         predicted = self.started.predicted_peak_bytes if self.started else None
         self.query_one(MemoryPlot).draw(self.steps, self.memory_bytes, predicted)
