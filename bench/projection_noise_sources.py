@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
-from elite_core.config import RunConfig  # noqa: E402
-from elite_core.dataset import WindowDataset  # noqa: E402
+from elite_core.config import DEMO_MODEL, RunConfig  # noqa: E402
+from elite_core.dataset import IGNORE_INDEX, WindowDataset  # noqa: E402
 from elite_core.estimates import fit_steady_fall, project_loss  # noqa: E402
 from elite_core.model_loading import load_causal_lm  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION  # noqa: E402
@@ -58,6 +59,30 @@ def base_losses(config: RunConfig, data: WindowDataset, windows_per_step: list[l
     return np.asarray(losses)
 
 
+def compressed_sizes(data: WindowDataset, windows_per_step: list[list[int]]) -> np.ndarray:
+    """A free stand-in for difficulty: zlib's bytes per target token given the window's context (the last 30,000
+    context tokens: zlib's window is 32 KB), for byte-level tokens."""
+    sizes = []
+    for windows in windows_per_step:
+        total = 0.0
+        for index in windows:
+            ids, labels = data[index]
+            target = labels != IGNORE_INDEX
+            context = ids[~target][-30_000:].astype(np.uint8).tobytes()
+            whole = context + ids[target].astype(np.uint8).tobytes()
+            total += (len(zlib.compress(whole, 9)) - len(zlib.compress(context, 9))) / target.sum()
+        sizes.append(total / len(windows))
+    return np.asarray(sizes)
+
+
+def explained_share(scatter: np.ndarray, covariate: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(share of the scatter's variance a line in log(covariate) explains, its slope, what is left)."""
+    logged = np.log(covariate)
+    slope, _ = np.polyfit(logged, scatter, 1)
+    left = scatter - slope * (logged - logged.mean())
+    return 1 - left.var() / scatter.var(), slope, left
+
+
 def analyse(run_dir: Path) -> list[str]:
     config = RunConfig.load(run_dir / "config.yaml")
     events = read_events(run_dir)
@@ -68,20 +93,21 @@ def analyse(run_dir: Path) -> list[str]:
     lrs = [s.lr for s in steps]
     data = WindowDataset(run_dir / "dataset", "train", config.context_tokens, config.target_tokens)
     started = time.monotonic()
-    difficulty = base_losses(config, data, step_windows(config, len(data), numbers))
+    windows = step_windows(config, len(data), numbers)
+    difficulty = base_losses(config, data, windows)
     seconds = time.monotonic() - started
     steady = fit_steady_fall(numbers, losses, lrs)
     scatter = np.log(losses) - np.log(steady.fit.loss_at(numbers))
-    log_difficulty = np.log(difficulty)
-    slope, _ = np.polyfit(log_difficulty, scatter, 1)
-    left = scatter - slope * (log_difficulty - log_difficulty.mean())
-    explained = 1 - left.var() / scatter.var()
+    explained, slope, left = explained_share(scatter, difficulty)
     lines = [f"{run_dir.name}: {len(steps)} steps of {config.micro_batch * config.grad_accum} window(s) of "
              f"{config.context_tokens:,} + {config.target_tokens:,} tokens, seed {config.seed}",
              f"1. step loss about the run's steady fall: scatter {scatter.std():.1%} (of the loss, one sigma)",
              f"   each step's windows scored by the model before training ({seconds:.0f} s for {len(steps)} steps): "
              f"they explain {explained:.0%} of that scatter's variance (slope {slope:.2f} in log-log); "
              f"{left.std():.1%} is left"]
+    if config.model == DEMO_MODEL:  # byte tokens: zlib sees the text itself
+        zlib_share, _, _ = explained_share(scatter, compressed_sizes(data, windows))
+        lines.append(f"   zlib's compressed size of each target given its context explains {zlib_share:.0%}")
     ratio = losses / difficulty
     steady_ratio = fit_steady_fall(numbers, ratio, lrs)
     if steady_ratio is not None:
