@@ -32,7 +32,7 @@ ETA_MIN_WINDOW_STEPS = 20
 MIN_FIT_POINTS = 6
 FIT_MAX_POINTS = 500
 """Longer histories are thinned evenly to this many points: a curve of two coefficients gains nothing from more, and
-the monitor refits it four times a second."""
+the monitor refits it every two seconds."""
 POWER_EXPONENTS = np.geomspace(0.02, 4.0, 240)
 BAND_DELTA_CHI2 = 4.0
 """Curves whose squared error is within this many noise variances of the best fit stay in the band (about 2 sigma)."""
@@ -58,8 +58,9 @@ no window-to-window noise."""
 REPEATED_EPOCHS_WORTH = 1.0
 """R* of Muennighoff et al. 2023 (Scaling Data-Constrained Language Models), in epochs: a second epoch is worth 63 % of
 fresh windows, a third 23 % more, and all repeats together at most one fresh epoch. Fitted to 3 repositories' final
-held-out losses after 1-4 epochs (the best fit: 1.0-1.5; pretraining's 15 would have every epoch pay); on 3 others
-trained after, it put the recommendation within one epoch of the truth on each (bench/results/epochs-gpu.txt)."""
+held-out losses after 1-4 epochs (the best fit: 1.0-1.5; pretraining's 15 would have every epoch pay); on 5 others
+trained after (15 runs), it put the recommendation within one epoch of the truth on each
+(bench/results/epochs-gpu.txt)."""
 MIN_COMPONENT_WEIGHT = 1e-6
 """Curves less likely than this, relative to the best, are left out of the average: they would change it by less."""
 
@@ -598,7 +599,7 @@ def advise_epochs(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[f
     """Epochs worth training, from the held-out evaluations when there are MIN_HELD_OUT_POINTS after the warm-up, else
     from the training loss of the first epoch. The training loss of later epochs is not used: those windows were seen
     and it keeps falling as they are learnt by heart (on the recorded fine-tunes the whole run's training loss
-    recommended 13-20 epochs where 2-3 paid: bench/results/epochs-gpu.txt). None when neither has a fit."""
+    recommended 5-20 epochs where 1-3 paid: bench/results/epochs-gpu.txt). None when neither has a fit."""
     if steps_per_epoch < 1:
         return None
     held_out = _advice_from_held_out(eval_steps, eval_losses, steps_per_epoch, steps, lrs)
@@ -606,8 +607,9 @@ def advise_epochs(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[f
         return held_out
     step_array = np.asarray(steps, dtype=int)
     first_epoch = step_array <= steps_per_epoch
+    lr_array = np.asarray(lrs, dtype=float) if lrs is not None and len(lrs) == len(steps) else None
     steady = fit_steady_fall(step_array[first_epoch], np.asarray(losses, dtype=float)[first_epoch],
-                             np.asarray(lrs, dtype=float)[first_epoch] if lrs is not None and len(lrs) else None)
+                             lr_array[first_epoch] if lr_array is not None else None)
     if steady is None:
         return None
     return EpochAdvice(epochs=recommend_epochs(steady.fit, steps_per_epoch), basis="training loss")
@@ -630,7 +632,8 @@ def _advice_from_held_out(eval_steps: Sequence[int], eval_losses: Sequence[float
     if loss_array[-1] > loss_array[lowest] * (1 + OVERFIT_RISE):
         return EpochAdvice(epochs=max(1, math.ceil(lowest_step / steps_per_epoch)), basis="held-out rose",
                            lowest_step=lowest_step)
-    steady = fit_steady_fall(effective_steps(eval_array, steps_per_epoch), loss_array, min_points=MIN_HELD_OUT_POINTS)
+    steady = fit_steady_fall(effective_steps(eval_array, steps_per_epoch), loss_array,
+                             min_points=MIN_HELD_OUT_POINTS)
     if steady is None:  # no epoch paid, so none more will
         return EpochAdvice(epochs=1, basis="held-out flat", lowest_step=lowest_step)
     return EpochAdvice(epochs=recommend_epochs(steady.fit, steps_per_epoch), basis="held-out loss",

@@ -209,7 +209,7 @@ def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.E
                        started: protocol.Started | None) -> list[str]:
     if not steps or started is None:
         return []
-    from elite_core.estimates import MIN_FIT_POINTS, project_loss, steady_fall_points
+    from elite_core.estimates import MIN_FIT_POINTS, fit_steady_fall, steady_fall_points
 
     lines = []
     total = steps[-1].step
@@ -219,7 +219,6 @@ def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.E
         error = (predicted_s - actual_s) / actual_s * 100 if actual_s > 0 else 0.0
         lines.append(f"- time: at {at_s:.0f} s the ETA said {format_duration(predicted_s)} to go; the rest took "
                      f"{format_duration(actual_s)} ({error:+.1f} %)")
-    full = project_loss([s.step for s in steps], [s.loss for s in steps], total, [s.lr for s in steps])
     checked = projection_check(steps)
     first_fifth = steps[:int(len(steps) * PROJECTION_FROM_FRACTION)]
     fittable, _ = steady_fall_points([s.step for s in first_fifth], [s.loss for s in first_fifth],
@@ -235,9 +234,11 @@ def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.E
                      f"{projection.final_loss:.4f} (band {projection.final_loss_low:.4f} to "
                      f"{projection.final_loss_high:.4f}); reached {actual:.4f}, mean of the last tenth ({error:+.1f} %)")
         wide = projection.final_loss_high - projection.final_loss_low > WIDE_BAND * projection.final_loss
-        if wide and full is not None:
-            # The scatter about the whole run's curve: a fifth's few points underrate it.
-            lines.append(f"  - the band is wide: one step's loss scatters {full.fit.residual_std:.0%} about the "
+        # The scatter about the whole run's curve: a fifth's few points underrate it.
+        whole_run = (fit_steady_fall([s.step for s in steps], [s.loss for s in steps], [s.lr for s in steps])
+                     if wide else None)
+        if whole_run is not None:
+            lines.append(f"  - the band is wide: one step's loss scatters {whole_run.fit.residual_std:.0%} about the "
                          "run's curve. More tokens per update (grad_accum) narrow it: on the recorded fine-tunes 4 "
                          "times as many halved the scatter")
     lines += _epochs_lines(steps, evals)
