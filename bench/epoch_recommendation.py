@@ -11,10 +11,15 @@ Train (one repository, one seed; each run appends its fixture line as it ends, s
     python bench/epoch_recommendation.py train --repo R --label L --tier 2 --seed 1 --max-epochs 4 \
         --runs-dir /tmp/epochs --fixture /tmp/epochs/fixture.jsonl
 
-Score the recorded runs (how the committed table is made):
+Score the recorded runs (how the committed tables are made):
 
     python bench/epoch_recommendation.py score --from-fixture tests/data/epoch-runs.jsonl \
         --out bench/results/epochs-gpu
+    python bench/epoch_recommendation.py score --from-fixture tests/data/epoch-overfit-runs.jsonl \
+        --out bench/results/epochs-overfit-gpu
+
+The second holds small repositories trained for up to 12 epochs (bench/epoch_overfit_gpu.sh), where the held-out loss
+really turns up.
 """
 
 from __future__ import annotations
@@ -38,14 +43,14 @@ from elite_core.runs import read_events  # noqa: E402
 from projection_accuracy import machine_name  # noqa: E402
 
 EVAL_EVERY_STEPS = 5
-DEFAULT_EVAL_EVERY = RunConfig().eval_every_steps
+DEFAULTS = RunConfig()
 FITTED_ON = {("accelerate", 1), ("networkx-generators", 1), ("transformers-generation", 1)}
 """The (repository label, seed) runs estimates.REPEATED_EPOCHS_WORTH was fitted on."""
 SIDE_WORK_OFF = ("compile_eval_prompts=0", "checkpoint_every_seconds=0")
 
 
 def train(args) -> None:
-    for epochs in range(1, args.max_epochs + 1):
+    for epochs in args.epochs or range(1, args.max_epochs + 1):
         name = f"{args.label}-t{args.tier}-s{args.seed}-e{epochs}"
         command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", args.repo, "--output", args.runs_dir,
                    "--run-name", name, "--tier", str(args.tier), "--max-steps", "0", "--preflight", "off",
@@ -79,12 +84,12 @@ def fixture_line(run_dir: Path, label: str, repo: str, tier: int, seed: int, epo
 
 
 def truth(final_held_out: dict[int, float]) -> str:
-    """The first epoch count after which one more lowers the final held-out loss by less than FLAT_IMPROVEMENT."""
+    """The first epoch count after which one more lowers the final held-out loss by less than FLAT_IMPROVEMENT.
+    Between counts further apart (4 and 6 epochs) the gain per extra epoch is the geometric mean over the gap."""
     counts = sorted(final_held_out)
     for epochs, following in zip(counts, counts[1:]):
-        if following != epochs + 1:
-            break
-        if (final_held_out[epochs] - final_held_out[following]) / final_held_out[epochs] < FLAT_IMPROVEMENT:
+        gain_per_epoch = 1.0 - (final_held_out[following] / final_held_out[epochs]) ** (1.0 / (following - epochs))
+        if gain_per_epoch < FLAT_IMPROVEMENT:
             return str(epochs)
     return f">={counts[-1]}"
 
@@ -114,14 +119,22 @@ def advice(run: dict, eval_every: int | None = None) -> str:
     return f"{said.epochs} ({said.basis})" if said is not None else "none"
 
 
+def default_cadence(run: dict) -> int:
+    """The steps between the evaluations a default run of this length makes (RunConfig.eval_interval: every
+    eval_every_steps, more often in a run too short for min_evaluations), rounded to a multiple of the recorded ones."""
+    recorded = min(later - earlier for earlier, later in zip(run["eval_steps"], run["eval_steps"][1:]))
+    interval = DEFAULTS.eval_interval(run["steps"][-1])
+    return max(recorded, recorded * round(interval / recorded))
+
+
 def without_evals(run: dict) -> dict:
     return {**run, "eval_steps": [], "eval_losses": []}
 
 
 COLUMNS = (("before", before), ("training loss", lambda run: advice(without_evals(run))),
-           ("held-out", advice), (f"held-out/{DEFAULT_EVAL_EVERY}", lambda run: advice(run, DEFAULT_EVAL_EVERY)))
+           ("held-out", advice), ("held-out/default", lambda run: advice(run, default_cadence(run))))
 """The old rule, the advice without evaluations (the first epoch's training loss), the advice with the evaluations
-every EVAL_EVERY_STEPS, and with only those a default run makes (every DEFAULT_EVAL_EVERY steps)."""
+every EVAL_EVERY_STEPS, and with only those a default run makes (`default_cadence`)."""
 
 
 HOW_RECORDED = """\
@@ -138,6 +151,22 @@ so the truth is itself uncertain: accelerate gained 3.2 % then 0.3 % with seed 1
 """
 
 
+HOW_RECORDED_OVERFIT = """\
+Recorded 2026-12-01 on 1 x NVIDIA H200 (torch 2.11) in two device calls, after the advice and REPEATED_EPOCHS_WORTH
+were fixed (nothing here was fitted on), tier 2, tokens per update auto (30,720), learning rate 3e-3 with the demo's
+cosine schedule, compiled layers off (start-up time only), held-out loss every 2 steps, on five small packages of the
+installed site-packages (160-220 KB of Python: 6-8 updates an epoch):
+    bash bench/epoch_overfit_gpu.sh "tqdm:1,2,3,4,6,8,12" "requests:1,2,3,4,6,8"
+    bash bench/epoch_overfit_gpu.sh "yaml:1,2,3,4,6,8" "attr:1,2,3,4,6,8" "charset_normalizer:1,2,3,4,6"
+Between epoch counts further apart than one, the truth takes the gain per extra epoch as the geometric mean over the
+gap. The 1-epoch runs are too short for any advice (6-8 steps, 5 of them warm-up). Evaluating every 50 steps alone
+(the cadence before RunConfig.min_evaluations), these runs had no advice at all: none evaluates between step 0 and
+its end.
+"""
+RECORDINGS = {"epoch-runs.jsonl": HOW_RECORDED, "epoch-overfit-runs.jsonl": HOW_RECORDED_OVERFIT}
+"""How each committed fixture was recorded, written above its table."""
+
+
 def score(args) -> None:
     runs = [json.loads(line) for line in Path(args.from_fixture).read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -150,7 +179,9 @@ def score(args) -> None:
              f"{FLAT_IMPROVEMENT:.0%} (>=E: still more than that at the longest run E). Each rule reads that run's own "
              "history: 'before' the whole run's training loss (every epoch worth a fresh one), 'training loss' the "
              "advice without evaluations (the first epoch's training loss), 'held-out' the advice with evaluations "
-             f"every {EVAL_EVERY_STEPS} steps, 'held-out/{DEFAULT_EVAL_EVERY}' with those a default run makes. "
+             f"every {EVAL_EVERY_STEPS} steps (2 for the small repositories), 'held-out/default' with those a "
+             f"default run makes (every {DEFAULTS.eval_every_steps} steps, or steps/{DEFAULTS.min_evaluations} in a "
+             "shorter run, rounded to the recorded ones). "
              "REPEATED_EPOCHS_WORTH was fitted on " + ", ".join(f"{label} seed {seed}" for label, seed in sorted(FITTED_ON))
              + "; the others were trained after.",
              ""]
@@ -175,8 +206,8 @@ def score(args) -> None:
                 tally[0] += _agrees(text.split(" ")[0], answer, slack=0)
                 tally[1] += _agrees(text.split(" ")[0], answer, slack=1)
                 tally[2] += 1
-        gains = [f"{e}->{e + 1}: {(finals[e + 1] / finals[e] - 1) * 100:+.1f} %" for e in sorted(finals)
-                 if e + 1 in finals]
+        counts = sorted(finals)
+        gains = [f"{e}->{f}: {(finals[f] / finals[e] - 1) * 100:+.1f} %" for e, f in zip(counts, counts[1:])]
         lines += [f"  final held-out loss per extra epoch: {', '.join(gains)}", ""]
     for name, _ in COLUMNS:
         said = []
@@ -192,7 +223,8 @@ def score(args) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out + ".txt").write_text(HOW_RECORDED + "\n" + text)
+        how = RECORDINGS.get(Path(args.from_fixture).name, "")
+        Path(args.out + ".txt").write_text(how + "\n" + text if how else text)
 
 
 def _agrees(said: str, answer: str, slack: int) -> bool:
@@ -213,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--tier", type=int, default=2)
     training.add_argument("--seed", type=int, default=1)
     training.add_argument("--max-epochs", type=int, default=4)
+    training.add_argument("--epochs", type=int, nargs="+", help="the epoch counts to train (default 1..--max-epochs)")
     training.add_argument("--eval-every", type=int, default=EVAL_EVERY_STEPS)
     training.add_argument("--runs-dir", required=True)
     training.add_argument("--fixture", required=True)

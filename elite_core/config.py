@@ -80,6 +80,10 @@ class RunConfig:
     eval_fraction: float = 0.05
     """Share of files held out for evaluation (split by file, not by window)."""
     eval_every_steps: int = 50
+    min_evaluations: int = 5
+    """Held-out evaluations a run makes at least besides the one before training: a shorter run evaluates more often
+    than eval_every_steps, so that it has a held-out curve, and the epoch advice read from it (at every 50 steps, 30
+    recorded runs of 6-96 steps had none: bench/results/epochs-overfit-gpu.txt). 0 leaves eval_every_steps alone."""
     compile_eval_prompts: int = 8
     """Held-out prompts completed before and after training to measure the compile rate; 0 turns it off."""
     checkpoint_every_seconds: int = 600
@@ -95,6 +99,14 @@ class RunConfig:
         errors = validation_errors(self)
         if errors:
             raise ConfigError(errors)
+
+    def eval_interval(self, total_steps: int) -> int:
+        """Steps between held-out evaluations in a run of `total_steps`; 0: none."""
+        if not self.eval_every_steps:
+            return 0
+        if self.min_evaluations and total_steps > 0:
+            return max(1, min(self.eval_every_steps, total_steps // self.min_evaluations))
+        return self.eval_every_steps
 
     @property
     def window_tokens(self) -> int:
@@ -229,6 +241,7 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     require("device", config.device in DEVICES, f"one of {', '.join(DEVICES)}")
     require("eval_fraction", 0.0 <= config.eval_fraction < 0.5, "from 0 up to 0.5")
     require("eval_every_steps", config.eval_every_steps >= 0, "0 (never) or more")
+    require("min_evaluations", config.min_evaluations >= 0, "0 (only eval_every_steps) or more")
     require("compile_eval_prompts", 0 <= config.compile_eval_prompts <= 1000, "from 0 (off) to 1000")
     require("checkpoint_every_seconds", config.checkpoint_every_seconds >= 0, "0 (never) or more")
     require("keep_checkpoints", config.keep_checkpoints >= 1, "keep at least 1")

@@ -189,7 +189,6 @@ def detect_capabilities(gpus: tuple[GpuInfo, ...]) -> tuple[Capability, ...]:
     bitsandbytes = has_gpu and _has_module("bitsandbytes")
     deepspeed = has_gpu and _has_module("deepspeed")
     triton = has_gpu and _has_module("triton")
-    liger = has_gpu and _has_module("liger_kernel")
     cpu_note = "no CUDA GPU"
     return (
         Capability(
@@ -227,12 +226,6 @@ def detect_capabilities(gpus: tuple[GpuInfo, ...]) -> tuple[Capability, ...]:
             triton,
             "triton kernels" if triton else ("not installed" if has_gpu else cpu_note),
             "torch kernels",
-        ),
-        Capability(
-            "liger",
-            liger,
-            "liger-kernel fused linear cross-entropy" if liger else ("not installed" if has_gpu else cpu_note),
-            "the engine's chunked cross-entropy",
         ),
     )
 

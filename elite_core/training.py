@@ -565,7 +565,8 @@ class TrainingEngine:
         ))
         last_checkpoint = time.monotonic()
         stopped_early = False
-        if self.step == 0 and not self.probe_steps and config.eval_every_steps:
+        eval_interval = config.eval_interval(self.total_steps)
+        if self.step == 0 and not self.probe_steps and eval_interval:
             self._emit_eval()  # the base model's held-out loss: what the report measures the fine-tune against
         while self.step < self.total_steps:
             self._drain_commands()
@@ -601,7 +602,8 @@ class TrainingEngine:
                 ))
             if self.probe_steps:
                 continue
-            if config.eval_every_steps and self.step % config.eval_every_steps == 0:
+            # The last step's evaluation is the final one, after the loop: once, not twice.
+            if eval_interval and self.step % eval_interval == 0 and self.step < self.total_steps:
                 self._emit_eval()
             self._drain_commands()
             if self.checkpoint_requested:

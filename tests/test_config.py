@@ -54,3 +54,12 @@ def test_demo_defaults_train_lora_alone_as_a_users_run_does():
     config = default_config()
     assert config.is_demo and config.extra_trainable_modules == ()
     assert validation_errors(config) == {}
+
+
+def test_a_short_run_evaluates_often_enough_for_a_held_out_curve():
+    config = RunConfig(eval_every_steps=50, min_evaluations=5)
+    assert config.eval_interval(10_000) == 50  # long runs: every eval_every_steps
+    assert config.eval_interval(56) == 11  # 8 epochs of 7 steps: 5 evaluations, not 1
+    assert config.eval_interval(3) == 1
+    assert config.replace(min_evaluations=0).eval_interval(56) == 50
+    assert config.replace(eval_every_steps=0).eval_interval(56) == 0  # never stays never

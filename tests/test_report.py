@@ -54,7 +54,8 @@ def test_a_finished_run_gets_plots_estimates_evaluation_and_tensorboard(tmp_path
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
     losses = [e.loss for e in events if isinstance(e, protocol.StepMetrics)]
     assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
-    assert [step for step, _ in scalars["eval/loss"]] == [0, 5, 10, 12]  # 0: the base model, before training
+    # 0: the base model, before training; every 2 steps, not 5: a 12-step run evaluates at least min_evaluations times
+    assert [step for step, _ in scalars["eval/loss"]] == [0, 2, 4, 6, 8, 10, 12]
 
 
 @pytest.mark.parametrize("noise,says_why", [(0.2, True), (0.01, False)])
