@@ -13,6 +13,8 @@ import ast
 import json
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -222,8 +224,11 @@ def heldout_prompts(dataset_dir: str | Path, tokenizer, count: int = DEFAULT_PRO
 
 
 def compile_rate(model, tokenizer, prompts: list[HeldOutPrompt], context_tokens: int, target_tokens: int,
-                 label: str, device: str = "cpu") -> CompileRate:
-    """Greedy completions of every prompt with the KV cache, each judged in its file."""
+                 label: str, device: str = "cpu", forward_context: Callable[[], AbstractContextManager] = nullcontext
+                 ) -> CompileRate:
+    """Greedy completions of every prompt with the KV cache, each judged in its file, inside `forward_context`: the
+    training's autocast on a GPU, where peft keeps the adapters in fp32 beside bf16 weights (without it the adapted
+    layers fail on the mixed dtypes)."""
     import torch
 
     started = time.monotonic()
@@ -235,7 +240,7 @@ def compile_rate(model, tokenizer, prompts: list[HeldOutPrompt], context_tokens:
         for prompt in prompts:
             ids = tokenizer(prompt.prefix_text, add_special_tokens=False)["input_ids"][-context_tokens:]
             input_ids = torch.tensor([ids], device=device)
-            with torch.no_grad():
+            with torch.no_grad(), forward_context():
                 output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                         max_new_tokens=min(target_tokens, MAX_COMPLETION_TOKENS), do_sample=False, use_cache=True,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -256,26 +261,31 @@ def compile_rate(model, tokenizer, prompts: list[HeldOutPrompt], context_tokens:
 
 
 def evaluate_compile_rate(model, tokenizer, dataset_dir: str | Path, context_tokens: int, target_tokens: int,
-                          device: str = "cpu", prompts: int = DEFAULT_PROMPTS) -> CompileEvaluation | None:
+                          device: str = "cpu", prompts: int = DEFAULT_PROMPTS,
+                          forward_context: Callable[[], AbstractContextManager] = nullcontext) -> CompileEvaluation | None:
     """Before (adapter disabled) and after (adapter on) on the same held-out prompts; None without held-out files
     that a parser can check."""
     held_out = heldout_prompts(dataset_dir, tokenizer, prompts)
     if not held_out:
         return None
     with model.disable_adapter():
-        before = compile_rate(model, tokenizer, held_out, context_tokens, target_tokens, "before", device)
-    after = compile_rate(model, tokenizer, held_out, context_tokens, target_tokens, "after", device)
+        before = compile_rate(model, tokenizer, held_out, context_tokens, target_tokens, "before", device,
+                              forward_context)
+    after = compile_rate(model, tokenizer, held_out, context_tokens, target_tokens, "after", device, forward_context)
     return CompileEvaluation(before=before, after=after, target_tokens=target_tokens, context_tokens=context_tokens)
 
 
 def evaluate_run(engine, prompts: int = DEFAULT_PROMPTS) -> CompileEvaluation | None:
     """The child's hook after training: evaluate the engine's model and keep the result in RUN_DIR/evaluation.json."""
     from elite_core.model_loading import load_tokenizer
+    from elite_core.training import forward_context
 
     config = engine.config
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     result = evaluate_compile_rate(engine.model, tokenizer, engine.dataset_dir, config.context_tokens,
-                                   config.target_tokens, device=engine.device, prompts=prompts)
+                                   config.target_tokens, device=engine.device, prompts=prompts,
+                                   forward_context=lambda: forward_context(engine.setup_choice,
+                                                                           engine.model.config.hidden_size))
     if result is not None:
         write_evaluation(engine.run_dir, result)
     return result

@@ -104,17 +104,22 @@ def check_training_step(config: RunConfig, profile=None, shape=None, summary=Non
                            "lower the tier, or turn on checkpoint offload on the Overrides screen")
     shutil.rmtree(probe_dir, ignore_errors=True)
     confirmed = config_with_micro_batch(config, result.micro_batch)
+    predicted_bytes = 0
     if profile is not None and shape is not None:
         from elite_core.planner import estimated_tokens_per_s, plan_for_config
 
-        estimate = estimated_tokens_per_s(plan_for_config(shape, profile, confirmed))
-        result = dataclasses.replace(result, estimated_tokens_per_s=estimate)
+        plan = plan_for_config(shape, profile, confirmed)
+        predicted_bytes = plan.breakdown.total_bytes
+        result = dataclasses.replace(result, estimated_tokens_per_s=estimated_tokens_per_s(plan))
     result.save(config.run_dir / PROBE_FILE)
-    return CheckResult(name, True, describe_probe(result, config, confirmed, summary), probe=result, config=confirmed)
+    return CheckResult(name, True, describe_probe(result, config, confirmed, summary, predicted_bytes), probe=result,
+                       config=confirmed)
 
 
-def describe_probe(result, config: RunConfig, confirmed: RunConfig, summary=None) -> str:
-    """One paragraph: the micro-batch and how it was found, the measured rate and peak, the epoch time it implies."""
+def describe_probe(result, config: RunConfig, confirmed: RunConfig, summary=None, predicted_bytes: int = 0) -> str:
+    """One paragraph: the micro-batch and how it was found, the measured rate and peak beside the peak predicted at
+    that micro-batch (the memory check above predicts the planned one, which the search may have changed), the epoch
+    time it implies."""
     from elite_core.estimates import epoch_seconds, epoch_tokens_from_summary
     from elite_core.units import format_coarse_duration
 
@@ -132,6 +137,10 @@ def describe_probe(result, config: RunConfig, confirmed: RunConfig, summary=None
     where = "GPU" if result.device == "cuda" else "RSS"
     text = (f"{how}. Measured {result.tokens_per_s:,.0f} tokens/s, loss {result.loss:.3f}, "
             f"peak {format_bytes(result.peak_bytes)} {where}")
+    if predicted_bytes and result.peak_bytes:
+        error = (predicted_bytes - result.peak_bytes) / result.peak_bytes * 100
+        text += (f" (predicted {format_bytes(predicted_bytes)} at micro-batch {confirmed.micro_batch}, "
+                 f"{error:+.1f} %)")
     if summary is not None and result.tokens_per_s > 0:
         tokens = epoch_tokens_from_summary(summary).tokens_per_epoch(result.window_tokens)
         text += f"; one epoch ({tokens:,} tokens) ~{format_coarse_duration(epoch_seconds(tokens, result.tokens_per_s))}"

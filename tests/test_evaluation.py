@@ -62,3 +62,26 @@ def test_greedy_completions_of_a_real_model_before_and_after(tmp_path, tiny_repo
     assert [c.verdict for c in result.before.checks] == [c.verdict for c in result.after.checks]
     write_evaluation(tmp_path, result)
     assert read_evaluation(tmp_path)["after"]["prompts"] == len(prompts)
+
+
+def test_completions_run_in_the_training_autocast_where_adapters_are_fp32_beside_bf16_weights(tmp_path, tiny_repo):
+    """On a GPU the base is bf16, peft keeps the adapters in fp32, and the engine stops peft casting the adapters'
+    input (lean_layers.share_adapter_inputs: right under the training's autocast); generating outside that autocast
+    failed the compile rate of every GPU run ("expected mat1 and mat2 to have the same dtype", H200). The same model
+    on a CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from elite_core.demo_model import demo_model, demo_tokenizer
+    from elite_core.lean_layers import share_adapter_inputs
+
+    build_dataset(str(tiny_repo), tmp_path / "dataset", tokenizer_source="demo", eval_fraction=0.3, seed=3)
+    model = get_peft_model(demo_model(0).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert share_adapter_inputs(model) > 0
+    settings = dict(context_tokens=128, target_tokens=8, prompts=1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        evaluate_compile_rate(model, demo_tokenizer(), tmp_path / "dataset", **settings)
+    result = evaluate_compile_rate(model, demo_tokenizer(), tmp_path / "dataset", **settings,
+                                   forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert result.after.prompts == 1 and result.after.generated_tokens > 0

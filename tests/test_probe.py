@@ -17,7 +17,7 @@ from elite_core.planner import estimated_tokens_per_s, grad_accum_for, plan_for_
 from elite_core.preflight import check_training_step
 from elite_core.probe import (MAX_PROBES, PROBE_FILE, ProbeRequest, ProbeResult, ProbeStep, config_with_micro_batch,
                               micro_batch_limit, probe_request, probe_training)
-from elite_core.units import format_coarse_duration
+from elite_core.units import format_bytes, format_coarse_duration
 
 DURATION = re.compile(r"^(\d+ s|\d+ m \d+ s|\d+ h \d+ m|\d+ d \d+ h)$")
 
@@ -56,6 +56,8 @@ def test_probe_on_cpu_measures_the_rate_and_the_probed_tier_shows_it(tmp_path, t
     assert not probe.searched and probe.micro_batch == config.micro_batch and len(probe.probes) == 1
     assert probe.tokens_per_s > 0 and probe.step_s > 0 and probe.peak_bytes > 0
     assert "only on a CUDA GPU" in result.message and "one epoch" in result.message
+    predicted = plan_for_config(shape, cpu_profile, config).breakdown.total_bytes
+    assert f"(predicted {format_bytes(predicted)} at micro-batch {config.micro_batch}, " in result.message
     assert result.config == config, "a CPU keeps the planner's micro-batch"
     saved = ProbeResult.load(config.run_dir / PROBE_FILE)
     assert saved == probe and saved.estimated_tokens_per_s == pytest.approx(
