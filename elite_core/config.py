@@ -83,7 +83,7 @@ class RunConfig:
     min_evaluations: int = 5
     """Held-out evaluations a run makes at least besides the one before training: a shorter run evaluates more often
     than eval_every_steps, so that it has a held-out curve, and the epoch advice read from it (at every 50 steps, 30
-    recorded runs of 6-96 steps had none: bench/results/epochs-overfit-gpu.txt). 0 leaves eval_every_steps alone."""
+    recorded runs of 6-72 steps had none: bench/results/epochs-overfit-gpu.txt). 0 leaves eval_every_steps alone."""
     compile_eval_prompts: int = 8
     """Held-out prompts completed before and after training to measure the compile rate; 0 turns it off."""
     checkpoint_every_seconds: int = 600

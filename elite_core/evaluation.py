@@ -278,14 +278,14 @@ def evaluate_compile_rate(model, tokenizer, dataset_dir: str | Path, context_tok
 def evaluate_run(engine, prompts: int = DEFAULT_PROMPTS) -> CompileEvaluation | None:
     """The child's hook after training: evaluate the engine's model and keep the result in RUN_DIR/evaluation.json."""
     from elite_core.model_loading import load_tokenizer
-    from elite_core.training import forward_context
+    from elite_core.training import forward_context as training_context
 
     config = engine.config
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     result = evaluate_compile_rate(engine.model, tokenizer, engine.dataset_dir, config.context_tokens,
                                    config.target_tokens, device=engine.device, prompts=prompts,
-                                   forward_context=lambda: forward_context(engine.setup_choice,
-                                                                           engine.model.config.hidden_size))
+                                   forward_context=lambda: training_context(engine.setup_choice,
+                                                                            engine.model.config.hidden_size))
     if result is not None:
         write_evaluation(engine.run_dir, result)
     return result
