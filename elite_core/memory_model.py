@@ -189,8 +189,10 @@ class TrainingSetup:
 
     @property
     def autocast(self) -> bool:
-        """The engine runs forward under torch.autocast on CUDA whenever it computes in 16 bits."""
-        return self.device == "cuda" and self.compute_dtype in ("bf16", "fp16")
+        """The engine runs forward under torch.autocast whenever it computes in 16 bits: on CUDA in bf16 or fp16, on
+        a CPU in bf16 (asked for: a CPU's default is fp32), which gives a CPU run a GPU run's dtypes, so the suite
+        covers them (bf16 weights, fp32 adapters sharing their module's input)."""
+        return self.compute_dtype == "bf16" or (self.compute_dtype == "fp16" and self.device == "cuda")
 
 
 @dataclass(frozen=True)

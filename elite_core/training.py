@@ -270,11 +270,11 @@ def prefer_sdpa_backends() -> None:
 
 
 def forward_context(setup: TrainingSetup, hidden_size: int = 0) -> contextlib.ExitStack:
-    """Autocast to the compute dtype on CUDA (LoRA adapters are fp32 under peft), and checkpoint offload to CPU memory
-    when the setup asks for it, keeping the setup's gpu_checkpoint_layers layers' checkpoints on the GPU."""
+    """Autocast to the compute dtype (setup.autocast; LoRA adapters are fp32 under peft), and checkpoint offload to CPU
+    memory when the setup asks for it, keeping the setup's gpu_checkpoint_layers layers' checkpoints on the GPU."""
     stack = contextlib.ExitStack()
-    if setup.device == "cuda" and setup.compute_dtype in ("bf16", "fp16"):
-        stack.enter_context(torch.autocast("cuda", dtype=torch_dtype(setup.compute_dtype)))
+    if setup.autocast:
+        stack.enter_context(torch.autocast(setup.device, dtype=torch_dtype(setup.compute_dtype)))
     if setup.checkpointing == "offload" and setup.device == "cuda":
         layer_input_bytes = setup.tokens * hidden_size * torch_dtype(setup.compute_dtype).itemsize
         stack.enter_context(offload_saved_tensors(setup.gpu_checkpoint_layers * layer_input_bytes))
