@@ -488,10 +488,9 @@ class TrainingEngine:
             return None
         self.model.eval()
         losses = []
-        # Compiled layers run eagerly here: one window without gradients, seen first (step 0), made Dynamo compile
-        # the training's layers again with a dynamic batch, other graphs than the pre-flight probe's, whose memory
-        # it confirmed. On an H200 such a run's steps showed 94.3 GiB where the probe's showed 80.0 (predicted:
-        # 83.1 with compiled layers, 94.7 with eager ones; bench/results/gpu-smoke-h200).
+        # Compiled layers run eagerly here: evaluated first (step 0, one window without gradients), Dynamo would
+        # compile them for it and then again for training with a dynamic batch, other graphs than the pre-flight
+        # probe's (tests/test_compiled_layers.py).
         with torch.compiler.set_stance("force_eager"):
             for index in range(min(len(self.eval_data), EVAL_MAX_WINDOWS)):
                 input_ids, labels = self._batch([index], self.eval_data)

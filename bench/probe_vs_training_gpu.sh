@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Does the training run what the pre-flight probe confirmed? For each tier given, one short `elite-tui run` of a
+# random-initialised model (saved with save_pretrained), then a table: the memory model's prediction at the confirmed
+# micro-batch, the probe's peak and rate, the training steps' peak and rate. Ratios last.
+# Usage: bash bench/probe_vs_training_gpu.sh OUT_DIR [MODEL [TIERS...]]   (default Qwen2.5-Coder-1.5B, tiers 1 2 3)
+set -uo pipefail
+out=${1:-/tmp/elite-probe-vs-training}; model=${2:-Qwen2.5-Coder-1.5B}; shift $(( $# > 2 ? 2 : $# ))
+tiers=${*:-1 2 3}
+runs=/tmp/elite-probe-runs; weights=/tmp/random-$model
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MODEL=$model WEIGHTS=$weights
+python3 - <<'PY'
+import os, torch
+from transformers import AutoModelForCausalLM
+from bench.reference_models import reference_config
+from elite_core.demo_model import demo_tokenizer
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(reference_config(os.environ["MODEL"]), dtype=torch.bfloat16)
+model.save_pretrained(os.environ["WEIGHTS"])
+demo_tokenizer().save_pretrained(os.environ["WEIGHTS"])
+PY
+for tier in $tiers; do
+    python3 -m elite_tui.cli run --model "$weights" --repo . --output $runs --tier "$tier" --max-steps 4 \
+        --run-name "tier-$tier" --set compile_eval_prompts=0 > "$out/run-tier-$tier.txt" 2>&1
+    echo "tier $tier rc=$? at $SECONDS s"
+done
+python3 - "$runs" $tiers <<'PY' | tee "$out/probe-vs-training.txt"
+import json, subprocess, sys
+from pathlib import Path
+import yaml
+runs, tiers = Path(sys.argv[1]), sys.argv[2:]
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+print(f"probe vs training on 1 x {gpu}; steps after the first (compile and warm-up excluded)")
+print(f"{'tier':>4} {'window':>7} {'mb':>3} {'compiled':>8} {'predicted':>10} {'probe':>10} {'steps':>10} "
+      f"{'probe tok/s':>12} {'steps tok/s':>12} {'pred/steps':>10} {'probe/steps mem':>15} {'probe/steps rate':>16}")
+gib = 1024**3
+for tier in tiers:
+    run = runs / f"tier-{tier}"
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+    probe = json.loads((run / "probe.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").exists() else {}
+    started = next(e for e in events if e["type"] == "started")
+    steps = [e for e in events if e["type"] == "step"][1:]
+    peak = max(e["memory_bytes"] for e in steps)
+    rate = sum(e["tokens_per_s"] for e in steps) / len(steps)
+    compiled = "compiled" in json.dumps(plan.get("options", plan))
+    window = config["context_tokens"] + config["target_tokens"]
+    print(f"{tier:>4} {window:>7,} {config['micro_batch']:>3} {str(compiled):>8} "
+          f"{started['predicted_peak_bytes'] / gib:>8.1f} G {probe['peak_bytes'] / gib:>8.1f} G {peak / gib:>8.1f} G "
+          f"{probe['tokens_per_s']:>12,.0f} {rate:>12,.0f} {started['predicted_peak_bytes'] / peak:>10.3f} "
+          f"{probe['peak_bytes'] / peak:>15.3f} {probe['tokens_per_s'] / rate:>16.3f}")
+PY
+exit 0
