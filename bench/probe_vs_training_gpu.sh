@@ -3,6 +3,7 @@
 # random-initialised model (saved with save_pretrained), then a table: the memory model's prediction at the confirmed
 # micro-batch, the probe's peak and rate, the training steps' peak and rate. Ratios last.
 # Usage: bash bench/probe_vs_training_gpu.sh OUT_DIR [MODEL [TIERS...]]   (default Qwen2.5-Coder-1.5B, tiers 1 2 3)
+# Environment: STEPS (training steps a run, default 4), RUN_TIMEOUT (seconds a run may take, default 300).
 set -uo pipefail
 out=${1:-/tmp/elite-probe-vs-training}; model=${2:-Qwen2.5-Coder-1.5B}; shift $(( $# > 2 ? 2 : $# ))
 tiers=${*:-1 2 3}
@@ -20,7 +21,7 @@ model.save_pretrained(os.environ["WEIGHTS"])
 demo_tokenizer().save_pretrained(os.environ["WEIGHTS"])
 PY
 for tier in $tiers; do
-    python3 -m elite_tui.cli run --model "$weights" --repo . --output $runs --tier "$tier" --max-steps 4 \
+    timeout "${RUN_TIMEOUT:-300}" python3 -m elite_tui.cli run --model "$weights" --repo . --output $runs --tier "$tier" --max-steps "${STEPS:-4}" \
         --run-name "tier-$tier" --set compile_eval_prompts=0 > "$out/run-tier-$tier.txt" 2>&1
     echo "tier $tier rc=$? at $SECONDS s"
 done
@@ -36,6 +37,10 @@ print(f"{'tier':>4} {'window':>7} {'mb':>3} {'compiled':>8} {'predicted':>10} {'
 gib = 1024**3
 for tier in tiers:
     run = runs / f"tier-{tier}"
+    finished = (run / "events.jsonl").exists() and '"type":"finished"' in (run / "events.jsonl").read_text()
+    if not finished or not (run / "probe.json").exists():
+        print(f"{tier:>4} did not finish: see run-tier-{tier}.txt")
+        continue
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
     probe = json.loads((run / "probe.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -44,7 +49,9 @@ for tier in tiers:
     steps = [e for e in events if e["type"] == "step"][1:]
     peak = max(e["memory_bytes"] for e in steps)
     rate = sum(e["tokens_per_s"] for e in steps) / len(steps)
-    compiled = "compiled" in json.dumps(plan.get("options", plan))
+    compiled = "compiled" in plan["options"]
+    if probe.get("options") and probe["options"] != plan["options"]:
+        print(f"{tier:>4} probed {probe['options']}, trained {plan['options']}")
     window = config["context_tokens"] + config["target_tokens"]
     print(f"{tier:>4} {window:>7,} {config['micro_batch']:>3} {str(compiled):>8} "
           f"{started['predicted_peak_bytes'] / gib:>8.1f} G {probe['peak_bytes'] / gib:>8.1f} G {peak / gib:>8.1f} G "

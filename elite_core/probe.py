@@ -105,6 +105,8 @@ class ProbeResult:
     deadline_hit: bool = False
     estimated_tokens_per_s: float = 0.0
     """What the planner estimated for the probed configuration (filled in by the parent, which has the profile)."""
+    options: tuple[str, ...] = ()
+    """The engine options the probed layers were built with (planner.options_of), for the run to check against."""
 
     def calibration(self) -> RateCalibration:
         return RateCalibration(tier=self.tier, measured_tokens_per_s=self.tokens_per_s,
@@ -119,6 +121,7 @@ class ProbeResult:
     def from_dict(cls, data: dict[str, Any]) -> "ProbeResult":
         values = dict(data)
         values["probes"] = tuple(ProbeStep(**step) for step in values.get("probes", ()))
+        values["options"] = tuple(values.get("options", ()))
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -131,6 +134,16 @@ class ProbeResult:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             return None
+
+
+def options_mismatch(run_dir: str | Path, options: tuple[str, ...]) -> str | None:
+    """A warning when RUN_DIR's probe confirmed layers built with other engine options than the run's, else None:
+    its memory and rate then say nothing about the run (an H200 run probed compiled layers and trained eager ones)."""
+    probe = ProbeResult.load(Path(run_dir) / PROBE_FILE)
+    if probe is None or not probe.options or tuple(probe.options) == tuple(options):
+        return None
+    return (f"the pre-flight probe ran {', '.join(probe.options)}; this run trains {', '.join(options)}: "
+            "its confirmed memory and rate do not apply")
 
 
 def saved_calibration(run_dir: str | Path, model: str, device: str) -> RateCalibration | None:
@@ -280,7 +293,7 @@ def run_probes(engine, request: ProbeRequest, emit: Callable[[object], None]) ->
         predicted_micro_batch=request.predicted_micro_batch, micro_batch=confirmed, searched=request.search,
         probes=tuple(probes), tokens_per_s=sum(step.tokens for step in timed) / seconds if seconds > 0 else 0.0,
         step_s=seconds / len(timed) if timed else 0.0, peak_bytes=max((step.peak_bytes for step in timed), default=0),
-        loss=losses[-1] if losses else float("nan"), deadline_hit=deadline_hit,
+        loss=losses[-1] if losses else float("nan"), deadline_hit=deadline_hit, options=tuple(engine.plan.options),
     )
 
 

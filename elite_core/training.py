@@ -351,6 +351,7 @@ class TrainingEngine:
         from elite_core.hardware import profile_hardware
         from elite_core.model_loading import load_hf_config, load_model_shape
         from elite_core.planner import plan_for_config
+        from elite_core.probe import options_mismatch
 
         config = self.config
         self.device = resolve_device(config)
@@ -374,6 +375,9 @@ class TrainingEngine:
             self.setup_choice = self.plan.setup
             if not self.probe_steps and self.rank.is_main:
                 write_plan(self.run_dir, profile, self.plan)
+                mismatch = options_mismatch(self.run_dir, self.plan.options)
+                if mismatch:
+                    self.emit(protocol.Warning(message=mismatch))
             hf_config = load_hf_config(config.model, config.trust_remote_code)
             self.loss_mode = "full" if uses_plain_logits(hf_config) else "chunked"
             if self.loss_mode == "full":

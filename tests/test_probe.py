@@ -16,7 +16,7 @@ from elite_core.model_loading import load_model_shape
 from elite_core.planner import estimated_tokens_per_s, grad_accum_for, plan_for_config, plan_tiers, with_epoch_times
 from elite_core.preflight import check_training_step
 from elite_core.probe import (MAX_PROBES, PROBE_FILE, ProbeRequest, ProbeResult, ProbeStep, config_with_micro_batch,
-                              micro_batch_limit, probe_request, probe_training)
+                              micro_batch_limit, options_mismatch, probe_request, probe_training)
 from elite_core.units import format_bytes, format_coarse_duration
 
 DURATION = re.compile(r"^(\d+ s|\d+ m \d+ s|\d+ h \d+ m|\d+ d \d+ h)$")
@@ -63,6 +63,13 @@ def test_probe_on_cpu_measures_the_rate_and_the_probed_tier_shows_it(tmp_path, t
     assert saved == probe and saved.estimated_tokens_per_s == pytest.approx(
         estimated_tokens_per_s(plan_for_config(shape, cpu_profile, config)))
     assert not (config.run_dir / "preflight-probe").exists(), "the probe's scratch directory stays behind"
+    # The run checks that it trains what the probe ran.
+    options = plan_for_config(shape, cpu_profile, config).options
+    assert saved.options == options and options_mismatch(config.run_dir, options) is None
+    other = ("ckpt",) + options[1:]
+    assert options_mismatch(config.run_dir, other) == (
+        f"the pre-flight probe ran {', '.join(options)}; this run trains {', '.join(other)}: "
+        "its confirmed memory and rate do not apply")
 
     epoch_tokens = epoch_tokens_from_summary(summary)
     calibration = probe.calibration()
