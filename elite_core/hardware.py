@@ -533,3 +533,39 @@ def fake_profile(kind: str = "h100") -> HardwareProfile:
             profiled_s=0.6,
         )
     raise ValueError(f"no fake profile {kind!r}: use 'h100', 'h200' or 'cpu'")
+
+
+PLANNING_PROFILE_FILE = "hardware.json"
+
+
+def save_planning_profile(profile: HardwareProfile, run_dir: str | os.PathLike) -> None:
+    """Keep the profile a run's pre-flight planned with in RUN_DIR, for its training child (and the probe's) to plan with."""
+    path = Path(run_dir) / PLANNING_PROFILE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile.to_dict(), indent=1), encoding="utf-8")
+
+
+def discard_planning_profile(run_dir: str | os.PathLike) -> None:
+    (Path(run_dir) / PLANNING_PROFILE_FILE).unlink(missing_ok=True)
+
+
+def planning_profile(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> HardwareProfile:
+    """The profile a run plans with: RUN_DIR/hardware.json when it was taken on this machine, else this machine's
+    profile now, kept there. Planned again from today's free memory, the probe, the run and its resumes could each
+    choose other engine options (other layers, QLoRA as a fallback) than the pre-flight confirmed."""
+    path = Path(run_dir) / PLANNING_PROFILE_FILE
+    try:
+        saved = HardwareProfile.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError):
+        saved = None
+    if saved is not None and _same_machine(saved, nvml.devices()):
+        return saved
+    profile = profile_hardware(output_dir)
+    save_planning_profile(profile, run_dir)
+    return profile
+
+
+def _same_machine(profile: HardwareProfile, devices: tuple[nvml.NvmlDevice, ...]) -> bool:
+    if profile.gpus or devices:
+        return sorted(gpu.uuid for gpu in profile.gpus) == sorted(device.uuid for device in devices)
+    return profile.cpu_name == _cpu_name() and profile.cpu_cores == _cpu_cores()

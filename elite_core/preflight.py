@@ -168,7 +168,12 @@ def find_learning_rate(config: RunConfig, request: LrFindRequest | None = None, 
 
 def run_preflight(config: RunConfig, profile, summary, shape, *, run_step: bool = True) -> Iterator[CheckResult]:
     """The checks in order; the training step runs only when everything before it passed."""
+    from elite_core.hardware import save_planning_profile
+
     results = [check_output_writable(config)]
+    if results[-1].ok:
+        # the probe and the run plan from the profile these checks plan with, not from the free memory of their start
+        save_planning_profile(profile, config.run_dir)
     yield results[-1]
     results.append(check_model_loads(config))
     yield results[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -292,6 +293,11 @@ def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_arg
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     config.save(job_dir / "config.yaml")
+    from elite_core.hardware import PLANNING_PROFILE_FILE
+
+    planned_with = config.run_dir / PLANNING_PROFILE_FILE
+    if planned_with.is_file():
+        shutil.copyfile(planned_with, job_dir / PLANNING_PROFILE_FILE)
     result_path = job_dir / result_file
     result_path.unlink(missing_ok=True)
     log_hint = f"see {job_dir / CHILD_LOG}"

@@ -348,7 +348,7 @@ class TrainingEngine:
 
     def setup(self) -> None:
         from elite_core.dataset import WindowDataset, build_dataset
-        from elite_core.hardware import profile_hardware
+        from elite_core.hardware import planning_profile
         from elite_core.model_loading import load_hf_config, load_model_shape
         from elite_core.planner import plan_for_config
         from elite_core.probe import options_mismatch
@@ -367,7 +367,7 @@ class TrainingEngine:
 
         # distributed: rank 0 writes the shared files (hardware cache, plan, dataset) first; the other ranks reuse them
         with distributed.main_first(self.rank):
-            profile = profile_hardware(config.output_dir)
+            profile = planning_profile(self.run_dir, config.output_dir)
             shape = load_model_shape(config.model, config.trust_remote_code)
             self.plan = plan_for_config(shape, profile, config)
             if not config.grad_accum:  # auto: the planner's accumulation for about 32K tokens per update

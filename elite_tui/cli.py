@@ -408,6 +408,9 @@ def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> Ru
     Returns the config to train with: the probe steps' confirmed micro-batch (and the accumulation that keeps the
     tokens per update), as the wizard's Pre-flight screen hands on."""
     if mode == "off":
+        from elite_core.hardware import discard_planning_profile
+
+        discard_planning_profile(config.run_dir)  # an earlier run's in a reused directory: the child profiles afresh
         return config
     from elite_core.preflight import run_preflight
 

@@ -38,6 +38,10 @@ def test_run_prints_every_check_then_trains_with_the_probed_config(tiny_repo, ru
     # the probe's scratch directory is gone; the run's own files are there
     assert not (run_dir / "preflight-probe").exists()
     assert "step      2" in out
+    # the training planned from the profile the checks planned with, and trained the options the probe ran
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["hardware"] == json.loads((run_dir / "hardware.json").read_text())
+    assert probe["options"] == plan["options"]
 
 
 def test_on_a_cpu_auto_runs_the_checks_without_probe_steps(tiny_repo, runs, capsys):

@@ -92,6 +92,31 @@ def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path,
     assert [losses[s] for s in range(1, 7)] == pytest.approx(reference, rel=1e-5)
 
 
+def test_the_child_plans_with_the_profile_its_preflight_kept(tmp_path, tiny_repo):
+    """The pre-flight keeps the profile it planned with in RUN_DIR/hardware.json. The child (and its resumes) plan from
+    it, not from the free memory at their own start; one from another machine is replaced by this machine's."""
+    import dataclasses
+
+    from elite_core.hardware import PLANNING_PROFILE_FILE, fake_profile, profile_hardware, save_planning_profile
+
+    config = small_config(tmp_path, tiny_repo, max_steps=2)
+    live = profile_hardware(config.output_dir)
+    kept = dataclasses.replace(live, ram_available_bytes=live.ram_available_bytes // 3)  # scarcer at the pre-flight
+    save_planning_profile(kept, config.run_dir)
+    assert isinstance(collect(TrainingProcess.start(config))[-1], protocol.Finished)
+    plan = json.loads((config.run_dir / "plan.json").read_text())
+    assert plan["hardware"] == json.loads(json.dumps(kept.to_dict())) and plan["budget_bytes"] == kept.ram_available_bytes
+
+    elsewhere = small_config(tmp_path, tiny_repo, max_steps=2, run_name="elsewhere")
+    save_planning_profile(fake_profile("h100"), elsewhere.run_dir)
+    assert isinstance(collect(TrainingProcess.start(elsewhere))[-1], protocol.Finished)
+    plan = json.loads((elsewhere.run_dir / "plan.json").read_text())
+    saved = json.loads((elsewhere.run_dir / PLANNING_PROFILE_FILE).read_text())
+    assert plan["hardware"] == saved
+    assert [gpu["uuid"] for gpu in saved["gpus"]] == [gpu.uuid for gpu in live.gpus]
+    assert (saved["cpu_name"], saved["cpu_cores"]) == (live.cpu_name, live.cpu_cores)
+
+
 def test_a_child_that_fails_reports_an_error_event(tmp_path, tiny_repo):
     broken = tmp_path / "broken-model"
     broken.mkdir()
