@@ -101,11 +101,16 @@ def test_the_child_plans_with_the_profile_its_preflight_kept(tmp_path, tiny_repo
 
     config = small_config(tmp_path, tiny_repo, max_steps=2)
     live = profile_hardware(config.output_dir)
-    kept = dataclasses.replace(live, ram_available_bytes=live.ram_available_bytes // 3)  # scarcer at the pre-flight
+    # memory scarcer at the pre-flight than now: the budget is the first GPU's usable memory, or RAM on a CPU
+    if live.has_gpu:
+        first = dataclasses.replace(live.gpus[0], usable_bytes=live.gpus[0].usable_bytes // 3)
+        kept = dataclasses.replace(live, gpus=(first, *live.gpus[1:]))
+    else:
+        kept = dataclasses.replace(live, ram_available_bytes=live.ram_available_bytes // 3)
     save_planning_profile(kept, config.run_dir)
     assert isinstance(collect(TrainingProcess.start(config))[-1], protocol.Finished)
     plan = json.loads((config.run_dir / "plan.json").read_text())
-    assert plan["hardware"] == json.loads(json.dumps(kept.to_dict())) and plan["budget_bytes"] == kept.ram_available_bytes
+    assert plan["hardware"] == json.loads(json.dumps(kept.to_dict())) and plan["budget_bytes"] == kept.memory_budget_bytes
 
     elsewhere = small_config(tmp_path, tiny_repo, max_steps=2, run_name="elsewhere")
     save_planning_profile(fake_profile("h100"), elsewhere.run_dir)
