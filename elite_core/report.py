@@ -41,6 +41,9 @@ def _hardware_line(hardware: dict) -> str:
 
 
 def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> str:
+    from elite_core.hardware import PLANNING_PROFILE_FILE
+    from elite_core.probe import PROBE_FILE
+
     run_dir = Path(run_dir)
     config = RunConfig.load(run_dir / "config.yaml")
     events = read_events(run_dir)
@@ -104,7 +107,8 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
     artefacts.append(("dataset", run_dir / "dataset"))
     artefacts += [(f"{name} plot", path) for name, path in plots.items()]
     for name, relative in (("compile-rate evaluation", "evaluation.json"), ("TensorBoard events", "tensorboard"),
-                           ("merged model", "merged"), ("plan", PLAN_FILE)):
+                           ("merged model", "merged"), ("plan", PLAN_FILE),
+                           ("hardware profile planned with", PLANNING_PROFILE_FILE), ("pre-flight probe results", PROBE_FILE)):
         if (run_dir / relative).exists():
             artefacts.append((name, run_dir / relative))
     artefacts.append(("this report", run_dir / REPORT_FILE))

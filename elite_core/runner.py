@@ -290,13 +290,13 @@ def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_arg
     crash, another controller holding the directory)."""
     import threading
 
+    from elite_core.hardware import PLANNING_PROFILE_FILE
+
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     config.save(job_dir / "config.yaml")
-    from elite_core.hardware import PLANNING_PROFILE_FILE
-
     planned_with = config.run_dir / PLANNING_PROFILE_FILE
-    if planned_with.is_file():
+    if planned_with.is_file():  # the job plans from the profile the run's pre-flight planned with
         shutil.copyfile(planned_with, job_dir / PLANNING_PROFILE_FILE)
     result_path = job_dir / result_file
     result_path.unlink(missing_ok=True)

@@ -42,6 +42,9 @@ def test_run_prints_every_check_then_trains_with_the_probed_config(tiny_repo, ru
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["hardware"] == json.loads((run_dir / "hardware.json").read_text())
     assert probe["options"] == plan["options"]
+    report = (run_dir / "report.md").read_text()
+    assert f"- hardware profile planned with: `{run_dir / 'hardware.json'}`" in report
+    assert f"- pre-flight probe results: `{run_dir / 'probe.json'}`" in report
 
 
 def test_on_a_cpu_auto_runs_the_checks_without_probe_steps(tiny_repo, runs, capsys):
