@@ -122,6 +122,25 @@ def test_the_child_plans_with_the_profile_its_preflight_kept(tmp_path, tiny_repo
     assert (saved["cpu_name"], saved["cpu_cores"]) == (live.cpu_name, live.cpu_cores)
 
 
+def test_a_run_that_trains_other_options_than_its_probe_says_so(tmp_path, tiny_repo):
+    """probe.json records the options the probe's layers ran with; a run planned to other ones warns that the probe's
+    memory and rate do not apply to it."""
+    from elite_core.probe import PROBE_FILE, ProbeResult, ProbeStep
+
+    config = small_config(tmp_path, tiny_repo, max_steps=1)
+    probed = ProbeResult(model="demo", device="cpu", tier=1, window_tokens=config.window_tokens, predicted_micro_batch=1,
+                         micro_batch=1, searched=False, probes=(ProbeStep(1, True, 256, 0.1, 10),), tokens_per_s=1.0,
+                         step_s=0.1, peak_bytes=10, loss=5.0, options=("ckpt-offload", "chunked-loss"))
+    config.run_dir.mkdir(parents=True)
+    probed.save(config.run_dir / PROBE_FILE)
+    events = collect(TrainingProcess.start(config))
+    assert isinstance(events[-1], protocol.Finished)
+    plan = json.loads((config.run_dir / "plan.json").read_text())
+    warnings = [e.message for e in events if isinstance(e, protocol.Warning)]
+    assert (f"the pre-flight probe ran ckpt-offload, chunked-loss; this run trains {', '.join(plan['options'])}: "
+            "its confirmed memory and rate do not apply") in warnings, warnings
+
+
 def test_a_child_that_fails_reports_an_error_event(tmp_path, tiny_repo):
     broken = tmp_path / "broken-model"
     broken.mkdir()
