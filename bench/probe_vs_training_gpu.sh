@@ -28,7 +28,10 @@ done
 python3 - "$runs" $tiers <<'PY' | tee "$out/probe-vs-training.txt"
 import json, subprocess, sys
 from pathlib import Path
-import yaml
+from elite_core import protocol
+from elite_core.config import RunConfig
+from elite_core.probe import PROBE_FILE, ProbeResult, options_mismatch
+from elite_core.runs import read_events
 runs, tiers = Path(sys.argv[1]), sys.argv[2:]
 gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
 print(f"probe vs training on 1 x {gpu}; steps after the first (compile and warm-up excluded)")
@@ -37,25 +40,23 @@ print(f"{'tier':>4} {'window':>7} {'mb':>3} {'compiled':>8} {'predicted':>10} {'
 gib = 1024**3
 for tier in tiers:
     run = runs / f"tier-{tier}"
-    finished = (run / "events.jsonl").exists() and '"type":"finished"' in (run / "events.jsonl").read_text()
-    if not finished or not (run / "probe.json").exists():
+    events = read_events(run) if run.is_dir() else []
+    probe = ProbeResult.load(run / PROBE_FILE)
+    if probe is None or not any(isinstance(e, protocol.Finished) for e in events):
         print(f"{tier:>4} did not finish: see run-tier-{tier}.txt")
         continue
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
-    probe = json.loads((run / "probe.json").read_text())
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").exists() else {}
-    started = next(e for e in events if e["type"] == "started")
-    steps = [e for e in events if e["type"] == "step"][1:]
-    peak = max(e["memory_bytes"] for e in steps)
-    rate = sum(e["tokens_per_s"] for e in steps) / len(steps)
-    compiled = "compiled" in plan["options"]
-    if probe.get("options") and probe["options"] != plan["options"]:
-        print(f"{tier:>4} probed {probe['options']}, trained {plan['options']}")
-    window = config["context_tokens"] + config["target_tokens"]
-    print(f"{tier:>4} {window:>7,} {config['micro_batch']:>3} {str(compiled):>8} "
-          f"{started['predicted_peak_bytes'] / gib:>8.1f} G {probe['peak_bytes'] / gib:>8.1f} G {peak / gib:>8.1f} G "
-          f"{probe['tokens_per_s']:>12,.0f} {rate:>12,.0f} {started['predicted_peak_bytes'] / peak:>10.3f} "
-          f"{probe['peak_bytes'] / peak:>15.3f} {probe['tokens_per_s'] / rate:>16.3f}")
+    config = RunConfig.load(run / "config.yaml")
+    options = tuple(json.loads((run / "plan.json").read_text())["options"])
+    started = next(e for e in events if isinstance(e, protocol.Started))
+    steps = [e for e in events if isinstance(e, protocol.StepMetrics)][1:]
+    peak = max(e.memory_bytes for e in steps)
+    rate = sum(e.tokens_per_s for e in steps) / len(steps)
+    mismatch = options_mismatch(run, options)
+    if mismatch:
+        print(f"{tier:>4} {mismatch}")
+    print(f"{tier:>4} {config.window_tokens:>7,} {config.micro_batch:>3} {str('compiled' in options):>8} "
+          f"{started.predicted_peak_bytes / gib:>8.1f} G {probe.peak_bytes / gib:>8.1f} G {peak / gib:>8.1f} G "
+          f"{probe.tokens_per_s:>12,.0f} {rate:>12,.0f} {started.predicted_peak_bytes / peak:>10.3f} "
+          f"{probe.peak_bytes / peak:>15.3f} {probe.tokens_per_s / rate:>16.3f}")
 PY
 exit 0
