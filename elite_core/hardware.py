@@ -81,6 +81,14 @@ class HardwareProfile:
     def device(self) -> str:
         return "cuda" if self.has_gpu else "cpu"
 
+    def for_device(self, device: str) -> HardwareProfile:
+        """The machine as a run on `device` (config.device) sees it: with device cpu, without its GPUs, so that a run
+        put on the CPU of a GPU machine is planned as the CPU run it is (RAM budget, fp32, eager layers). Planned
+        with the GPUs, it ran bf16 layers compiled for CUDA on the CPU without autocast and failed on its first step."""
+        if device == "cpu" and self.has_gpu:
+            return dataclasses.replace(self, gpus=())
+        return self
+
     @property
     def memory_budget_bytes(self) -> int:
         """GPU 0's usable memory, or the RAM available on a CPU-only machine."""

@@ -268,6 +268,7 @@ def options_of(setup: TrainingSetup) -> tuple[str, ...]:
 
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
           rank: int) -> TierPlan:
+    profile = profile.for_device(config.device)
     budget = _budget(profile)
     ladder = candidate_setups(shape, profile, config, window, target, rank)
     chosen = ladder[-1]

@@ -179,7 +179,7 @@ def probe_request(config: RunConfig, profile, shape) -> ProbeRequest:
     """Search from the planner's largest predicted micro-batch on a CUDA GPU; on a CPU time the config's micro-batch."""
     from elite_core.planner import SAFETY_FRACTION, max_micro_batch, plan_for_config
 
-    on_gpu = profile is not None and profile.has_gpu and config.device != "cpu"
+    on_gpu = profile is not None and profile.for_device(config.device).has_gpu
     if not on_gpu or shape is None:
         return ProbeRequest(predicted_micro_batch=config.micro_batch, max_micro_batch=config.micro_batch, search=False)
     limit = micro_batch_limit(config)

@@ -414,7 +414,7 @@ def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> Ru
         return config
     from elite_core.preflight import run_preflight
 
-    on_gpu = profile.has_gpu and config.device != "cpu"
+    on_gpu = profile.for_device(config.device).has_gpu
     shape = shape or _load_shape(config.model, config.trust_remote_code)
     confirmed = config
     for result in run_preflight(config, profile, summary, shape, run_step=mode == "on" or on_gpu):

@@ -25,7 +25,7 @@ def process_limit(config: Any, profile: Any) -> int:
     """Training processes one machine can run: its GPUs, or on a CPU run (no GPU, or device cpu) its cores."""
     if profile is None:
         return 1
-    if profile.has_gpu and config.device != "cpu":
+    if profile.for_device(config.device).has_gpu:
         return len(profile.gpus)
     return max(1, profile.cpu_cores)
 
@@ -40,13 +40,13 @@ def check_launch(config: Any, profile: Any, *, nproc: int, nnodes: int = 1, node
     from elite_core.distributed import LAUNCHERS, LaunchError, LaunchSettings, deepspeed_installed, node_commands
 
     errors: dict[str, str] = {}
-    gpus_here = len(profile.gpus) if profile is not None and profile.has_gpu else 0
-    if gpus_here and config.device != "cpu" and zero_stage(config.deepspeed) and not deepspeed_installed():
+    gpus_here = len(profile.for_device(config.device).gpus) if profile is not None else 0  # device cpu: none
+    if gpus_here and zero_stage(config.deepspeed) and not deepspeed_installed():
         # The engine imports deepspeed for ZeRO on a GPU (one GPU or several): say so now, not after the model loads.
         errors["deepspeed"] = "ZeRO needs DeepSpeed here: pip install deepspeed (or DeepSpeed off)"
     if nproc < 1:
         errors["nproc"] = "at least 1 process per node"
-    elif gpus_here and config.device != "cpu" and nproc > gpus_here:
+    elif gpus_here and nproc > gpus_here:
         errors["nproc"] = f"this machine has {gpus_here} GPU{'s' if gpus_here > 1 else ''}"
     if nnodes < 1:
         errors["nnodes"] = "at least 1 node"

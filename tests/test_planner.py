@@ -114,6 +114,21 @@ def test_cpu_plan_for_the_demo_config(demo_shape):
     assert plan.fits and plan.setup.device == "cpu"
 
 
+def test_device_cpu_on_a_gpu_machine_plans_the_cpu_run_it_is(demo_shape):
+    # Planned with the GPU, such a run got bf16 layers compiled for CUDA, trained them on the CPU without autocast and
+    # failed on its first step (an H200 running the suite's CLI tests, which set device cpu)
+    gpu = fake_profile("h100")
+    config = default_config().replace(device="cpu")
+    on_the_cpu = plan_for_config(demo_shape, gpu, config)
+    cpu_only = plan_for_config(demo_shape, dataclasses.replace(gpu, gpus=()), config)
+    assert on_the_cpu.setup.device == "cpu" and on_the_cpu.setup.compute_dtype == "fp32"
+    assert not on_the_cpu.setup.compiled and not on_the_cpu.setup.autocast
+    assert on_the_cpu.budget_bytes == gpu.ram_available_bytes
+    assert on_the_cpu == cpu_only
+    assert [plan.setup.device for plan in plan_tiers(demo_shape, gpu, config)] == ["cpu"] * len(TIERS)
+    assert plan_for_config(demo_shape, gpu, default_config()).setup.device == "cuda"
+
+
 def test_resolve_precision():
     assert resolve_precision(fake_profile("h100"), "auto") == "bf16"
     assert resolve_precision(fake_profile("cpu"), "auto") == "fp32"

@@ -119,7 +119,7 @@ class OverridesScreen(WizardScreen):
     def compose_launch(self) -> ComposeResult:
         launch = self.initial_launch()
         limit = process_limit(self.state.config, self.state.profile)
-        on_gpu = self.state.profile is not None and self.state.profile.has_gpu and self.state.config.device != "cpu"
+        on_gpu = self.state.profile is not None and self.state.profile.for_device(self.state.config.device).has_gpu
         yield Static("Launch", classes="launch-title")
         with Horizontal(classes="field-row"):
             yield Static("GPUs per node" if on_gpu else "CPU processes", classes="field-label")

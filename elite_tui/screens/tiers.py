@@ -27,7 +27,7 @@ def parallel_label(config: Any, profile: Any) -> str:
     ZeRO-2 offload"; empty for one process without ZeRO, whose numbers are the whole run's."""
     from elite_core.config import zero_offload, zero_stage
 
-    on_gpu = profile is not None and profile.has_gpu and config.device != "cpu"
+    on_gpu = profile is not None and profile.for_device(config.device).has_gpu
     stage = zero_stage(config.deepspeed) if on_gpu else 0
     if config.gpus <= 1 and not stage:
         return ""
