@@ -70,7 +70,7 @@ def check_memory(config: RunConfig, profile, shape) -> CheckResult:
 
     name = "memory fits with headroom"
     plan = plan_for_config(shape, profile, config)
-    where = "GPU" if profile.has_gpu else "RAM"
+    where = "GPU" if plan.setup.device == "cuda" else "RAM"
     text = (f"predicted {format_bytes(plan.breakdown.total_bytes)} of {format_bytes(plan.budget_bytes)} {where}, "
             f"headroom {format_bytes(plan.headroom_bytes)}")
     if not plan.fits:

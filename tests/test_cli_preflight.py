@@ -71,3 +71,17 @@ def test_a_failed_check_stops_the_run_before_training_and_keeps_the_dataset(tiny
     run_dir = runs / "too-big"
     assert (run_dir / "dataset" / "manifest.json").exists()  # what was built is kept
     assert not (run_dir / "events.jsonl").exists() and not (run_dir / "adapter").exists()
+
+
+def test_the_memory_check_of_a_cpu_run_on_a_gpu_machine_reads_the_ram(h100_profile):
+    from elite_core.config import default_config
+    from elite_core.demo_model import demo_model_config
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.preflight import check_memory
+    from elite_core.units import format_bytes
+
+    shape = shape_from_hf_config(demo_model_config(), name="demo")
+    on_the_cpu = check_memory(default_config().replace(device="cpu"), h100_profile, shape)
+    assert f"of {format_bytes(h100_profile.ram_available_bytes)} RAM" in on_the_cpu.message
+    on_the_gpu = check_memory(default_config(), h100_profile, shape)
+    assert f"of {format_bytes(h100_profile.gpus[0].usable_bytes)} GPU" in on_the_gpu.message
