@@ -20,6 +20,7 @@ ETA_CHECK_AFTER_S = 30.0
 RUN_TARGET_S = 60.0
 ETA_TOLERANCE = 0.10
 """The issue's target: the ETA within 10 % of the remaining wall time."""
+ETA_ATTEMPTS = 3
 PROBE_STEPS = 60
 
 
@@ -205,12 +206,21 @@ def test_eta_after_30_s_is_within_10_percent_on_a_real_cpu_run(tmp_path, tiny_re
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_and_check_the_eta(tmp_path, tiny_repo)
+        # A run whose machine changed speed mid-run says nothing about the ETA: run again, up to ETA_ATTEMPTS times
+        # (two fresh-clone CI runs in a row skipped on one such run)
+        unsteady = []
+        for attempt in range(ETA_ATTEMPTS):
+            result = _run_and_check_the_eta(tmp_path / f"attempt-{attempt}", tiny_repo)
+            if result is None:
+                return
+            unsteady.append(result)
+        pytest.skip("; ".join(unsteady))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_and_check_the_eta(tmp_path, tiny_repo):
+def _run_and_check_the_eta(tmp_path, tiny_repo) -> str | None:
+    """None when the ETA held on a steady machine (a wrong ETA there fails); else why the run could not tell."""
     probe, probe_events = _engine(tmp_path, tiny_repo, "probe")
     probe.run()
     probe_steps = [e for e in probe_events if isinstance(e, protocol.StepMetrics)]
@@ -252,9 +262,10 @@ def _run_and_check_the_eta(tmp_path, tiny_repo):
     rate_before = (before[-1].step - before[0].step) / (before[-1].elapsed_s - before[0].elapsed_s)
     rate_after = (steps[-1].step - step) / (steps[-1].elapsed_s - before[-1].elapsed_s)
     if abs(rate_after - rate_before) > ETA_TOLERANCE * rate_before:
-        pytest.skip(f"the step rate changed from {rate_before:.1f} to {rate_after:.1f} steps/s mid-run (other load); "
-                    f"ETA {predicted_s:.0f} s vs {actual_s:.0f} s")
+        return (f"the step rate changed from {rate_before:.1f} to {rate_after:.1f} steps/s mid-run (other load); "
+                f"ETA {predicted_s:.0f} s vs {actual_s:.0f} s")
     assert predicted_s == pytest.approx(actual_s, rel=ETA_TOLERANCE), (step, total, predicted_s, actual_s)
+    return None
 
 
 @pytest.mark.parametrize("warmup_steps,total_steps", [(5, 100), (0, 50), (10, 1000), (40, 30), (3, 1)])
