@@ -70,12 +70,30 @@ def check_memory(config: RunConfig, profile, shape) -> CheckResult:
 
     name = "memory fits with headroom"
     plan = plan_for_config(shape, profile, config)
-    where = "GPU" if plan.setup.device == "cuda" else "RAM"
-    text = (f"predicted {format_bytes(plan.breakdown.total_bytes)} of {format_bytes(plan.budget_bytes)} {where}, "
-            f"headroom {format_bytes(plan.headroom_bytes)}")
+    on_gpu = plan.setup.device == "cuda"
+    text = (f"predicted {format_bytes(plan.breakdown.total_bytes)} of {format_bytes(plan.budget_bytes)} "
+            f"{'GPU' if on_gpu else 'RAM'}, headroom {format_bytes(plan.headroom_bytes)}")
+    held = held_by_others_bytes(profile) if on_gpu else 0
+    if held:
+        # An earlier run's detached child, for one, keeps its memory after its CLI is gone: the budget says why
+        text += (f" (other processes held {format_bytes(held)} of the GPU's {format_bytes(profile.gpus[0].total_bytes)} "
+                 "when it was profiled)")
     if not plan.fits:
-        return CheckResult(name, False, text, "pick a lower tier, a smaller micro-batch, or turn on checkpoint offload")
+        fix = "pick a lower tier, a smaller micro-batch, or turn on checkpoint offload"
+        return CheckResult(name, False, text, fix + (", or free the GPU (nvidia-smi lists its processes)" if held else ""))
     return CheckResult(name, True, text)
+
+
+OTHERS_HOLD_FRACTION = 0.05
+"""Memory other processes held on GPU 0 is named when it was more than this share of the GPU (an idle GPU's driver
+reserve is about 0.4 %)."""
+
+
+def held_by_others_bytes(profile) -> int:
+    """What other processes held on GPU 0 when it was profiled, when that is worth naming; 0 otherwise."""
+    gpu = profile.gpus[0]
+    held = max(0, gpu.total_bytes - gpu.free_bytes)
+    return held if held > OTHERS_HOLD_FRACTION * gpu.total_bytes else 0
 
 
 def check_training_step(config: RunConfig, profile=None, shape=None, summary=None,

@@ -85,3 +85,26 @@ def test_the_memory_check_of_a_cpu_run_on_a_gpu_machine_reads_the_ram(h100_profi
     assert f"of {format_bytes(h100_profile.ram_available_bytes)} RAM" in on_the_cpu.message
     on_the_gpu = check_memory(default_config(), h100_profile, shape)
     assert f"of {format_bytes(h100_profile.gpus[0].usable_bytes)} GPU" in on_the_gpu.message
+
+
+def test_the_memory_check_names_what_other_processes_held_on_the_gpu(h100_profile):
+    import dataclasses
+
+    from elite_core.config import default_config
+    from elite_core.demo_model import demo_model_config
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.preflight import check_memory
+    from elite_core.units import format_bytes
+
+    # An H200 whose earlier run's detached child still held 65 GiB: tier 3's budget came out at 73.9 of 139.5 GiB
+    # (bench/results/probe-vs-training-h200/qwen-1.5b-qlora), with nothing in the check to say why
+    shape = shape_from_hf_config(demo_model_config(), name="demo")
+    gpu = h100_profile.gpus[0]
+    held = 40 * 1024**3
+    busy = dataclasses.replace(h100_profile, gpus=(dataclasses.replace(
+        gpu, free_bytes=gpu.total_bytes - held, usable_bytes=gpu.usable_bytes - held),))
+    assert "other processes" not in check_memory(default_config(), h100_profile, shape).message  # the idle driver's reserve
+    fits = check_memory(default_config(), busy, shape)
+    assert fits.ok and f"other processes held {format_bytes(held)} of the GPU's {format_bytes(gpu.total_bytes)}" in fits.message
+    too_big = check_memory(default_config().replace(tier=7, micro_batch=4096), busy, shape)
+    assert not too_big.ok and "free the GPU" in too_big.fix_hint
