@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reprofile", action="store_true")
     plan.add_argument("--run-dir", type=Path,
                       help="plan this run's model and time its epochs from its dataset and pre-flight probe")
+    plan.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="plan with this config field changed, as the wizard's overrides do (e.g. micro_batch=2, qlora=true)")
 
     dataset = sub.add_parser("dataset", help="build the training set from a repository and print its summary")
     _add_model_args(dataset)
@@ -199,7 +201,7 @@ def _plan(args) -> int:
         elif probe is not None:
             model = probe.model
     shape = _load_shape(model, trust_remote_code)
-    config = default_config(model, repo, args.output, trust_remote_code=trust_remote_code)
+    config = default_config(model, repo, args.output, trust_remote_code=trust_remote_code, **_parse_sets(args.set))
     plans = plan_tiers(shape, profile, config)
     selected = select_tier(plans)
     epoch_tokens, calibration = None, None
@@ -210,7 +212,8 @@ def _plan(args) -> int:
             raise CliError(f"repository not found: {repo}")
         epoch_tokens = epoch_tokens_from_repo(repo, config.model, config.eval_fraction)
     plans = with_epoch_times(plans, epoch_tokens, calibration)
-    where = f"{profile.gpus[0].name}" if profile.has_gpu else "CPU (RAM)"
+    planned_on = profile.for_device(config.device)
+    where = f"{planned_on.gpus[0].name}" if planned_on.has_gpu else "CPU (RAM)"
     print(f"{shape.name} on {where}; '>' marks the highest tier that fits")
     print(format_tier_table(plans, selected))
     print(epoch_basis_line(epoch_tokens, calibration, repo))
