@@ -205,7 +205,8 @@ class MemoryBreakdown:
     logits_bytes: int
     overhead_bytes: int
     cpu_offload_bytes: int
-    """Bytes moved to CPU RAM (offloaded checkpoints, ZeRO optimizer state); not part of total_bytes."""
+    """Bytes moved to the host's RAM by all of the node's processes together (offloaded checkpoints, ZeRO's optimizer
+    state and offloaded weights), since they share it; not part of total_bytes, which is per device."""
 
     @property
     def total_bytes(self) -> int:
@@ -475,7 +476,9 @@ def predict_memory(
         layer_peak = backward_transient
     elif setup.checkpointing == "offload" and not on_cpu:
         resident = min(shape.layers, setup.gpu_checkpoint_layers)
-        cpu_offload += (shape.layers - resident) * layer_input
+        # every process offloads its own checkpoints into the one host's RAM (an upper bound for several nodes, as
+        # ZeRO's partitions below)
+        cpu_offload += (shape.layers - resident) * layer_input * gpus
         stored = (2 + resident) * layer_input  # the inputs in flight to and from CPU, and those kept on the GPU
         layer_peak = layer_tokens + backward_transient
     else:

@@ -107,8 +107,12 @@ def resolved_grad_accum(config: RunConfig) -> int:
     return config.grad_accum or grad_accum_for(config.window_tokens, config.micro_batch * config.gpus)
 
 
-def _budget(profile: HardwareProfile) -> int:
-    return int(profile.memory_budget_bytes)
+def _budget(profile: HardwareProfile, processes: int = 1) -> int:
+    """One process's memory: its GPU's, or on a CPU its share of the RAM that all the machine's processes hold
+    their own copy of the model in."""
+    if profile.has_gpu:
+        return int(profile.memory_budget_bytes)
+    return int(profile.memory_budget_bytes // max(1, processes))
 
 
 def _fits(breakdown: MemoryBreakdown, budget: int, profile: HardwareProfile) -> bool:
@@ -213,10 +217,12 @@ def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunCon
 
 def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile: HardwareProfile) -> TrainingSetup:
     """With offloaded checkpoints: as many layers offload as HOST_OFFLOAD_FRACTION of the available RAM holds, the
-    rest keep their checkpoints on the GPU (an 8B model's 400K-token checkpoints are 105 GB: more than many hosts)."""
+    rest keep their checkpoints on the GPU (an 8B model's 400K-token checkpoints are 105 GB: more than many hosts).
+    Each of the node's processes offloads its own layers into that RAM: 8 GPUs at that window would need 840 GB."""
     if setup.checkpointing != "offload" or not profile.has_gpu:
         return setup
-    offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1.0, layer_input_bytes(shape, setup)))
+    per_layer_on_the_host = layer_input_bytes(shape, setup) * max(1, setup.gpus)
+    offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1.0, per_layer_on_the_host))
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
 
@@ -269,7 +275,7 @@ def options_of(setup: TrainingSetup) -> tuple[str, ...]:
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
           rank: int) -> TierPlan:
     profile = profile.for_device(config.device)
-    budget = _budget(profile)
+    budget = _budget(profile, config.gpus)
     ladder = candidate_setups(shape, profile, config, window, target, rank)
     chosen = ladder[-1]
     breakdown = predict_memory(shape, chosen, DEFAULT_CONSTANTS)

@@ -279,3 +279,30 @@ def test_a_micro_batch_the_probe_confirms_trains_what_it_probed(tier):
     for micro_batch in range(1, micro_batch_limit(planned) + 1):
         again = plan_for_config(LLAMA_8B, profile, config_with_micro_batch(planned, micro_batch)).setup
         assert again == dataclasses.replace(setup, micro_batch=micro_batch), micro_batch
+
+
+def test_every_gpu_of_a_node_offloads_into_the_one_hosts_ram():
+    """8 processes offloading an 8B model's tier-7 checkpoints need 8 times one's host RAM: the planner keeps as many
+    layers on the GPUs as the shared RAM cannot take (planned per process, it counted one process's share against
+    all the RAM, and the node ran out of it)."""
+    from elite_core.planner import HOST_OFFLOAD_FRACTION
+
+    host = dataclasses.replace(fake_profile("h100"), ram_available_bytes=560 * GIB)
+    config = default_config(model="x/y").replace(gradient_checkpointing="offload", tier=7, context_tokens=262144,
+                                                 target_tokens=32768)
+    one, eight = (plan_for_config(LLAMA_8B, host, config.replace(gpus=gpus)) for gpus in (1, 8))
+    layer_bytes = one.setup.tokens * LLAMA_8B.hidden * 2
+    assert one.setup.checkpointing == eight.setup.checkpointing == "offload"
+    assert one.setup.gpu_checkpoint_layers == 0  # 32 layers x 17 GB: one process's fit in 560 GiB
+    offloaded = LLAMA_8B.layers - eight.setup.gpu_checkpoint_layers
+    assert offloaded == int(560 * GIB * HOST_OFFLOAD_FRACTION // (8 * layer_bytes)) < LLAMA_8B.layers
+    assert eight.breakdown.cpu_offload_bytes == 8 * offloaded * layer_bytes <= 560 * GIB * HOST_OFFLOAD_FRACTION
+    assert eight.cpu_ram_needed_bytes == eight.breakdown.cpu_offload_bytes
+
+
+def test_cpu_processes_share_the_ram_they_each_hold_a_model_in(demo_shape):
+    profile = fake_profile("cpu")
+    one, two = (plan_for_config(demo_shape, profile, default_config().replace(gpus=gpus)) for gpus in (1, 2))
+    assert one.budget_bytes == profile.ram_available_bytes
+    assert two.budget_bytes == profile.ram_available_bytes // 2
+    assert two.headroom_bytes == two.budget_bytes - two.breakdown.total_bytes
