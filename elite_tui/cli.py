@@ -403,7 +403,7 @@ def _run(args) -> int:
     config = _preflight(args.preflight, config, profile, summary, shape)
     from elite_tui.engine import Engine
 
-    return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0)
+    return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0, owns_the_run=True)
 
 
 def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> RunConfig:
@@ -469,7 +469,8 @@ def _resume(args) -> int:
     from elite_tui.engine import Engine
 
     # Relaunched as RUN_DIR/launch.json says (one process, or the same GPUs and nodes as before).
-    return _follow(Engine().start_training(config, resume=True), other_node=read_launch(run_dir).node_rank > 0)
+    return _follow(Engine().start_training(config, resume=True), other_node=read_launch(run_dir).node_rank > 0,
+                   owns_the_run=True)
 
 
 def _attach(args) -> int:
@@ -491,8 +492,13 @@ def _attach(args) -> int:
     return result if isinstance(result, int) else (app.return_code or 0)
 
 
-def _follow(process, other_node: bool = False) -> int:
+def _follow(process, other_node: bool = False, owns_the_run: bool = False) -> int:
     """Print the child's events; the first Ctrl+C asks for a checkpoint and a clean stop, a second one kills.
+
+    The command that started the run (`run`, `resume`) passes a SIGTERM on as that stop: `timeout`, a scheduler's
+    time limit or a plain `kill` mean the run should end, with its checkpoint, not go on detached holding the GPU
+    (the training child has its own session, so the signal reaches only this process). An SSH drop's SIGHUP still
+    leaves it training, and `attach --print`, which only looks on, lets it train on when it is ended.
 
     On a node other than 0 no rank reports progress (rank 0 is on node 0): its pipe carries only a failure of its own
     ranks, and a launcher that exits with code 0 without a word has done its part."""
@@ -509,7 +515,12 @@ def _follow(process, other_node: bool = False) -> int:
         else:
             process.kill()
 
+    def on_terminate(*_):
+        print("\nstopping (SIGTERM): writing a checkpoint first", file=sys.stderr)
+        process.stop()
+
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, on_terminate) if owns_the_run else None
     code = 1
     try:
         for event in process.events():
@@ -541,6 +552,8 @@ def _follow(process, other_node: bool = False) -> int:
                 code = 0
     finally:
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     return code
 
 

@@ -79,6 +79,38 @@ def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(t
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_sigterm_to_the_run_command_checkpoints_and_stops_the_training(tiny_repo, tmp_path):
+    """`timeout`, a scheduler's time limit or `kill` end the command: the run ends with it, checkpointed, instead of
+    training on detached, holding the GPU that the next run's pre-flight then finds taken."""
+    output = tmp_path / "runs"
+    run_dir = output / "term"
+    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(tiny_repo), "--output", str(output),
+               "--run-name", "term", "--tier", "1", "--max-steps", "100000"]
+    for setting in SMALL:
+        command += ["--set", setting]
+    controller = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+    try:
+        wait_for(lambda: len(steps_in(run_dir)) >= 2, 180, "the first steps")
+        child = live_child_pid(run_dir)
+        assert child is not None
+        os.kill(controller.pid, signal.SIGTERM)
+        out, err = controller.communicate(timeout=90)
+        assert controller.returncode == 0, err
+        assert "stopping (SIGTERM)" in err and "stopped at step" in out
+        wait_for(lambda: live_child_pid(run_dir) is None, 30, "the child to exit")
+        events = read_events(run_dir)
+        assert [e.reason for e in events if isinstance(e, protocol.CheckpointSaved)][-1:] == ["stop"]  # as a Ctrl+C
+        assert isinstance(events[-1], protocol.Finished) and events[-1].stopped_early
+        assert list_runs(output)[0].resumable
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        pid = live_child_pid(run_dir)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
