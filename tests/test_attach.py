@@ -30,13 +30,28 @@ def steps_in(run_dir):
     return [e.step for e in read_events(run_dir) if isinstance(e, protocol.StepMetrics)]
 
 
+def long_run_command(repo, output, name) -> list[str]:
+    """`elite-tui run` of far more steps than a test waits for."""
+    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(repo), "--output", str(output),
+               "--run-name", name, "--tier", "1", "--max-steps", "100000"]
+    for setting in SMALL:
+        command += ["--set", setting]
+    return command
+
+
+def end_both(controller, run_dir) -> None:
+    """Whatever a test left running: the controller and its training child."""
+    if controller.poll() is None:
+        controller.kill()
+    pid = live_child_pid(run_dir)
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(tiny_repo, tmp_path):
     output = tmp_path / "runs"
     run_dir = output / "drop"
-    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(tiny_repo), "--output", str(output),
-               "--run-name", "drop", "--tier", "1", "--max-steps", "100000"]
-    for setting in SMALL:
-        command += ["--set", setting]
+    command = long_run_command(tiny_repo, output, "drop")
     # SIGHUP at its default, as in a login shell: under nohup (or a CI runner that ignores it) the controller would
     # inherit "ignore" and outlive the hang-up this test sends.
     controller = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -72,11 +87,7 @@ def test_training_outlives_a_sighup_to_its_controller_and_attach_takes_it_back(t
         wait_for(lambda: live_child_pid(run_dir) is None, 30, "the child to exit")
         assert list_runs(output)[0].resumable
     finally:
-        if controller.poll() is None:
-            controller.kill()
-        pid = live_child_pid(run_dir)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        end_both(controller, run_dir)
 
 
 def test_a_sigterm_to_the_run_command_checkpoints_and_stops_the_training(tiny_repo, tmp_path):
@@ -84,10 +95,7 @@ def test_a_sigterm_to_the_run_command_checkpoints_and_stops_the_training(tiny_re
     training on detached, holding the GPU that the next run's pre-flight then finds taken."""
     output = tmp_path / "runs"
     run_dir = output / "term"
-    command = [sys.executable, "-m", "elite_tui.cli", "run", "--repo", str(tiny_repo), "--output", str(output),
-               "--run-name", "term", "--tier", "1", "--max-steps", "100000"]
-    for setting in SMALL:
-        command += ["--set", setting]
+    command = long_run_command(tiny_repo, output, "term")
     controller = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True)
     try:
@@ -104,11 +112,7 @@ def test_a_sigterm_to_the_run_command_checkpoints_and_stops_the_training(tiny_re
         assert isinstance(events[-1], protocol.Finished) and events[-1].stopped_early
         assert list_runs(output)[0].resumable
     finally:
-        if controller.poll() is None:
-            controller.kill()
-        pid = live_child_pid(run_dir)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        end_both(controller, run_dir)
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
