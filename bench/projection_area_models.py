@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from elite_core.estimates import project_loss, smoothed_final_loss  # noqa: E402
+from elite_core.estimates import (  # noqa: E402
+    HUBER_THRESHOLD_SIGMAS, MAD_TO_SIGMA, NOISE_FREE_SIGMA, _fit_grid, project_loss, smoothed_final_loss)
 from elite_core.schedule import schedule_from_reported_lrs  # noqa: E402
 
 FIXTURES = {
@@ -34,17 +36,16 @@ FROM_FRACTION = 0.2
 TARGET_PCT = 5.0
 
 
-def huber_line(x: np.ndarray, y: np.ndarray, iterations: int = 30) -> tuple[float, float]:
-    """Intercept and slope of y on x, with Huber's weights at 1.345 robust sigmas (as the steady fall fits)."""
-    design = np.stack([np.ones_like(x), x], axis=1)
-    coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
-    for _ in range(iterations):
-        residuals = y - design @ coefficients
-        sigma = 1.4826 * np.median(np.abs(residuals - np.median(residuals))) + 1e-12
-        cut = 1.345 * sigma
-        weights = np.sqrt(np.where(np.abs(residuals) <= cut, 1.0, cut / np.abs(residuals)))
-        coefficients = np.linalg.lstsq(design * weights[:, None], y * weights, rcond=None)[0]
-    return float(coefficients[0]), float(coefficients[1])
+def huber_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Intercept and slope of y on x, fitted as the steady fall is (estimates.fit_steady_fall): least squares, then
+    Huber's loss at 1.345 robust sigmas of its residuals."""
+    design = np.stack([np.ones_like(x), x], axis=1)[None]
+    coefficients, _, _ = _fit_grid(design, y, math.inf)
+    residuals = y - design[0] @ coefficients[0]
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
+    threshold = HUBER_THRESHOLD_SIGMAS * sigma if sigma > NOISE_FREE_SIGMA else math.inf
+    coefficients, _, _ = _fit_grid(design, y, threshold)
+    return float(coefficients[0][0]), float(coefficients[0][1])
 
 
 def projections(run: dict) -> dict[str, float]:
