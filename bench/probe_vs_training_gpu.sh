@@ -4,7 +4,8 @@
 # micro-batch, the probe's peak and rate, the training steps' peak and rate. Ratios last.
 # Usage: bash bench/probe_vs_training_gpu.sh OUT_DIR [MODEL [TIERS...]]   (default Qwen2.5-Coder-1.5B, tiers 1 2 3)
 # Environment: STEPS (training steps a run, default 4), RUN_TIMEOUT (seconds a run may take, default 300), RUN_ARGS
-# (more `elite-tui run` arguments for every run, e.g. "--set qlora=true").
+# (more `elite-tui run` arguments for every run, e.g. "--set qlora=true"), RUN_COMMAND (what runs each tier, default
+# `python3 -m elite_tui.cli run`; `python3 bench/child_exit.py` also times the child's exit after its report).
 set -uo pipefail
 out=${1:-/tmp/elite-probe-vs-training}; model=${2:-Qwen2.5-Coder-1.5B}; shift $(( $# > 2 ? 2 : $# ))
 tiers=${*:-1 2 3}
@@ -22,7 +23,7 @@ model.save_pretrained(os.environ["WEIGHTS"])
 demo_tokenizer().save_pretrained(os.environ["WEIGHTS"])
 PY
 for tier in $tiers; do
-    timeout "${RUN_TIMEOUT:-300}" python3 -m elite_tui.cli run --model "$weights" --repo . --output $runs --tier "$tier" --max-steps "${STEPS:-4}" \
+    timeout "${RUN_TIMEOUT:-300}" ${RUN_COMMAND:-python3 -m elite_tui.cli run} --model "$weights" --repo . --output $runs --tier "$tier" --max-steps "${STEPS:-4}" \
         --run-name "tier-$tier" --set compile_eval_prompts=0 ${RUN_ARGS:-} > "$out/run-tier-$tier.txt" 2>&1
     echo "tier $tier rc=$? at $SECONDS s"
 done

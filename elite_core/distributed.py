@@ -410,6 +410,12 @@ def init_process_group(device: str, rank: RankInfo | None = None) -> RankInfo:
     if dist.is_initialized():
         return rank
     if device == "cuda":
+        gpus = torch.cuda.device_count()
+        if rank.local_rank >= gpus:
+            # What CUDA would say is "invalid device ordinal", from inside set_device.
+            raise RuntimeError(f"local rank {rank.local_rank} has no GPU: this node has {gpus} "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                               f"start at most {gpus} process{'es' if gpus != 1 else ''} per node")
         torch.cuda.set_device(rank.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", rank.local_rank))
     else:

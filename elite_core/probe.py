@@ -146,10 +146,11 @@ def options_mismatch(run_dir: str | Path, options: tuple[str, ...]) -> str | Non
             "its confirmed memory and rate do not apply")
 
 
-def saved_calibration(run_dir: str | Path, model: str, device: str) -> RateCalibration | None:
-    """The calibration from RUN_DIR/probe.json when a probe ran there for this model on this device, else None."""
+def saved_calibration(run_dir: str | Path, config: RunConfig, profile) -> RateCalibration | None:
+    """The calibration from RUN_DIR/probe.json when a probe ran there for this config's model on the device it plans
+    for (a `device: cpu` run on a GPU machine: the CPU), else None."""
     probe = ProbeResult.load(Path(run_dir) / PROBE_FILE)
-    if probe is None or probe.model != model or probe.device != device:
+    if probe is None or probe.model != config.model or probe.device != profile.for_device(config.device).device:
         return None
     if probe.tokens_per_s <= 0 or probe.estimated_tokens_per_s <= 0:
         return None

@@ -187,6 +187,7 @@ def _plan(args) -> int:
 
     profile = _profile_hardware(args.output, args.reprofile)
     model, repo, trust_remote_code = args.model, args.repo, args.trust_remote_code
+    run_settings = {}
     if args.run_dir is not None:
         from elite_core.probe import PROBE_FILE, ProbeResult
 
@@ -198,10 +199,14 @@ def _plan(args) -> int:
         if (args.run_dir / "config.yaml").is_file():
             run_config = RunConfig.load(args.run_dir / "config.yaml")
             model, repo, trust_remote_code = run_config.model, run_config.repo, run_config.trust_remote_code
+            run_settings["device"] = run_config.device
         elif probe is not None:
             model = probe.model
+            run_settings["device"] = probe.device
     shape = _load_shape(model, trust_remote_code)
-    config = default_config(model, repo, args.output, trust_remote_code=trust_remote_code, **_parse_sets(args.set))
+    # On the run's device: a `device: cpu` run on a GPU machine is planned, and its probe applied, as the CPU run it is.
+    config = default_config(model, repo, args.output, trust_remote_code=trust_remote_code,
+                            **{**run_settings, **_parse_sets(args.set)})
     plans = plan_tiers(shape, profile, config)
     selected = select_tier(plans)
     epoch_tokens, calibration = None, None
@@ -230,7 +235,7 @@ def _run_epoch_basis(run_dir: Path, config: RunConfig, profile):
         epoch_tokens = epoch_tokens_from_summary(load_summary(run_dir / "dataset"))
     except (DatasetError, OSError):
         epoch_tokens = None
-    return epoch_tokens, saved_calibration(run_dir, config.model, profile.device)
+    return epoch_tokens, saved_calibration(run_dir, config, profile)
 
 
 def _print_build_progress(progress) -> None:

@@ -16,7 +16,8 @@ from elite_core.memory_model import TrainingSetup, lora_param_count, predict_mem
 from elite_core.runner import prepare_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"context_tokens": 192, "target_tokens": 64, "lora_rank": 8, "lora_alpha": 16, "warmup_steps": 2,
+# device cpu: gloo ranks on the CPU, on any machine (a machine of one GPU has no GPU for rank 1)
+SMALL = {"device": "cpu", "context_tokens": 192, "target_tokens": 64, "lora_rank": 8, "lora_alpha": 16, "warmup_steps": 2,
          "eval_every_steps": 0, "checkpoint_every_seconds": 0, "eval_fraction": 0.0, "max_steps": 3}
 
 
@@ -156,6 +157,18 @@ def test_spawn_command_names_the_pipe_only_under_a_launcher(tmp_path):
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_a_rank_beyond_the_nodes_gpus_is_named_before_cuda_fails():
+    """More GPU processes on a node than it has GPUs (a launcher started by hand): the rank says so, instead of CUDA's
+    'invalid device ordinal'. Rank 1 of 2 finds no second GPU here, on a CPU machine or a machine of one GPU."""
+    import torch
+
+    beyond = torch.cuda.device_count() + 1
+    rank = distributed.RankInfo(rank=beyond, world_size=beyond + 1, local_rank=beyond, local_world_size=beyond + 1)
+    with pytest.raises(RuntimeError, match=rf"local rank {beyond} has no GPU: this node has {beyond - 1} .*"
+                                           rf"start at most {beyond - 1} process"):
+        distributed.init_process_group("cuda", rank)
 
 
 def test_rank_info_and_disjoint_slices():

@@ -19,6 +19,9 @@ from elite_tui.cli import main
 from elite_tui.engine import check_launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU_PROCESSES = ["--set", "device=cpu"]
+"""Processes on the CPU, so that these tests hold on any machine: one of a single GPU refuses --gpus 2 for a GPU run,
+and one with a GPU but no DeepSpeed refuses ZeRO (test_launch_checks_against_the_machine covers both)."""
 SMALL_RUN = ["--tier", "1", "--max-steps", "2", "--set", "device=cpu", "--set", "context_tokens=192",
              "--set", "target_tokens=64", "--set", "lora_rank=8", "--set", "eval_every_steps=0",
              "--set", "compile_eval_prompts=0", "--set", "checkpoint_every_seconds=0", "--set", "eval_fraction=0"]
@@ -42,7 +45,7 @@ def command_lines(out: str) -> list[list[str]]:
 
 def test_print_launch_prints_torchrun_for_two_processes_and_trains_nothing(tiny_repo, runs, capsys):
     code, out, err = run_cli(capsys, "run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "two",
-                             "--tier", "1", "--gpus", "2", "--print-launch")
+                             "--tier", "1", "--gpus", "2", *CPU_PROCESSES, "--print-launch")
     assert code == 0, err
     [command] = command_lines(out)
     run_dir = (runs / "two").resolve()
@@ -60,7 +63,8 @@ def test_print_launch_prints_torchrun_for_two_processes_and_trains_nothing(tiny_
 
 def test_zero_on_one_process_is_a_plain_child(tiny_repo, runs, capsys):
     code, out, err = run_cli(capsys, "run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "zero",
-                             "--tier", "1", "--gpus", "1", "--set", "deepspeed=zero2-offload", "--print-launch")
+                             "--tier", "1", "--gpus", "1", "--set", "deepspeed=zero2-offload", *CPU_PROCESSES,
+                             "--print-launch")
     assert code == 0, err
     run_dir = (runs / "zero").resolve()
     assert command_lines(out) == [[sys.executable, "-m", "elite_core.child", str(run_dir)]]
@@ -69,7 +73,7 @@ def test_zero_on_one_process_is_a_plain_child(tiny_repo, runs, capsys):
 
 def test_other_node_writes_its_launch_and_every_node_command_is_printed(tiny_repo, runs, capsys):
     code, out, err = run_cli(capsys, "run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "n1",
-                             "--tier", "1", "--gpus", "2", "--nnodes", "2", "--node-rank", "1",
+                             "--tier", "1", "--gpus", "2", "--nnodes", "2", "--node-rank", "1", *CPU_PROCESSES,
                              "--master-addr", "10.0.0.5", "--master-port", "29611", "--print-launch")
     assert code == 0, err
     run_dir = runs / "n1"
@@ -138,7 +142,7 @@ def test_launch_checks_against_the_machine(h100_profile, tmp_path):
 
 
 def cli_run(*argv: str, timeout_s: float = 150) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "elite_tui.cli", "run", *argv], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

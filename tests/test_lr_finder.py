@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from elite_core import protocol
 from elite_core.config import RunConfig, default_config
@@ -67,7 +68,9 @@ def test_a_sweep_on_the_demo_records_one_loss_per_rising_rate(tmp_path, tiny_rep
     assert result.losses[0] < 2.0
     assert min(result.smoothed) < result.smoothed[0] - 0.5
     assert result.suggested_lr < result.min_loss_lr
-    assert (result.model, result.device, result.window_tokens, result.tokens_per_update) == ("demo", "cpu", 256, 256)
+    on_this_machine = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (result.model, result.device, result.window_tokens, result.tokens_per_update) == ("demo", on_this_machine,
+                                                                                             256, 256)
     assert 0 < result.elapsed_s < 60
 
     steps = [event for event in events if isinstance(event, protocol.StepMetrics)]

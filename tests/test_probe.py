@@ -16,7 +16,8 @@ from elite_core.model_loading import load_model_shape
 from elite_core.planner import estimated_tokens_per_s, grad_accum_for, plan_for_config, plan_tiers, with_epoch_times
 from elite_core.preflight import check_training_step
 from elite_core.probe import (MAX_PROBES, PROBE_FILE, ProbeRequest, ProbeResult, ProbeStep, config_with_micro_batch,
-                              micro_batch_limit, options_mismatch, probe_request, probe_training)
+                              micro_batch_limit, options_mismatch, probe_request, probe_training,
+                              saved_calibration)
 from elite_core.units import format_bytes, format_coarse_duration
 
 DURATION = re.compile(r"^(\d+ s|\d+ m \d+ s|\d+ h \d+ m|\d+ d \d+ h)$")
@@ -46,7 +47,7 @@ def test_probe_on_cpu_measures_the_rate_and_the_probed_tier_shows_it(tmp_path, t
                                                                      one_thread_children, monkeypatch, capsys):
     """Tier 1 as the wizard runs it: no search on a CPU, three real steps, and the tier table calibrated from them."""
     monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
-    config = demo_config(tmp_path, tiny_repo).with_tier(1)
+    config = demo_config(tmp_path, tiny_repo, device="cpu").with_tier(1)  # the CPU run it plans, on any machine
     summary = built(config)
     shape = load_model_shape("demo")
     result = check_training_step(config, cpu_profile, shape, summary)
@@ -195,6 +196,20 @@ def test_request_searches_only_on_a_gpu(cpu_profile, h100_profile, qwen_shape):
     assert on_gpu.search and 1 <= on_gpu.predicted_micro_batch <= on_gpu.max_micro_batch
     assert ProbeRequest.from_args(_parsed(on_gpu.child_args())) == on_gpu
     assert not probe_request(config.replace(device="cpu"), h100_profile, qwen_shape).search
+
+
+def test_a_cpu_probe_calibrates_the_cpu_run_of_a_gpu_machine(tmp_path, cpu_profile, h100_profile):
+    """`device: cpu` on a GPU machine: its probe ran on the CPU and times that run's epochs; a GPU plan of the same
+    model gets no calibration from it (found on an H200, where `plan --run-dir` printed GPU rates for such a run)."""
+    probe = ProbeResult(model="demo", device="cpu", tier=1, window_tokens=4608, predicted_micro_batch=1,
+                        micro_batch=1, searched=False, probes=(ProbeStep(1, True, 4608, 0.5, 10),),
+                        tokens_per_s=9_000.0, step_s=0.5, peak_bytes=10, loss=5.5, estimated_tokens_per_s=6_000.0)
+    probe.save(tmp_path / PROBE_FILE)
+    config = default_config("demo", ".", str(tmp_path))
+    assert saved_calibration(tmp_path, config.replace(device="cpu"), h100_profile).ratio == pytest.approx(1.5)
+    assert saved_calibration(tmp_path, config, cpu_profile).ratio == pytest.approx(1.5)
+    assert saved_calibration(tmp_path, config, h100_profile) is None
+    assert saved_calibration(tmp_path, config.replace(model="other"), cpu_profile) is None
 
 
 def _parsed(args):

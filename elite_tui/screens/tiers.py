@@ -175,7 +175,7 @@ class TiersScreen(WizardScreen):
             epoch_tokens = epoch_tokens_from_summary(self.state.summary)
         else:
             epoch_tokens = epoch_tokens_from_repo(config.repo, config.model, config.eval_fraction)
-        calibration = saved_calibration(config.run_dir, config.model, self.state.profile.device)
+        calibration = saved_calibration(config.run_dir, config, self.state.profile)
         self.post_message(EpochBasisReady(epoch_tokens, calibration))
 
     @on(EpochBasisReady)
