@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from elite_core.config import default_config
 from elite_tui.app import EliteApp
-from tui_helpers import error_text, screen_name, wait_until
+from tui_helpers import error_text, run_pilot, screen_name, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_keyboard_walk_reaches_a_finished_run(tiny_repo, tmp_path, monkeypatch):
     monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
     output_dir = tmp_path / "runs"
-    app, finished = asyncio.run(walk_the_wizard(tiny_repo, output_dir))
+    # Within pytest's 300-s timeout: a stuck walk then names what it waits for.
+    app, finished = run_pilot(walk_the_wizard(tiny_repo, output_dir), timeout_s=270)
     run_dir = app.state.config.run_dir
     assert run_dir.parent == output_dir
     assert (Path(finished.adapter_path) / "adapter_config.json").is_file()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import time
-from typing import Callable
+from typing import Any, Callable, Coroutine
 
 
 async def wait_until(pilot, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -27,3 +29,24 @@ def error_text(pilot) -> str:
 
     panels = pilot.app.screen.query(ErrorPanel)
     return str(panels.first().render()) if panels and panels.first().shown else ""
+
+
+def run_pilot(scenario: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
+    """asyncio.run(scenario), but a scenario still pending after timeout_s fails with every pending task's stack.
+    pytest-timeout's dump shows only the threads, and a stuck pilot test sits idle in the event loop's select: what it
+    waits for is in the tasks (one CI run of the wizard walk hung there after its training had ended)."""
+
+    async def watched():
+        task = asyncio.ensure_future(scenario)
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+        if task in done:
+            return task.result()
+        stacks = io.StringIO()
+        for pending in asyncio.all_tasks():
+            if pending is not asyncio.current_task():
+                pending.print_stack(limit=12, file=stacks)
+        print(stacks.getvalue(), flush=True)  # captured in the report even if the shutdown below hangs too
+        task.cancel()
+        raise AssertionError(f"the pilot scenario did not end in {timeout_s:.0f} s; pending tasks above")
+
+    return asyncio.run(watched())
