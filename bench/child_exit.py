@@ -1,14 +1,13 @@
 """How long a training child lives, and holds memory, after it reports its end: one `elite-tui run` with the given
 arguments, watched from outside. The times are from the Finished event's own timestamp (written just before the
 child closes its pipe) to the child's exit and to the CLI's exit; the memory is what NVML says the child's process
-holds on the GPU (its RSS on a CPU run), sampled every 50 ms from Finished to exit.
+holds on GPU 0 (its RSS on a CPU run), sampled every 50 ms from Finished to exit.
 
 Usage: python bench/child_exit.py --output RUNS --run-name NAME [more `elite-tui run` arguments]
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -16,38 +15,15 @@ from pathlib import Path
 
 import psutil
 
+from elite_core import nvml, protocol
 from elite_core.child import CHILD_PID_FILE
+from elite_core.runs import read_events
 
 SAMPLE_S = 0.05
 
 
-def gpu_bytes_of(pid: int) -> int | None:
-    """The GPU memory NVML counts for this process (all GPUs), or None where there is no NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        total = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid == pid:
-                    total += process.usedGpuMemory or 0
-        return total
-    except Exception:  # no driver, no pynvml: a CPU run
-        return None
-
-
 def finished_time(run_dir: Path) -> float | None:
-    try:
-        lines = (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        event = json.loads(line) if line.strip() else {}
-        if event.get("type") == "finished":
-            return float(event["time"])
-    return None
+    return next((event.time for event in reversed(read_events(run_dir)) if isinstance(event, protocol.Finished)), None)
 
 
 def main(argv: list[str]) -> int:
@@ -71,7 +47,7 @@ def main(argv: list[str]) -> int:
         alive = child is not None and child.is_running() and child.status() != psutil.STATUS_ZOMBIE
         if finished_at is not None and child is not None:
             if alive:
-                held = gpu_bytes_of(pid)
+                held = nvml.process_used_bytes(pid)  # GPU 0, the run's one GPU
                 if held is None:
                     try:
                         held = child.memory_info().rss
