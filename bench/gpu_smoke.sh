@@ -4,6 +4,7 @@
 set -uo pipefail
 out=${1:-/tmp/elite-smoke}
 runs=/tmp/elite-smoke-runs
+rm -rf "$runs"  # fresh runs each call: elite-tui refuses a directory a run started in
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"

@@ -23,6 +23,7 @@ model.save_pretrained(os.environ["WEIGHTS"])
 demo_tokenizer().save_pretrained(os.environ["WEIGHTS"])
 PY
 for tier in $tiers; do
+    rm -rf "$runs/tier-$tier"  # a fresh run each call: elite-tui refuses a directory a run started in
     timeout "${RUN_TIMEOUT:-300}" ${RUN_COMMAND:-python3 -m elite_tui.cli run} --model "$weights" --repo . --output $runs --tier "$tier" --max-steps "${STEPS:-4}" \
         --run-name "tier-$tier" --set compile_eval_prompts=0 ${RUN_ARGS:-} > "$out/run-tier-$tier.txt" 2>&1
     echo "tier $tier rc=$? at $SECONDS s"

@@ -75,6 +75,15 @@ def run_info(run_dir: Path) -> RunInfo:
     )
 
 
+def started_run(run_dir: Path) -> RunInfo | None:
+    """The run a training child started in `run_dir`, or None when none did. A new run must not start where one did:
+    its history, checkpoints, adapter and report would be mixed with the new run's or overwritten. A directory that
+    only holds a dataset or a pre-flight's probe (a run that never started) may be reused: its dataset cache applies."""
+    if not any(isinstance(event, protocol.Started) for event in read_events(Path(run_dir))):
+        return None
+    return run_info(Path(run_dir))
+
+
 def list_runs(output_dir: str | Path) -> list[RunInfo]:
     """Runs under output_dir, newest first. A missing or unreadable directory has no runs."""
     root = Path(output_dir)

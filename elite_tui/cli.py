@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train without the UI (same engine), printing progress")
     _add_model_args(run)
-    run.add_argument("--config", type=Path, help="a run config YAML (other options are then ignored)")
+    run.add_argument("--config", type=Path,
+                     help="a run config YAML; --model, --repo, --output, --tier, --max-steps and --set are then ignored")
     run.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
     run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 50 on the demo)")
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
@@ -374,6 +375,8 @@ def _run(args) -> int:
             raise CliError(f"cannot read {args.config}: {exc.strerror or exc}") from exc
         profile = _profile_hardware(config.output_dir, args.reprofile)
         config = config.replace(gpus=_processes_per_node(args, config.gpus, "--config") * args.nnodes)
+        if args.run_name:  # another run of a kept config, beside the one it came from
+            config = config.replace(run_name=args.run_name)
         shape = None
     else:
         config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
@@ -393,6 +396,8 @@ def _run(args) -> int:
     launch = _launch_for(args, config, profile)
     if not Path(config.repo).is_dir():
         raise CliError(f"repository not found: {config.repo}")
+    if launch.node_rank == 0:  # the other nodes of a shared file system join the run node 0 started there
+        _refuse_a_started_run(config.run_dir)
     if args.print_launch:
         from elite_core.distributed import save_launch
         from elite_core.runner import prepare_run_dir
@@ -409,6 +414,23 @@ def _run(args) -> int:
     from elite_tui.engine import Engine
 
     return _follow(Engine().start_training(config, launch=launch), other_node=launch.node_rank > 0, owns_the_run=True)
+
+
+def _refuse_a_started_run(run_dir: Path) -> None:
+    from elite_core.runs import started_run
+
+    run = started_run(run_dir)
+    if run is None:
+        return
+    if run.live:
+        then = f"or follow it: elite-tui attach {run_dir}"
+    elif run.resumable:
+        then = f"or continue it: elite-tui resume {run_dir}"
+    else:
+        then = "or remove that directory"
+    progress = f"step {run.step} of {run.total_steps}" if run.total_steps else f"step {run.step}"
+    raise CliError(f"{run_dir} already holds a run ({run.status}, {progress}); a new run there would mix its events "
+                   f"with that one's and overwrite its checkpoints: give it another --run-name, {then}")
 
 
 def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> RunConfig:

@@ -166,6 +166,12 @@ class Engine:
 
         return AttachedRun(run_dir)
 
+    def started_run(self, run_dir: Path) -> Any:
+        """The run already started in run_dir (runs.started_run), or None: a new run must go elsewhere."""
+        from elite_core.runs import started_run
+
+        return started_run(run_dir)
+
     def list_runs(self, output_dir: str) -> list[Any]:
         from elite_core.runs import list_runs
 

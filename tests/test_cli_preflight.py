@@ -71,6 +71,33 @@ def test_a_failed_check_stops_the_run_before_training_and_keeps_the_dataset(tiny
     run_dir = runs / "too-big"
     assert (run_dir / "dataset" / "manifest.json").exists()  # what was built is kept
     assert not (run_dir / "events.jsonl").exists() and not (run_dir / "adapter").exists()
+    # no run started there, so the same name may train there once the config fits
+    assert main(["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "too-big", "--tier", "1",
+                 *SMALL_RUN]) == 0
+    assert (run_dir / "adapter").is_dir()
+
+
+def _files(run_dir):
+    return {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def test_a_new_run_never_starts_where_one_did_and_a_kept_config_trains_beside_it(tiny_repo, runs, capsys):
+    # A second run into the same directory appended its events to the first's and overwrote its checkpoints (seen
+    # on the H200: two `--run-name tier-2` runs, one events.jsonl).
+    first = ["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "first", "--tier", "1", *SMALL_RUN]
+    assert main(first) == 0
+    capsys.readouterr()
+    run_dir = runs / "first"
+    kept = _files(run_dir)
+    assert main(first) == 2
+    out, err = capsys.readouterr()
+    assert f"{run_dir} already holds a run (finished, step 2 of 2)" in err
+    assert "give it another --run-name" in err
+    assert "run directory:" not in out  # refused before anything was built or written
+    assert _files(run_dir) == kept
+    # the kept config trains again under another name, beside the first
+    assert main(["run", "--config", str(run_dir / "config.yaml"), "--run-name", "second"]) == 0
+    assert (runs / "second" / "adapter").is_dir() and _files(run_dir) == kept
 
 
 def test_the_memory_check_of_a_cpu_run_on_a_gpu_machine_reads_the_ram(h100_profile):

@@ -48,6 +48,35 @@ def test_setup_blocks_next_with_a_message_beside_the_field(edits, field, expecte
     assert expected in messages[field]
 
 
+def test_setup_refuses_the_name_of_a_run_that_started_and_takes_another(tiny_repo, tmp_path, monkeypatch):
+    from elite_tui.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["run", "--repo", str(tiny_repo), "--output", "runs", "--run-name", "done", "--tier", "1",
+                 "--max-steps", "1", "--set", "device=cpu", "--set", "context_tokens=192",
+                 "--set", "target_tokens=64", "--set", "eval_every_steps=0", "--set", "compile_eval_prompts=0",
+                 "--set", "eval_fraction=0"]) == 0
+
+    async def scenario():
+        app = EliteApp(default_config("demo", str(tiny_repo), "runs", run_name="done"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            refused_on, message = screen_name(pilot), setup_message(app, "run_name")
+            app.screen.query_one("#field-run_name").value = "another"
+            await pilot.pause()
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda: screen_name(pilot) != "SetupScreen", 5, "the next screen")
+            return refused_on, message, app.state.config.run_name
+
+    refused_on, message, run_name = asyncio.run(scenario())
+    assert refused_on == "SetupScreen"
+    assert "already holds a run: pick another name, or resume it from the list below" in message
+    assert run_name == "another"
+
+
 def test_overrides_block_next_until_the_value_is_fixed(h100_profile, qwen_shape, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

@@ -168,8 +168,9 @@ class SetupScreen(WizardScreen):
 
     def advance(self) -> None:
         config = self.new_config()
-        if config.run_dir.exists() and any(config.run_dir.iterdir()):
-            self.set_message("run_name", f"{config.run_dir} exists: pick another name, or resume it from the list below")
+        if self.engine.started_run(config.run_dir) is not None:
+            self.set_message("run_name", f"{config.run_dir} already holds a run: pick another name, or resume it from "
+                                         "the list below")
             return
         try:
             Path(config.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
