@@ -122,6 +122,26 @@ def test_warmup_steps_before_the_peak_rate_are_left_out_of_the_steady_fall():
     assert fit.fitted_points == 91
 
 
+def test_an_exponent_prior_steadies_a_short_noisy_fall_and_gives_way_to_a_long_clean_one():
+    # bench/projection_exponent_prior.py scores this option; the shipped projection fits the points alone
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 41)
+    noisy = 2.0 * steps ** -0.3 * np.exp(rng.normal(0.0, 0.2, len(steps)))
+    alone = fit_steady_fall(steps, noisy).fit.exponent
+    pulled = fit_steady_fall(steps, noisy, exponent_prior=(0.1, 0.01)).fit.exponent
+    assert abs(pulled - 0.1) < abs(alone - 0.1) and abs(pulled - 0.1) < 0.03
+    # a long history of little noise outweighs the prior; noise-free points ignore it
+    long_steps = np.arange(1, 2001)
+    clean = 2.0 * long_steps ** -0.3 * np.exp(rng.normal(0.0, 0.01, len(long_steps)))
+    assert fit_steady_fall(long_steps, clean, exponent_prior=(0.1, 0.01)).fit.exponent == pytest.approx(0.3, abs=0.01)
+    exact = 2.0 * steps ** -0.3
+    assert fit_steady_fall(steps, exact, exponent_prior=(0.1, 0.01)).fit.exponent == pytest.approx(0.3, rel=1e-6)
+    # the projection's band still holds what the points alone say
+    alone_projection = project_loss(steps, noisy, 400)
+    with_prior = project_loss(steps, noisy, 400, exponent_prior=(0.1, 0.01))
+    assert with_prior.final_loss_low <= alone_projection.final_loss <= with_prior.final_loss_high
+
+
 def test_a_loss_that_does_not_fall_has_no_projection():
     steps = np.arange(1, 41)
     assert project_loss(steps, 1.0 + 0.001 * steps, 200) is None
