@@ -10,7 +10,7 @@ import pytest
 from elite_core.config import default_config
 from elite_tui.app import EliteApp
 from elite_tui.state import WizardState
-from tui_helpers import error_text, screen_name, wait_until
+from tui_helpers import error_text, press_to_exit, screen_name, wait_until
 
 
 def setup_message(app, field: str) -> str:
@@ -120,8 +120,7 @@ def test_a_crashing_child_shows_an_error_panel_and_keeps_the_run_dir(tiny_repo, 
             await pilot.pause()
             text = error_text(pilot)
             running = app.screen.running
-            await pilot.press("q")  # training is over: quits at once, no question
-            await pilot.pause()
+            await press_to_exit(pilot, "q")  # training is over: quits at once, no question
             return app.state.training_error, text, running
 
     error, text, running = asyncio.run(scenario())

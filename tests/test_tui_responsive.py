@@ -10,7 +10,7 @@ from elite_core.config import default_config
 from elite_tui.app import EliteApp
 from elite_tui.engine import Engine
 from elite_tui.state import WizardState
-from tui_helpers import screen_name, wait_until
+from tui_helpers import press_to_exit, screen_name, wait_until
 
 
 class HeldEngine(Engine):
@@ -67,8 +67,7 @@ def test_keys_work_while_building_the_dataset(tiny_repo, tmp_path, cpu_profile, 
             await wait_until(pilot, engine.entered.is_set, 30, "the dataset build to start")
             await pilot.pause()
             status = str(app.screen.query_one("#dataset-status").render())
-            await pilot.press("ctrl+q")  # quitting works while the build waits
-            await wait_until(pilot, lambda: app.return_code is not None or not app.is_running, 2, "the app to quit")
+            await press_to_exit(pilot, "ctrl+q")  # quitting works while the build waits
             answered = not engine.release.is_set()
             engine.release.set()
             return answered, status

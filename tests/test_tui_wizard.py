@@ -9,7 +9,7 @@ import pytest
 
 from elite_core.config import default_config
 from elite_tui.app import EliteApp
-from tui_helpers import error_text, run_pilot, screen_name, wait_until
+from tui_helpers import error_text, press_to_exit, run_pilot, screen_name, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,5 +78,5 @@ async def walk_the_wizard(tiny_repo: Path, output_dir: Path):
 
         await wait_until(pilot, lambda: screen_name(pilot) == "ReportScreen", 5, "the report")
         finished = app.state.finished
-        await pilot.press("ctrl+n")
+        await press_to_exit(pilot, "ctrl+n")
     return app, finished
