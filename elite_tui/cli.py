@@ -476,6 +476,7 @@ def _lr_find(args) -> int:
         config = config.replace(**_parse_sets(args.set))
     if not Path(config.repo).is_dir():
         raise CliError(f"repository not found: {config.repo}")
+    _refuse_a_started_run(config.run_dir)  # its dataset would be rebuilt under it from this repository
     _build_dataset(config)
     try:
         result = find_learning_rate(config, request)

@@ -95,6 +95,10 @@ def test_a_new_run_never_starts_where_one_did_and_a_kept_config_trains_beside_it
     assert "give it another --run-name" in err
     assert "run directory:" not in out  # refused before anything was built or written
     assert _files(run_dir) == kept
+    # lr-find writes a dataset and its result into the run directory too
+    assert main(["lr-find", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "first"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _files(run_dir) == kept
     # the kept config trains again under another name, beside the first
     assert main(["run", "--config", str(run_dir / "config.yaml"), "--run-name", "second"]) == 0
     assert (runs / "second" / "adapter").is_dir() and _files(run_dir) == kept
