@@ -79,9 +79,10 @@ def started_run(run_dir: Path) -> RunInfo | None:
     """The run a training child started in `run_dir`, or None when none did. A new run must not start where one did:
     its history, checkpoints, adapter and report would be mixed with the new run's or overwritten. A directory that
     only holds a dataset or a pre-flight's probe (a run that never started) may be reused: its dataset cache applies."""
-    if not any(isinstance(event, protocol.Started) for event in read_events(Path(run_dir))):
+    if not (Path(run_dir) / EVENTS_FILE).is_file():
         return None
-    return run_info(Path(run_dir))
+    info = run_info(Path(run_dir))  # one read of the history: its status says whether a child reported there
+    return info if info.status != "new" else None
 
 
 def list_runs(output_dir: str | Path) -> list[RunInfo]:

@@ -37,7 +37,7 @@ EXIT_PRESS_TIMEOUT_S = 10.0
 async def press_to_exit(pilot, key: str) -> None:
     """Press a key that exits the app, then check that it did.
 
-    Two fresh-clone CI runs of the wizard walk hung for 270-300 s after training; the watchdog's task stacks ended at
+    Two fresh-clone CI runs of the wizard walk hung after training; in the second, run_pilot's task stacks ended at
     the `pilot.press("ctrl+n")` that quits from the Report screen. After the key, textual 8's Pilot.press waits for
     the app's animations to complete (Animator.wait_until_complete), the one wait in it without a timeout. The likely
     cause (not reproduced): the app stops its animator as its message loop ends, and an animation started after
