@@ -6,6 +6,7 @@ On one CUDA GPU, in one command:
     python bench/memory_accuracy.py run --set validation --out bench/results  # unfitted points + the planner's tiers 1-5
     python bench/memory_accuracy.py run --set long --out bench/results        # the planner's fitting tiers beyond 64K
     python bench/memory_accuracy.py run --set tiled --out bench/results       # the sequence-tiled MLP
+    python bench/memory_accuracy.py run --set planned --models Llama-3.2-3B   # every fitting tier as planned here
     python bench/memory_accuracy.py score --write bench/results/memory-h100.jsonl  # re-predict, print table, write .txt
 
 The constants in elite_core.memory_model.MemoryConstants were fitted on the matrix set, then frozen before the
@@ -125,6 +126,20 @@ def long_tier_points(profile) -> list[Point]:
             setup = plan.setup
             if plan.fits and setup.seq_tokens > 65536:
                 points.append(planned_point(model, plan))
+    return points
+
+
+def planned_points(profile, models: list[str]) -> list[Point]:
+    """Every tier the planner says fits on this GPU, as it plans it (any length): the table's own promises, for
+    models no constant was fitted on (bench/rate_accuracy.py scores their step times)."""
+    from elite_core.config import RunConfig
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.planner import plan_tiers
+
+    points = []
+    for model in models:
+        shape = shape_from_hf_config(hf_config(model), name=model)
+        points += [planned_point(model, plan) for plan in plan_tiers(shape, profile, RunConfig(model=model)) if plan.fits]
     return points
 
 
@@ -374,7 +389,8 @@ def command_run(args) -> int:
     training.prefer_sdpa_backends()  # the attention backend order the engine uses (cuDNN first on Hopper)
     models = args.models.split(",")
     points = {"matrix": lambda: matrix(models), "validation": lambda: validation_points(profile),
-              "long": lambda: long_tier_points(profile), "tiled": tiled_points, "options": option_points,
+              "long": lambda: long_tier_points(profile), "planned": lambda: planned_points(profile, models),
+              "tiled": tiled_points, "options": option_points,
               "crossed": crossed_points, "zero": zero_points}[args.set]()
     points = [point for point in points if point.model in models]
     if args.max_seq:
@@ -509,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tag", default="", help="file tag instead of the GPU's (h100, h200)")
     run.add_argument("--deepspeed", default="", help="only points of this ZeRO mode (zero set: run each in its own process)")
     run.add_argument("--tiers", default="", help="only the planner's tiers with these numbers, e.g. 7 (long set)")
-    run.add_argument("--set", choices=("matrix", "validation", "long", "tiled", "options", "crossed", "zero"), default="matrix",
+    run.add_argument("--set", choices=("matrix", "validation", "long", "planned", "tiled", "options", "crossed", "zero"), default="matrix",
                      help="the fitting matrix, or points the constants were not fitted on (incl. the planner's tiers)")
     score = sub.add_parser("score", help="re-predict a results file with the current model")
     score.add_argument("jsonl")

@@ -17,6 +17,13 @@ REFERENCE_MODELS = {
     "Qwen2.5-Coder-7B": dict(kind="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                              num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                              tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6),
+    # Held out of every fit so far (the step-time constants included): other shapes to check the planner on.
+    "Llama-3.2-3B": dict(kind="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=5e5),
+    "Qwen2.5-Coder-14B": dict(kind="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                              num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                              tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 from elite_core.config import RunConfig
 from elite_core.hardware import HardwareProfile
 from elite_core.memory_model import (
+    COMPILED_MAX_WINDOW_TOKENS,
     DEFAULT_CONSTANTS,
     MemoryBreakdown,
     ModelShape,
@@ -30,10 +31,30 @@ from elite_core.tiers import TIERS, Tier, tier_by_number
 SAFETY_FRACTION = 0.03
 """A tier fits only with this share of the budget left over: the model may under-predict by up to 3 %."""
 CPU_MAX_STEP_S = 3.0
-GPU_MATMUL_EFFICIENCY = 0.53
-"""Share of the measured matmul peak a LoRA training step reaches (H100 fit over bench/results/memory-h100*.jsonl)."""
-GPU_LAYER_PASS_S = 0.0034
-"""Launch-bound time per decoder layer per pass (forward, backward, recompute): LoRA's many small kernels (H100 fit)."""
+
+
+@dataclass(frozen=True)
+class StepTimeConstants:
+    """What turns a step's matmul FLOPs into seconds on a GPU. Fitted by bench/rate_accuracy.py on the H100's recorded
+    steps (bench/results/memory-h100*.jsonl, 140 points) and checked on H200 runs no constant was fitted on
+    (bench/results/rate-accuracy-h200.txt)."""
+
+    matmul_efficiency: float = 0.614
+    """Share of the measured matmul peak the step's FLOPs run at."""
+    layer_pass_s: float = 0.00296
+    """Launch-bound time per decoder layer per pass (forward, backward, recompute): LoRA's many small kernels."""
+    compiled_factor: float = 0.77
+    """Compiled decoder layers: the whole step takes this share of the eager step's time (fused elementwise kernels)."""
+    nf4_factor: float = 1.09
+    """QLoRA's nf4 weights are dequantised at every matmul; at a training step's token counts that costs about 9 %."""
+    int8_factor: float = 1.6
+    """8-bit weights (not measured: the earlier guess, kept for them)."""
+
+
+STEP_TIME = StepTimeConstants()
+STEP_TIME_BEFORE = StepTimeConstants(matmul_efficiency=0.53, layer_pass_s=0.0034, compiled_factor=1.0, nf4_factor=1.6)
+"""The constants until 2026-12-02 (one efficiency fitted without the compiled and QLoRA points, QLoRA guessed 1.6x
+slower): the baseline bench/rate_accuracy.py scores beside STEP_TIME."""
 CPU_MATMUL_EFFICIENCY = 0.45
 """The demo model on 2 cores: 0.6 s per 4.6K-token step measured against 0.75 s estimated at 0.35."""
 HOST_OFFLOAD_FRACTION = 0.7
@@ -123,24 +144,29 @@ def _fits(breakdown: MemoryBreakdown, budget: int, profile: HardwareProfile) -> 
     return True
 
 
-def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: HardwareProfile, grad_accum: int = 1) -> float:
+def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: HardwareProfile, grad_accum: int = 1,
+                         constants: StepTimeConstants = STEP_TIME) -> float:
     flops = training_flops_per_step(shape, setup) * max(1, grad_accum)
     if profile.has_gpu:
         gpu = profile.gpus[0]
         peak = {"bf16": gpu.tflops_bf16, "fp16": gpu.tflops_fp16}.get(setup.compute_dtype, gpu.tflops_fp32) or gpu.tflops_fp32
-        rate = max(peak, 1e-3) * 1e12 * GPU_MATMUL_EFFICIENCY
+        rate = max(peak, 1e-3) * 1e12 * constants.matmul_efficiency
     else:
         rate = max(profile.cpu_gflops_fp32, 1.0) * 1e9 * CPU_MATMUL_EFFICIENCY
     seconds = flops / rate
     if profile.has_gpu:
         passes = 3 if setup.checkpointing in ("on", "offload") else 2
-        seconds += GPU_LAYER_PASS_S * shape.layers * passes * max(1, grad_accum)
+        seconds += constants.layer_pass_s * shape.layers * passes * max(1, grad_accum)
+        if setup.compiled:
+            seconds *= constants.compiled_factor
     if setup.checkpointing == "offload":
         seconds *= 1.05
     if setup.tiled_mlp:
         seconds *= 1.1
-    if setup.weight_dtype in ("nf4", "int8"):
-        seconds *= 1.6  # dequantising every weight on every matmul
+    if setup.weight_dtype == "nf4":
+        seconds *= constants.nf4_factor
+    elif setup.weight_dtype == "int8":
+        seconds *= constants.int8_factor
     if setup.deepspeed != "off":
         seconds *= 1.2
     return seconds
@@ -226,7 +252,7 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
 
-COMPILE_MAX_WINDOW_TOKENS = 16384 + 2048
+COMPILE_MAX_WINDOW_TOKENS = COMPILED_MAX_WINDOW_TOKENS
 """Compiled layers' memory matches the model up to tier 3's windows (16K + 2K); at tiers 4-5 with checkpointing it ran
 3-5 % above the prediction (bench/results/memory-h100-validation.txt), so longer windows run the lean eager layers.
 A window's tokens, not the micro-batch's: the choice must not change with the micro-batch, or the pre-flight probe

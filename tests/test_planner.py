@@ -306,3 +306,29 @@ def test_cpu_processes_share_the_ram_they_each_hold_a_model_in(demo_shape):
     assert one.budget_bytes == profile.ram_available_bytes
     assert two.budget_bytes == profile.ram_available_bytes // 2
     assert two.headroom_bytes == two.budget_bytes - two.breakdown.total_bytes
+
+
+def test_the_step_time_constants_are_the_fit_of_the_recorded_steps():
+    """The table's speed before a probe comes from planner.STEP_TIME: they must be what bench/rate_accuracy.py fits on
+    the committed H100 steps, so a change to either shows here. And the options they price order as measured there:
+    compiled layers faster than eager, nf4 weights slower than bf16."""
+    from bench import rate_accuracy
+    from elite_core.planner import STEP_TIME, estimate_step_time_s
+
+    h100 = rate_accuracy.load_profile(rate_accuracy.RESULTS / "memory-h100-hardware.json")
+    paths = sorted(rate_accuracy.RESULTS.glob("memory-h100*.jsonl"))
+    steps = rate_accuracy.engine_steps(paths, h100, "fit", fit_set=True)
+    fitted = rate_accuracy.fit_constants(steps)
+    assert len(steps) == 140
+    assert fitted.matmul_efficiency == pytest.approx(STEP_TIME.matmul_efficiency, abs=0.0015)
+    assert fitted.layer_pass_s == pytest.approx(STEP_TIME.layer_pass_s, abs=2e-5)
+    assert fitted.compiled_factor == pytest.approx(STEP_TIME.compiled_factor, abs=0.005)
+    assert fitted.nf4_factor == pytest.approx(STEP_TIME.nf4_factor, abs=0.005)
+
+    setup = rate_accuracy.setup_for(rate_accuracy.point_of({"model": "Llama-3.1-8B", "seq": 16384, "rank": 16,
+                                                             "checkpointing": "on"}))
+    eager = estimate_step_time_s(LLAMA_8B, setup, h100)
+    assert estimate_step_time_s(LLAMA_8B, dataclasses.replace(setup, compiled=True), h100) == pytest.approx(
+        eager * STEP_TIME.compiled_factor)
+    assert estimate_step_time_s(LLAMA_8B, dataclasses.replace(setup, weight_dtype="nf4"), h100) == pytest.approx(
+        eager * STEP_TIME.nf4_factor)
