@@ -516,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure on this machine's GPU")
     run.add_argument("--out", default="bench/results")
-    run.add_argument("--models", default=",".join(MODELS))
+    run.add_argument("--models", default="Qwen2.5-Coder-1.5B,Llama-3.1-8B,Qwen2.5-Coder-7B",
+                     help="comma-separated reference models (default: the three the constants were fitted on)")
     run.add_argument("--steps", type=int, default=2)
     run.add_argument("--limit", type=int, default=0, help="only the first N points (a smoke test)")
     run.add_argument("--max-seq", type=int, default=0, help="leave out points longer than this (0: none)")
