@@ -43,7 +43,6 @@ RESULTS = PROJECT_ROOT / "bench" / "results"
 
 @dataclasses.dataclass(frozen=True)
 class MeasuredStep:
-    group: str
     label: str
     shape: object
     setup: object
@@ -68,7 +67,7 @@ def _shape(model: str):
     return shape_from_hf_config(reference_config(model), name=model)
 
 
-def engine_steps(paths: list[Path], profile: HardwareProfile, group: str, fit_set: bool) -> list[MeasuredStep]:
+def engine_steps(paths: list[Path], profile: HardwareProfile, fit_set: bool) -> list[MeasuredStep]:
     steps = []
     for path in paths:
         for line in path.read_text().splitlines():
@@ -79,7 +78,7 @@ def engine_steps(paths: list[Path], profile: HardwareProfile, group: str, fit_se
                 continue
             point = point_of(row)
             label = f"{point.model} {point.seq:,} {','.join(point.options)}"
-            steps.append(MeasuredStep(group, label, _shape(point.model), setup_for(point), profile, row["step_s"]))
+            steps.append(MeasuredStep(label, _shape(point.model), setup_for(point), profile, row["step_s"]))
     return steps
 
 
@@ -93,7 +92,7 @@ def run_steps(path: Path, profile: HardwareProfile) -> list[MeasuredStep]:
         plan = plan_tiers(shape, profile, config)[row["tier"] - 1]
         setup = dataclasses.replace(plan.setup, micro_batch=row["micro_batch"])
         label = f"{row['model']} tier {row['tier']} x{row['micro_batch']} {','.join(plan.options)}"
-        steps.append(MeasuredStep("elite-tui run, H200", label, shape, setup, profile,
+        steps.append(MeasuredStep(label, shape, setup, profile,
                                   setup.micro_batch * setup.seq_tokens / row["steps_tokens_per_s"]))
     return steps
 
@@ -166,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     h100 = load_profile(RESULTS / "memory-h100-hardware.json")
-    fit_set = engine_steps([Path(p) for p in sorted(glob.glob(str(RESULTS / "memory-h100*.jsonl")))], h100,
-                           "fit set: engine steps, H100", fit_set=True)
+    fit_set = engine_steps([Path(p) for p in sorted(glob.glob(str(RESULTS / "memory-h100*.jsonl")))], h100, fit_set=True)
     runs = run_steps(RESULTS / "rate-heldout-h200-runs.jsonl", load_profile(RESULTS / "gpu-smoke-h200" / "profile.json"))
     planned = engine_steps([RESULTS / "memory-h200-planned.jsonl"], load_profile(RESULTS / "memory-h200-planned-hardware.json"),
-                           "planned tiers, held-out models, H200", fit_set=False)
+                           fit_set=False)
 
     lines = ["tokens/s the tier table estimates before a probe, against measured steps; error = estimated/measured - 1",
              "machines: the fit set on 1 x NVIDIA H100 80GB HBM3, the held-out sets on 1 x NVIDIA H200 (their profiles'"

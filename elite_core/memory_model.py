@@ -327,7 +327,12 @@ ZERO_BUCKET_ELEMENTS = 500_000_000
 """DeepSpeed's reduce bucket (elite_core.distributed.deepspeed_config), in elements of the trainable parameters."""
 
 COMPILED_MAX_WINDOW_TOKENS = 16384 + 2048
-"""The longest window compiled layers were measured at and the planner compiles (tier 3's)."""
+"""The longest window the planner compiles (tier 3's), and the range COMPILED_ACTIVATION_SHARE was fitted on: at tiers
+4-5 with checkpointing compiled layers kept more (bench/results/memory-h100-validation.txt), so longer windows run the
+lean eager layers. A window's tokens, not the micro-batch's: the choice must not change with the micro-batch, or the
+pre-flight probe (its layers built at the planned micro-batch) confirms other layers than the run then trains. It did:
+an H200 run at tier 3 probed micro-batch 2 compiled (80.0 GiB, 41.7K tokens/s) and trained it eager (94.3 GiB, 32.5K
+tokens/s; bench/results/gpu-smoke-h200)."""
 COMPILED_ACTIVATION_SHARE = 0.68
 """Share of a decoder layer's saved activations left when the layer is compiled, applied to the count without the lean
 layers. The share that makes each compiled point of bench/results/memory-h100-options and -validation exact, up to
@@ -409,7 +414,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     total = norms + attention_lora + lora_b_inputs + attention_core + mlp
     if not setup.compiled:
         return total
-    return total * (COMPILED_ACTIVATION_SHARE if setup.seq_tokens <= COMPILED_MAX_WINDOW_TOKENS else COMPILED_ACTIVATION_SHARE_LONG)
+    long_window = setup.seq_tokens > COMPILED_MAX_WINDOW_TOKENS
+    return total * (COMPILED_ACTIVATION_SHARE_LONG if long_window else COMPILED_ACTIVATION_SHARE)
 
 
 def backward_transient_bytes_per_token(

@@ -252,23 +252,14 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
 
-COMPILE_MAX_WINDOW_TOKENS = COMPILED_MAX_WINDOW_TOKENS
-"""Compiled layers' memory matches the model up to tier 3's windows (16K + 2K); at tiers 4-5 with checkpointing it ran
-3-5 % above the prediction (bench/results/memory-h100-validation.txt), so longer windows run the lean eager layers.
-A window's tokens, not the micro-batch's: the choice must not change with the micro-batch, or the pre-flight probe
-(its layers built at the planned micro-batch) confirms other layers than the run then trains. It did: an H200 run at
-tier 3 probed micro-batch 2 compiled (80.0 GiB, 41.7K tokens/s) and trained it eager (94.3 GiB, 32.5K tokens/s;
-bench/results/gpu-smoke-h200)."""
-
-
 def wants_compile(config: RunConfig, setup: TrainingSetup) -> bool:
     """config.compile_layers "auto": compile on a GPU where it was measured (checkpointing off or on, windows up to
-    COMPILE_MAX_WINDOW_TOKENS; 1.5-2.8x faster on an H100), not with offloaded checkpoints or the tiled MLP (not
+    COMPILED_MAX_WINDOW_TOKENS; 1.5-2.8x faster on an H100), not with offloaded checkpoints or the tiled MLP (not
     measured), never on a CPU (minutes of compile for a short run)."""
     if config.compile_layers != "auto":
         return config.compile_layers == "on" and setup.device == "cuda"
     return (setup.device == "cuda" and setup.checkpointing in ("off", "on") and not setup.tiled_mlp
-            and setup.seq_tokens <= COMPILE_MAX_WINDOW_TOKENS)
+            and setup.seq_tokens <= COMPILED_MAX_WINDOW_TOKENS)
 
 
 def options_of(setup: TrainingSetup) -> tuple[str, ...]:

@@ -317,7 +317,7 @@ def test_the_step_time_constants_are_the_fit_of_the_recorded_steps():
 
     h100 = rate_accuracy.load_profile(rate_accuracy.RESULTS / "memory-h100-hardware.json")
     paths = sorted(rate_accuracy.RESULTS.glob("memory-h100*.jsonl"))
-    steps = rate_accuracy.engine_steps(paths, h100, "fit", fit_set=True)
+    steps = rate_accuracy.engine_steps(paths, h100, fit_set=True)
     fitted = rate_accuracy.fit_constants(steps)
     assert len(steps) == 140
     assert fitted.matmul_efficiency == pytest.approx(STEP_TIME.matmul_efficiency, abs=0.0015)
