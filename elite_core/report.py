@@ -310,6 +310,8 @@ def write_plots(run_dir: Path, steps: list[protocol.StepMetrics], evals: list[pr
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
+    from elite_core.estimates import loss_axis_range
+
     plots_dir = Path(run_dir) / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
     numbers = [s.step for s in steps]
@@ -324,6 +326,8 @@ def write_plots(run_dir: Path, steps: list[protocol.StepMetrics], evals: list[pr
         projection, _ = checked
         axes.plot(projection.curve_steps, projection.curve_loss, "--", label=f"projection from first {PROJECTION_FROM_FRACTION:.0%}")
         axes.fill_between(projection.curve_steps, projection.curve_low, projection.curve_high, alpha=0.2, label="band")
+        axes.set_ylim(*loss_axis_range([*(s.loss for s in steps), *(e.loss for e in evals), *projection.curve_loss],
+                                       projection.curve_low, projection.curve_high))
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.legend()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from textual_plotext import PlotextPlot
 
+from elite_core.estimates import loss_axis_range
 from elite_tui.format import bytes_to_gib
 
 
@@ -30,7 +31,10 @@ class LossPlot(PlotextPlot):
             # plotext has no filled band: its edges as two dotted lines
             plt.plot(curve_steps, list(projection.curve_low), marker="dot", color="gray")
             plt.plot(curve_steps, list(projection.curve_high), marker="dot", color="gray")
+            plt.ylim(*loss_axis_range([*losses, *eval_losses, *projection.curve_loss], projection.curve_low,
+                                      projection.curve_high))
         self.refresh()
+
 
 
 class MemoryPlot(PlotextPlot):
