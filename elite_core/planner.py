@@ -362,6 +362,27 @@ def plan_for_config(shape: ModelShape, profile: HardwareProfile, config: RunConf
                  config.lora_rank)
 
 
+OPTION_LIBRARIES = (
+    ("qlora", "QLoRA", "bitsandbytes"),
+    ("adamw_8bit", "8-bit AdamW", "bitsandbytes"),
+    ("deepspeed", "DeepSpeed", "deepspeed"),
+)
+"""(config field, option, the library it needs). The planner's own ladder takes these only where the profile found the
+library; a user's choice on a GPU machine without it would fail at the child's import, after the dataset build."""
+
+
+def missing_libraries(config: RunConfig, profile: HardwareProfile) -> dict[str, str]:
+    """The config fields whose option needs a library this machine lacks, each with what to do. On a CPU run there
+    are none: the planner trains without those options there and says so in the tier's note."""
+    if not profile.for_device(config.device).has_gpu:
+        return {}
+    missing = {}
+    for field, option, library in OPTION_LIBRARIES:
+        if getattr(config, field) not in (False, "off") and not profile.can(library):
+            missing[field] = f"{option} needs {library}, not installed here: pip install {library}, or turn it off"
+    return missing
+
+
 def config_for_plan(config: RunConfig, plan: TierPlan) -> RunConfig:
     """Write the planner's choices into the config, so the run does what the tier table showed."""
     setup = plan.setup

@@ -54,6 +54,19 @@ def check_model_loads(config: RunConfig) -> CheckResult:
     return CheckResult(name, True, f"{config.model}: {type(hf_config).__name__}, vocabulary {len(tokenizer):,}")
 
 
+def check_options_installed(config: RunConfig, profile) -> CheckResult:
+    from elite_core.planner import OPTION_LIBRARIES, missing_libraries
+
+    name = "options' libraries installed"
+    missing = missing_libraries(config, profile)
+    if missing:
+        return CheckResult(name, False, "; ".join(missing.values()), "install it, or turn the option off on the "
+                           "Overrides screen (--set FIELD=false / off)")
+    used = [f"{library} ({option})" for field, option, library in OPTION_LIBRARIES
+            if getattr(config, field) not in (False, "off") and profile.for_device(config.device).has_gpu]
+    return CheckResult(name, True, ", ".join(used) if used else "no option needs one")
+
+
 def check_dataset(config: RunConfig, summary) -> CheckResult:
     name = "dataset has training windows"
     if summary is None:
@@ -194,6 +207,8 @@ def run_preflight(config: RunConfig, profile, summary, shape, *, run_step: bool 
         save_planning_profile(profile, config.run_dir)
     yield results[-1]
     results.append(check_model_loads(config))
+    yield results[-1]
+    results.append(check_options_installed(config, profile))
     yield results[-1]
     results.append(check_dataset(config, summary))
     yield results[-1]

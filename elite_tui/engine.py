@@ -112,6 +112,11 @@ class Engine:
 
         return plan_for_config(shape, profile, config)
 
+    def missing_libraries(self, config: Any, profile: Any) -> dict[str, str]:
+        from elite_core.planner import missing_libraries
+
+        return missing_libraries(config, profile)
+
     def config_for_plan(self, config: Any, plan: Any) -> Any:
         from elite_core.planner import config_for_plan
 

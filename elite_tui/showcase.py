@@ -86,6 +86,7 @@ def preflight_results() -> list[Any]:
     return [
         CheckResult("output directory writable", True, "runs/run-1 (500.0 GiB free)"),
         CheckResult("model and tokenizer load", True, f"{SHOWCASE_MODEL}: Qwen2Config, vocabulary 151,665"),
+        CheckResult("options' libraries installed", True, "no option needs one"),
         CheckResult("dataset has training windows", True, "412 windows of 18,432 tokens from 1,204 files"),
         CheckResult("memory fits with headroom", True, "predicted 38.2 GiB of 78.4 GiB GPU, headroom 40.2 GiB"),
         CheckResult("training steps run", False, "CUDA out of memory. Tried to allocate 9.3 GiB",

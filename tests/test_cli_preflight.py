@@ -27,8 +27,8 @@ def test_run_prints_every_check_then_trains_with_the_probed_config(tiny_repo, ru
     assert code == 0, err
     checks = [line for line in out.splitlines() if line.startswith("pre-flight: ")]
     assert [line.split(": ")[1] for line in checks] == [
-        "output directory writable", "model and tokenizer load", "dataset has training windows",
-        "memory fits with headroom", "training steps run"]
+        "output directory writable", "model and tokenizer load", "options' libraries installed",
+        "dataset has training windows", "memory fits with headroom", "training steps run"]
     assert all(": ok: " in line for line in checks), checks
     assert "tokens/s" in checks[-1]  # the probe measured the rate
     run_dir = runs / "checked"
@@ -53,8 +53,8 @@ def test_on_a_cpu_auto_runs_the_checks_without_probe_steps(tiny_repo, runs, caps
     out, err = capsys.readouterr()
     assert code == 0, err
     names = [line.split(": ")[1] for line in out.splitlines() if line.startswith("pre-flight: ")]
-    assert names == ["output directory writable", "model and tokenizer load", "dataset has training windows",
-                     "memory fits with headroom"]
+    assert names == ["output directory writable", "model and tokenizer load", "options' libraries installed",
+                     "dataset has training windows", "memory fits with headroom"]
     assert not (runs / "auto" / "probe.json").exists()
 
 

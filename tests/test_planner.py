@@ -332,3 +332,27 @@ def test_the_step_time_constants_are_the_fit_of_the_recorded_steps():
         eager * STEP_TIME.compiled_factor)
     assert estimate_step_time_s(LLAMA_8B, dataclasses.replace(setup, weight_dtype="nf4"), h100) == pytest.approx(
         eager * STEP_TIME.nf4_factor)
+
+
+def test_an_option_whose_library_is_missing_is_named_with_what_to_do():
+    from elite_core.planner import missing_libraries
+    from elite_core.preflight import check_options_installed
+
+    bare_gpu = fake_profile("h100")  # no bitsandbytes, no deepspeed
+    asked = default_config(qlora=True, adamw_8bit=True, device="cuda")
+    missing = missing_libraries(asked, bare_gpu)
+    assert set(missing) == {"qlora", "adamw_8bit"}
+    assert "QLoRA needs bitsandbytes" in missing["qlora"] and "pip install bitsandbytes" in missing["qlora"]
+    assert set(missing_libraries(default_config(deepspeed="zero2", device="cuda"), bare_gpu)) == {"deepspeed"}
+    assert missing_libraries(default_config(device="cuda"), bare_gpu) == {}
+    check = check_options_installed(asked, bare_gpu)
+    assert not check.ok and "bitsandbytes" in check.message and "Overrides" in check.fix_hint
+
+    with_bnb = dataclasses.replace(bare_gpu, capabilities=tuple(
+        dataclasses.replace(c, available=True) if c.name == "bitsandbytes" else c for c in bare_gpu.capabilities))
+    assert missing_libraries(asked, with_bnb) == {}
+    check = check_options_installed(asked, with_bnb)
+    assert check.ok and check.message == "bitsandbytes (QLoRA), bitsandbytes (8-bit AdamW)"
+    # a CPU run trains without these options (the tier's note says so): nothing to install
+    assert missing_libraries(default_config(qlora=True, adamw_8bit=True, device="cpu"), bare_gpu) == {}
+    assert missing_libraries(default_config(qlora=True), fake_profile("cpu")) == {}

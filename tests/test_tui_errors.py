@@ -106,6 +106,36 @@ def test_overrides_block_next_until_the_value_is_fixed(h100_profile, qwen_shape,
     assert rank == 16
 
 
+def test_qlora_without_bitsandbytes_is_marked_on_its_field_and_blocks_next(h100_profile, qwen_shape, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not h100_profile.can("bitsandbytes")
+
+    async def scenario():
+        state = WizardState(config=default_config("demo", ".", "runs", device="cuda").with_tier(2),
+                            profile=h100_profile, shape=qwen_shape)
+        app = EliteApp(state.config, start_at="overrides", state=state)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            app.screen.query_one("#field-qlora").value = True
+            await pilot.pause()
+            message = setup_message(app, "qlora")
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            blocked_on = screen_name(pilot)
+            app.screen.query_one("#field-qlora").value = False
+            await pilot.pause()
+            cleared = setup_message(app, "qlora")
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda: screen_name(pilot) != "OverridesScreen", 5, "the next screen")
+            return message, blocked_on, cleared, app.state.config.qlora
+
+    message, blocked_on, cleared, qlora = asyncio.run(scenario())
+    assert "QLoRA needs bitsandbytes" in message
+    assert blocked_on == "OverridesScreen"
+    assert cleared == "" and qlora is False
+
+
 @pytest.mark.slow
 def test_a_crashing_child_shows_an_error_panel_and_keeps_the_run_dir(tiny_repo, tmp_path):
     broken_model = tmp_path / "broken-model"

@@ -25,12 +25,13 @@ TEXT_FIELDS = (
     ("lora_dropout", "LoRA dropout"),
     ("learning_rate", "Learning rate"),
     ("micro_batch", "Micro-batch"),
-    ("grad_accum", "Grad accumulation (0 auto)"),
+    ("grad_accum", "Grad accum (0=auto)"),
     ("epochs", "Epochs"),
     ("max_steps", "Max steps (0=epochs)"),
 )
 CHOICE_FIELDS = (
     ("precision", "Precision", PRECISIONS),
+    ("qlora", "QLoRA (4-bit base)", (False, True)),
     ("gradient_checkpointing", "Grad checkpointing", CHECKPOINTING),
     ("adamw_8bit", "8-bit AdamW", (False, True)),
     ("deepspeed", "DeepSpeed", DEEPSPEED_MODES),
@@ -188,6 +189,8 @@ class OverridesScreen(WizardScreen):
                 errors.update(exc.errors)
                 if "gpus" in errors:
                     launch_errors["nnodes"] = errors.pop("gpus")
+        if candidate is not None and self.state.profile is not None:
+            errors.update(self.engine.missing_libraries(candidate, self.state.profile))
         launch = None
         if not launch_errors:
             launch, launch_errors = check_launch(candidate or self.state.config, self.state.profile, **launch_values)
