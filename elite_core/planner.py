@@ -314,8 +314,9 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
         notes.append(f"needs more {where} than the budget even with every memory option on")
     elif profile.device == "cpu" and step_time > CPU_MAX_STEP_S:
         notes.append(f"about {step_time:.0f} s per step on this CPU")
-    if config.qlora and not profile.has_gpu:
-        notes.append("QLoRA needs a CUDA GPU: training in fp32")
+    if not profile.has_gpu:
+        notes += [f"{option} needs a CUDA GPU: training without it" for field, option, _ in OPTION_LIBRARIES
+                  if getattr(config, field) not in (False, "off")]
     return TierPlan(
         tier=tier,
         setup=chosen,

@@ -356,3 +356,13 @@ def test_an_option_whose_library_is_missing_is_named_with_what_to_do():
     # a CPU run trains without these options (the tier's note says so): nothing to install
     assert missing_libraries(default_config(qlora=True, adamw_8bit=True, device="cpu"), bare_gpu) == {}
     assert missing_libraries(default_config(qlora=True), fake_profile("cpu")) == {}
+
+
+def test_a_cpu_run_names_the_gpu_options_it_trains_without(demo_shape):
+    cpu = fake_profile("cpu")
+    bitsandbytes = plan_for_config(demo_shape, cpu, default_config(qlora=True, adamw_8bit=True).with_tier(1))
+    zero = plan_for_config(demo_shape, cpu, default_config(deepspeed="zero2").with_tier(1))
+    assert bitsandbytes.setup.weight_dtype == "fp32" and not bitsandbytes.setup.adamw_8bit
+    assert zero.setup.deepspeed == "off"
+    for plan, option in ((bitsandbytes, "QLoRA"), (bitsandbytes, "8-bit AdamW"), (zero, "DeepSpeed")):
+        assert f"{option} needs a CUDA GPU: training without it" in plan.note
