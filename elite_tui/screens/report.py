@@ -49,8 +49,9 @@ class ReportScreen(WizardScreen):
         else:
             summary = "[b]No finished run[/b]"
         yield Static(summary, id="report-summary")
-        yield Static("\n".join(f"[b]{name:<14}[/b]{path}" for name, path in artefact_lines(run_dir, finished)),
-                     id="artefacts")
+        rows = artefact_lines(run_dir, finished)
+        width = max(len(name) for name, _ in rows) + 1
+        yield Static("\n".join(f"[b]{name:<{width}}[/b]{path}" for name, path in rows), id="artefacts")
         with VerticalScroll(id="report-scroll"):
             yield Markdown(self.report_text(), id="report")
         yield self.error_panel()
