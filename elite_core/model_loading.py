@@ -55,7 +55,7 @@ def load_model_shape(source: str, trust_remote_code: bool = False):
     """The model's shape for the memory model, from its config alone (no weights are read)."""
     from elite_core.memory_model import shape_from_hf_config
 
-    return shape_from_hf_config(load_hf_config(source, trust_remote_code))
+    return shape_from_hf_config(load_hf_config(source, trust_remote_code), name=source)
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
