@@ -379,7 +379,8 @@ def _machine_key(devices: tuple[nvml.NvmlDevice, ...], torch_version: str) -> st
 
 
 def _refresh_volatile(profile: HardwareProfile, devices: tuple[nvml.NvmlDevice, ...], output_dir) -> HardwareProfile:
-    """A cached profile with today's free GPU memory, available RAM and free disk."""
+    """A cached profile with today's free GPU memory, available RAM, free disk and installed libraries (a user told
+    to pip install bitsandbytes would otherwise be told again until --reprofile)."""
     by_index = {device.index: device for device in devices}
     gpus = []
     for gpu in profile.gpus:
@@ -399,6 +400,7 @@ def _refresh_volatile(profile: HardwareProfile, devices: tuple[nvml.NvmlDevice, 
         ram_total_bytes=ram_total,
         ram_available_bytes=ram_available,
         disk_free_bytes=_disk_free_bytes(output_dir),
+        capabilities=detect_capabilities(profile.gpus),
         profiled_s=0.0,
         from_cache=True,
     )

@@ -315,8 +315,8 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
     elif profile.device == "cpu" and step_time > CPU_MAX_STEP_S:
         notes.append(f"about {step_time:.0f} s per step on this CPU")
     if not profile.has_gpu:
-        notes += [f"{option} needs a CUDA GPU: training without it" for field, option, _ in OPTION_LIBRARIES
-                  if getattr(config, field) not in (False, "off")]
+        notes += [f"{option} needs a CUDA GPU: training without it"
+                  for _, option in asked_options(config, dict(GPU_OPTIONS))]
     return TierPlan(
         tier=tier,
         setup=chosen,
@@ -363,25 +363,26 @@ def plan_for_config(shape: ModelShape, profile: HardwareProfile, config: RunConf
                  config.lora_rank)
 
 
-OPTION_LIBRARIES = (
-    ("qlora", "QLoRA", "bitsandbytes"),
-    ("adamw_8bit", "8-bit AdamW", "bitsandbytes"),
-    ("deepspeed", "DeepSpeed", "deepspeed"),
-)
-"""(config field, option, the library it needs). The planner's own ladder takes these only where the profile found the
-library; a user's choice on a GPU machine without it would fail at the child's import, after the dataset build."""
+GPU_OPTIONS = (("qlora", "QLoRA"), ("adamw_8bit", "8-bit AdamW"), ("deepspeed", "DeepSpeed"))
+"""(config field, option) of the options a CPU run trains without; the tier's note names them."""
+BITSANDBYTES_OPTIONS = ("qlora", "adamw_8bit")
+
+
+def asked_options(config: RunConfig, fields) -> list[tuple[str, str]]:
+    """The (field, option) pairs of GPU_OPTIONS among `fields` that the config turns on."""
+    return [(field, option) for field, option in GPU_OPTIONS
+            if field in fields and getattr(config, field) not in (False, "off")]
 
 
 def missing_libraries(config: RunConfig, profile: HardwareProfile) -> dict[str, str]:
-    """The config fields whose option needs a library this machine lacks, each with what to do. On a CPU run there
-    are none: the planner trains without those options there and says so in the tier's note."""
-    if not profile.for_device(config.device).has_gpu:
+    """The config fields whose option needs bitsandbytes where this GPU machine lacks it, each with what to do. The
+    planner's own ladder takes these options only where the profile found it; a user's choice would fail at the
+    child's import, after the dataset build. (A ZeRO run without deepspeed is the launch check's: it knows the
+    launcher too.) On a CPU run there are none: those options are dropped there, and the tier's note says so."""
+    if not profile.for_device(config.device).has_gpu or profile.can("bitsandbytes"):
         return {}
-    missing = {}
-    for field, option, library in OPTION_LIBRARIES:
-        if getattr(config, field) not in (False, "off") and not profile.can(library):
-            missing[field] = f"{option} needs {library}, not installed here: pip install {library}, or turn it off"
-    return missing
+    return {field: f"{option} needs bitsandbytes, not installed here: pip install bitsandbytes, or turn it off"
+            for field, option in asked_options(config, BITSANDBYTES_OPTIONS)}
 
 
 def config_for_plan(config: RunConfig, plan: TierPlan) -> RunConfig:

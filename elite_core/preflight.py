@@ -55,16 +55,16 @@ def check_model_loads(config: RunConfig) -> CheckResult:
 
 
 def check_options_installed(config: RunConfig, profile) -> CheckResult:
-    from elite_core.planner import OPTION_LIBRARIES, missing_libraries
+    from elite_core.planner import BITSANDBYTES_OPTIONS, asked_options, missing_libraries
 
     name = "options' libraries installed"
     missing = missing_libraries(config, profile)
     if missing:
         return CheckResult(name, False, "; ".join(missing.values()), "install it, or turn the option off on the "
-                           "Overrides screen (--set FIELD=false / off)")
-    used = [f"{library} ({option})" for field, option, library in OPTION_LIBRARIES
-            if getattr(config, field) not in (False, "off") and profile.for_device(config.device).has_gpu]
-    return CheckResult(name, True, ", ".join(used) if used else "no option needs one")
+                           "Overrides screen (--set FIELD=false)")
+    asked = asked_options(config, BITSANDBYTES_OPTIONS) if profile.for_device(config.device).has_gpu else []
+    return CheckResult(name, True, f"bitsandbytes ({', '.join(option for _, option in asked)})" if asked
+                       else "no option needs one")
 
 
 def check_dataset(config: RunConfig, summary) -> CheckResult:

@@ -98,3 +98,18 @@ def test_gpu_profile_measures_within_limits(tmp_path):
     gpu = profile.gpus[0]
     assert 0 < gpu.usable_bytes <= gpu.total_bytes
     assert gpu.tflops_fp16 > 10 and gpu.bandwidth_bytes_per_s > 1e11
+
+
+def test_a_cached_profile_sees_the_libraries_installed_since(tmp_path, monkeypatch):
+    from elite_core.hardware import _refresh_volatile
+
+    cached = fake_profile("h100")  # profiled before bitsandbytes was installed
+    assert not cached.can("bitsandbytes")
+    assert not _refresh_volatile(cached, (), tmp_path).can("bitsandbytes")  # not installed on this machine either
+    package = tmp_path / "site" / "bitsandbytes"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    refreshed = _refresh_volatile(cached, (), tmp_path)
+    assert refreshed.can("bitsandbytes") and refreshed.from_cache
+    assert refreshed.gpus == cached.gpus
