@@ -162,7 +162,12 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "RunConfig":
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError({"config": f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"}) from exc
         if not isinstance(data, dict):
             raise ConfigError({"config": "the YAML file must hold a mapping of settings"})
         return cls.from_dict(data)

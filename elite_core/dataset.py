@@ -373,6 +373,8 @@ def _walk_fingerprint(scan: repo_scan.RepositoryScan) -> str:
     for candidate in scan.candidates:
         digest.update(f"{candidate.relative_path}\0{candidate.size_bytes}\0{candidate.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     for record in scan.skipped:
+        if record.reason == repo_scan.OWN_OUTPUT_REASON:
+            continue  # the dataset directory appears with the first build: not a change of the repository
         digest.update(f"skip\0{record.relative_path}\0{record.reason}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
@@ -505,8 +507,11 @@ def build_dataset(
     workers: int | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
     max_file_bytes: int = repo_scan.DEFAULT_MAX_FILE_BYTES,
+    output_dir: str | Path | None = None,
 ) -> DatasetSummary:
-    """Build (or reuse) the token files for `repo` in `dataset_dir`.
+    """Build (or reuse) the token files for `repo` in `dataset_dir`. The runs' `output_dir` and `dataset_dir` are left
+    out of the walk where they lie inside the repository (the default `elite-runs` does): the runs' logs and
+    reports are not training data, and a run writing there changed the walk's fingerprint while it trained.
 
     An unchanged repository (same files, sizes and mtimes, same settings) is not rebuilt; a changed one re-reads only
     the files whose size or mtime changed and re-tokenises only those whose content hash is new.
@@ -520,7 +525,9 @@ def build_dataset(
     tokenizer, _ = _tokenizer_info(tokenizer_source, trust_remote_code)
     settings = _settings(tokenizer, max_file_bytes)
 
-    scan = repo_scan.scan_repository(repo, max_file_bytes=max_file_bytes, name_rule=_secret_name_reason)
+    own_dirs = [dataset_dir, *([output_dir] if output_dir is not None else [])]
+    scan = repo_scan.scan_repository(repo, max_file_bytes=max_file_bytes, name_rule=_secret_name_reason,
+                                     output_dirs=own_dirs)
     fingerprint = _walk_fingerprint(scan)
     previous = read_manifest(dataset_dir)
     if previous is not None and (previous.get("settings") != settings or not _split_files_intact(dataset_dir, previous)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +26,7 @@ MINIFIED_MEAN_LINE_CHARS = 300
 MINIFIED_LONGEST_LINE_CHARS = 5000
 GENERATED_MARKER_HEAD_CHARS = 2048
 
+OWN_OUTPUT_REASON = "elite-tui output directory"
 VENDORED_DIRECTORY_NAMES = frozenset(
     {
         "node_modules", "bower_components", "jspm_packages", "vendor", "vendors", "_vendor", "third_party",
@@ -157,13 +159,17 @@ def scan_repository(
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     name_rule=None,
+    output_dirs: Sequence[str | Path] = (),
 ) -> RepositoryScan:
     """Every file git would see, minus what names alone rule out; each rule-out recorded with its reason.
 
     `name_rule(relative_path) -> reason | None` adds a caller's rule (the secret file names) to the walk.
+    `output_dirs` are elite-tui's own (the runs' output directory, the dataset being built): not walked, wherever they
+    lie in the repository, gitignored or not.
     """
     root = Path(root)
     root_real = os.path.realpath(root)
+    own_dirs = {os.path.realpath(path) for path in output_dirs}
     scan = RepositoryScan(root=root)
     root_specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
     exclude_lines = _read_ignore_lines(root / ".git" / "info" / "exclude")
@@ -203,7 +209,9 @@ def scan_repository(
                 scan.skipped.append(SkipRecord(relative, _symlink_reason(root_real, entry.path)))
                 continue
             if is_dir:
-                if name.lower() in VENDORED_DIRECTORY_NAMES:
+                if own_dirs and os.path.realpath(entry.path) in own_dirs:
+                    scan.skipped.append(SkipRecord(relative + "/", OWN_OUTPUT_REASON))
+                elif name.lower() in VENDORED_DIRECTORY_NAMES:
                     scan.skipped.append(SkipRecord(relative + "/", "vendored or tool directory"))
                 else:
                     subdirectories.append(relative + "/")

@@ -384,8 +384,12 @@ class TrainingEngine:
                 self.emit(protocol.Warning(message="this model post-processes its logits: using the model's own loss"))
 
             dataset_dir = self.dataset_dir
-            build_dataset(config.repo, dataset_dir, tokenizer_source=config.model,
-                          trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction, seed=config.seed)
+            if self.rank.local_rank == 0:
+                # The node's other ranks read what its first rank built: scanning again, they rebuilt it side by
+                # side wherever the repository had changed since (3 CPU ranks on a busy directory: a rename race).
+                build_dataset(config.repo, dataset_dir, tokenizer_source=config.model,
+                              trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction,
+                              seed=config.seed, output_dir=config.output_dir)
             self.train_data = WindowDataset(dataset_dir, "train", config.context_tokens, config.target_tokens)
             self.eval_data = WindowDataset(dataset_dir, "eval", config.context_tokens, config.target_tokens)
         if len(self.train_data) == 0:

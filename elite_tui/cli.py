@@ -10,6 +10,9 @@ from pathlib import Path
 
 from elite_core.config import DEMO_MODEL, ConfigError, RunConfig, default_config
 from elite_core.runner import RunLockedError
+from elite_core.tiers import TIERS
+
+TIER_NUMBERS = range(1, len(TIERS) + 1)
 
 
 def _add_model_args(parser: argparse.ArgumentParser, repo: bool = True) -> None:
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     run.add_argument("--config", type=Path,
                      help="a run config YAML; --model, --repo, --output, --tier, --max-steps and --set are then ignored")
-    run.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
+    run.add_argument("--tier", type=int, choices=TIER_NUMBERS, metavar="TIER",
+                     help="tier 1..7 (default: the highest that fits)")
     run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 50 on the demo)")
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
@@ -81,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lr_find = sub.add_parser("lr-find", help="sweep the learning rate over a few real steps and suggest one")
     _add_model_args(lr_find)
-    lr_find.add_argument("--tier", type=int, help="tier 1..7 (default: the highest that fits)")
+    lr_find.add_argument("--tier", type=int, choices=TIER_NUMBERS, metavar="TIER",
+                         help="tier 1..7 (default: the highest that fits)")
     lr_find.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     lr_find.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
     lr_find.add_argument("--steps", type=int, default=40, help="steps of the sweep (at most 40)")
@@ -250,7 +255,7 @@ def _build_dataset(config: RunConfig):
     try:
         summary = build_dataset(config.repo, config.run_dir / "dataset", tokenizer_source=config.model,
                                 trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction,
-                                seed=config.seed, progress=_print_build_progress)
+                                seed=config.seed, progress=_print_build_progress, output_dir=config.output_dir)
     except DatasetError as exc:
         raise CliError(str(exc)) from exc
     print(file=sys.stderr)

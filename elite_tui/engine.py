@@ -136,6 +136,7 @@ class Engine:
             eval_fraction=config.eval_fraction,
             seed=config.seed,
             progress=progress,
+            output_dir=config.output_dir,
         )
 
     def preview_text(self, config: Any, max_files: int) -> str:

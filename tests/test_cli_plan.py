@@ -1,6 +1,9 @@
-"""`elite-tui plan` prints the tier table, with --set overrides as the wizard's Overrides screen applies them."""
+"""`elite-tui plan` prints the tier table, with --set overrides as the wizard's Overrides screen applies them; a --tier
+outside the table is refused before anything is written."""
 
 from __future__ import annotations
+
+import pytest
 
 from elite_core.units import format_bytes
 from elite_tui.cli import main
@@ -46,3 +49,12 @@ def test_plan_with_a_bad_setting_names_it_and_prints_no_table(tiny_repo, tmp_pat
     assert code == 2
     assert "micro_batch" in err and "invalid settings" in err
     assert not _tier_rows(out)
+
+
+@pytest.mark.parametrize("command", ["run", "lr-find"])
+def test_a_tier_outside_the_table_is_refused_by_the_arguments(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--tier", "9", "--output", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert "argument --tier: invalid choice: 9 (choose from 1, 2, 3, 4, 5, 6, 7)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

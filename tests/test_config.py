@@ -39,6 +39,18 @@ def test_unknown_settings_are_rejected():
     assert caught.value.errors == {"lora_rnak": "unknown setting"}
 
 
+def test_broken_yaml_is_one_line_that_says_where(tmp_path, capsys):
+    from elite_tui.cli import main
+
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_yaml("model: demo\n  bad: [\n")
+    assert caught.value.errors == {"config": "not valid YAML at line 2, column 6: mapping values are not allowed here"}
+    broken = tmp_path / "run.yaml"
+    broken.write_text("model: demo\n  bad: [\n")
+    assert main(["run", "--config", str(broken)]) == 2
+    assert "config: not valid YAML at line 2, column 6" in capsys.readouterr().err
+
+
 def test_parse_field_turns_typed_text_into_values():
     assert parse_field("micro_batch", " 4 ") == 4
     assert parse_field("context_tokens", "32,768") == 32768

@@ -109,6 +109,29 @@ def test_unchanged_repo_is_not_rebuilt_and_a_change_reuses_the_rest(tmp_path):
     assert full.eval_files < changed_settings.eval_files
 
 
+def test_the_runs_inside_the_repository_are_not_training_data_and_do_not_trigger_a_rebuild(tmp_path, monkeypatch):
+    # `elite-tui` in a repository writes its runs to ./elite-runs, which a user's .gitignore rarely names
+    repo = make_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    output_dir, dataset_dir = Path("elite-runs"), Path("elite-runs") / "run-1" / "dataset"
+    write(repo, "elite-runs/run-0/report.md", "# elite-tui report: run-0\n")
+    write(repo, "elite-runs/run-0/config.yaml", "model: demo\n")
+    first = build_dataset(".", dataset_dir, workers=1, output_dir=output_dir)
+    assert first.files == 11
+    assert not any(path.startswith("elite-runs/") for path in manifest_files(dataset_dir))
+    assert ("elite-runs/", "elite-tui output directory") in {(s.path, s.reason) for s in first.skipped}
+    # a run writing its events while it trains changes nothing the walk sees
+    write(repo, "elite-runs/run-1/events.jsonl", '{"type": "step"}\n')
+    again = build_dataset(".", dataset_dir, workers=1, output_dir=output_dir)
+    assert not again.rebuilt and again.files == first.files
+    # without the output directory named the runs' files are read; the dataset being built never is
+    unnamed = build_dataset(".", "inside", workers=1)
+    rebuilt = build_dataset(".", "inside", workers=1)
+    assert any(path.startswith("elite-runs/run-0/") for path in manifest_files(Path("inside")))
+    assert not any(path.startswith("inside/") for path in manifest_files(Path("inside")))
+    assert unnamed.files > first.files and not rebuilt.rebuilt
+
+
 def test_eval_split_is_by_file(tmp_path):
     repo = make_repo(tmp_path / "repo", files=20)
     summary = build_dataset(repo, tmp_path / "ds", workers=1, eval_fraction=0.2, seed=7)
