@@ -496,6 +496,13 @@ def _resume(args) -> int:
     run_dir = args.run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
         raise CliError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    from elite_core.runs import run_info
+
+    info = run_info(run_dir)
+    if info.status == "finished":
+        # Resumed, it loaded the model to write the same final checkpoint and report again.
+        raise CliError(f"{args.run_dir} finished at step {info.step}: nothing to resume (its report: "
+                       f"{run_dir / 'report.md'})")
     # The run directory may have moved, or this shell may stand elsewhere: it is where the run is.
     config = RunConfig.load(run_dir / "config.yaml").replace(output_dir=str(run_dir.parent), run_name=run_dir.name)
     from elite_core.distributed import read_launch
@@ -513,6 +520,11 @@ def _attach(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise CliError(f"{run_dir} is not a run directory (no config.yaml)")
     if live_child_pid(run_dir) is None:
+        from elite_core.runs import run_info
+
+        info = run_info(run_dir)
+        if info.status == "finished":
+            raise CliError(f"nothing is training in {run_dir}: it finished at step {info.step}")
         raise CliError(f"nothing is training in {run_dir}: continue it with `elite-tui resume {run_dir}`")
     if args.print:
         return _follow(AttachedRun(run_dir))

@@ -139,3 +139,16 @@ def test_the_memory_check_names_what_other_processes_held_on_the_gpu(h100_profil
     assert fits.ok and f"other processes held {format_bytes(held)} of the GPU's {format_bytes(gpu.total_bytes)}" in fits.message
     too_big = check_memory(default_config().replace(tier=7, micro_batch=4096), busy, shape)
     assert not too_big.ok and "free the GPU" in too_big.fix_hint
+
+
+def test_a_finished_run_is_not_resumed_or_attached_and_says_so(tiny_repo, runs, capsys):
+    assert main(["run", "--repo", str(tiny_repo), "--output", str(runs), "--run-name", "done", "--tier", "1",
+                 "--preflight", "off", *SMALL_RUN]) == 0
+    report = (runs / "done" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["resume", str(runs / "done")]) == 2
+    assert f"finished at step 2: nothing to resume (its report: {(runs / 'done').resolve() / 'report.md'})" in \
+        capsys.readouterr().err
+    assert main(["attach", str(runs / "done")]) == 2
+    assert "it finished at step 2" in capsys.readouterr().err
+    assert (runs / "done" / "report.md").read_text() == report  # nothing rewritten
