@@ -257,6 +257,7 @@ def _build_dataset(config: RunConfig):
                                 trust_remote_code=config.trust_remote_code, eval_fraction=config.eval_fraction,
                                 seed=config.seed, progress=_print_build_progress, output_dir=config.output_dir)
     except DatasetError as exc:
+        print(file=sys.stderr)  # end the progress line, so the message starts a line of its own
         raise CliError(str(exc)) from exc
     print(file=sys.stderr)
     return summary
