@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -874,13 +875,23 @@ def preview_text(dataset_dir, *, split: str = "train", tokenizer_source: str = "
 
 
 def _group_reasons(items: tuple[SkippedFile, ...], examples: int) -> list[str]:
-    by_reason: dict[str, list[str]] = defaultdict(list)
+    """One line per kind of reason: "minified (mean line 791 chars)" and "minified (a line over 5000 chars)" are one
+    kind, each example keeping its own detail (a line per distinct reason had listed 14 minified files apart)."""
+    by_kind: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for item in items:
-        by_reason[item.reason.split(", line ")[0]].append(item.path)
+        reason = item.reason.split(", line ")[0]
+        kind = re.split(r" \(| of ", reason, maxsplit=1)[0]
+        by_kind[kind].append((item.path, reason))
     lines = []
-    for reason, paths in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        shown = ", ".join(paths[:examples]) + (f", ... ({len(paths) - examples} more)" if len(paths) > examples else "")
-        lines.append(f"  {len(paths):>6}  {reason}: {shown}")
+    for kind, entries in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        reasons = {reason for _, reason in entries}
+        if len(reasons) == 1:
+            heading, shown = reasons.pop(), [path for path, _ in entries[:examples]]
+        else:
+            heading = kind
+            shown = [f"{path} ({reason[len(kind):].strip(' ()')})" for path, reason in entries[:examples]]
+        more = f", ... ({len(entries) - examples} more)" if len(entries) > examples else ""
+        lines.append(f"  {len(entries):>6}  {heading}: {', '.join(shown)}{more}")
     return lines
 
 

@@ -333,3 +333,17 @@ def test_a_missing_secret_scanner_fails_the_build_with_its_name_instead_of_hangi
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "DatasetError" in result.stderr and "pip install detect-secrets" in result.stderr, result.stderr[-2000:]
+
+
+def test_skips_are_grouped_by_kind_each_keeping_its_detail():
+    from elite_core.dataset import SkippedFile, _group_reasons
+
+    skipped = (SkippedFile("a.min.js", "minified (mean line 791 chars)"),
+               SkippedFile("b.svg", "minified (a line over 5000 chars)"),
+               SkippedFile("c.png", "binary file"), SkippedFile("d.png", "binary file"),
+               SkippedFile("e.py", "duplicate of f.py"))
+    assert _group_reasons(skipped, examples=3) == [
+        "       2  binary file: c.png, d.png",
+        "       2  minified: a.min.js (mean line 791 chars), b.svg (a line over 5000 chars)",
+        "       1  duplicate of f.py: e.py",
+    ]
