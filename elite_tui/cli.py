@@ -463,6 +463,24 @@ def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> Ru
     return confirmed
 
 
+def _run_line_for(args, config: RunConfig, *extra_sets: str) -> str:
+    """The `elite-tui run` line that trains what this command measured: its model, repository, output, tier and
+    --set values (copied as printed, the suggestion alone trained the demo on the current directory)."""
+    import shlex
+
+    words = ["elite-tui", "run"]
+    for flag, value, default in (("--model", args.model, DEMO_MODEL), ("--repo", args.repo, "."),
+                                 ("--output", args.output, "elite-runs")):
+        if value != default:
+            words += [flag, str(value)]
+    if args.trust_remote_code:
+        words.append("--trust-remote-code")
+    words += ["--tier", str(config.tier)]
+    for item in [*args.set, *extra_sets]:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
 def _lr_find(args) -> int:
     from elite_core.lr_finder import LrFindFailed, LrFindRequest, describe_lr_find
     from elite_core.planner import plan_tiers, select_tier
@@ -489,7 +507,8 @@ def _lr_find(args) -> int:
     except LrFindFailed as exc:
         raise CliError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from exc
     print(describe_lr_find(result))
-    print(f"use it: elite-tui run --set learning_rate={result.suggested_lr:.3g}  (kept in {config.run_dir}/lr_find.json)")
+    print(f"use it: {_run_line_for(args, config, f'learning_rate={result.suggested_lr:.3g}')}  "
+          f"(kept in {config.run_dir}/lr_find.json)")
     return 0
 
 

@@ -240,3 +240,26 @@ def test_cli_refuses_a_sweep_it_cannot_run(capsys):
     assert "the sweep takes 2 to 40 steps, not 99" in capsys.readouterr().err
     assert main(["lr-find", "--min-lr", "0.1", "--max-lr", "0.01"]) == 2
     assert "0 < min_lr < max_lr" in capsys.readouterr().err
+
+
+def test_the_cli_suggestion_is_a_run_line_that_trains_what_was_swept(tiny_repo, tmp_path, monkeypatch, capsys):
+    """Copied as printed, the suggestion must train the swept repository at the swept tier and settings, not the
+    demo on the current directory."""
+    import shlex
+
+    from elite_tui.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
+    sets = ["--set", "device=cpu", "--set", "context_tokens=192", "--set", "target_tokens=64", "--set", "lora_rank=8",
+            "--set", "eval_every_steps=0", "--set", "compile_eval_prompts=0", "--set", "eval_fraction=0"]
+    assert main(["lr-find", "--repo", str(tiny_repo), "--output", "sweeps", "--tier", "1", "--steps", "6", *sets]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("use it: "))
+    words = shlex.split(line.removeprefix("use it: ").split("  (kept in")[0])
+    assert words[:2] == ["elite-tui", "run"]
+    assert words[words.index("--repo") + 1] == str(tiny_repo) and words[words.index("--tier") + 1] == "1"
+    suggested = float(words[-1].removeprefix("learning_rate="))
+    assert main([*words[1:], "--output", "runs", "--run-name", "copied", "--max-steps", "1", "--preflight", "off"]) == 0
+    trained = RunConfig.load(tmp_path / "runs" / "copied" / "config.yaml")
+    assert trained.repo == str(tiny_repo) and trained.context_tokens == 192 and trained.tier == 1
+    assert trained.learning_rate == pytest.approx(suggested)
