@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -466,8 +467,6 @@ def _preflight(mode: str, config: RunConfig, profile, summary, shape=None) -> Ru
 def _run_line_for(args, config: RunConfig, *extra_sets: str) -> str:
     """The `elite-tui run` line that trains what this command measured: its model, repository, output, tier and
     --set values (copied as printed, the suggestion alone trained the demo on the current directory)."""
-    import shlex
-
     words = ["elite-tui", "run"]
     for flag, value, default in (("--model", args.model, DEMO_MODEL), ("--repo", args.repo, "."),
                                  ("--output", args.output, "elite-runs")):
@@ -614,6 +613,10 @@ def _follow(process, other_node: bool = False, owns_the_run: bool = False) -> in
                 print(f"{state} at step {event.step}, final loss {event.final_loss:.4f}")
                 if event.adapter_path:
                     print(f"adapter: {event.adapter_path}\nreport: {event.report_path}")
+                if getattr(process, "run_dir", None) is not None and not other_node:
+                    run_dir = shlex.quote(str(process.run_dir))
+                    print(f"continue it: elite-tui resume {run_dir}" if event.stopped_early
+                          else f"merge the adapter into the base model: elite-tui export {run_dir}")
                 code = 0
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -106,6 +106,7 @@ def test_a_sigterm_to_the_run_command_checkpoints_and_stops_the_training(tiny_re
         out, err = controller.communicate(timeout=90)
         assert controller.returncode == 0, err
         assert "stopping (SIGTERM)" in err and "stopped at step" in out
+        assert "continue it: elite-tui resume " in out
         wait_for(lambda: live_child_pid(run_dir) is None, 30, "the child to exit")
         events = read_events(run_dir)
         assert [e.reason for e in events if isinstance(e, protocol.CheckpointSaved)][-1:] == ["stop"]  # as a Ctrl+C

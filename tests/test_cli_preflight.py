@@ -38,6 +38,7 @@ def test_run_prints_every_check_then_trains_with_the_probed_config(tiny_repo, ru
     # the probe's scratch directory is gone; the run's own files are there
     assert not (run_dir / "preflight-probe").exists()
     assert "step      2" in out
+    assert f"merge the adapter into the base model: elite-tui export {runs / 'checked'}" in out
     # the training planned from the profile the checks planned with, and trained the options the probe ran
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["hardware"] == json.loads((run_dir / "hardware.json").read_text())
