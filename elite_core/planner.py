@@ -316,7 +316,7 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
         notes.append(f"about {step_time:.0f} s per step on this CPU")
     if not profile.has_gpu:
         notes += [f"{option} needs a CUDA GPU: training without it"
-                  for _, option in asked_options(config, dict(GPU_OPTIONS))]
+                  for _, option in asked_options(config)]
     return TierPlan(
         tier=tier,
         setup=chosen,
@@ -368,10 +368,10 @@ GPU_OPTIONS = (("qlora", "QLoRA"), ("adamw_8bit", "8-bit AdamW"), ("deepspeed", 
 BITSANDBYTES_OPTIONS = ("qlora", "adamw_8bit")
 
 
-def asked_options(config: RunConfig, fields) -> list[tuple[str, str]]:
-    """The (field, option) pairs of GPU_OPTIONS among `fields` that the config turns on."""
+def asked_options(config: RunConfig, fields=None) -> list[tuple[str, str]]:
+    """The (field, option) pairs of GPU_OPTIONS (those among `fields`, if given) that the config turns on."""
     return [(field, option) for field, option in GPU_OPTIONS
-            if field in fields and getattr(config, field) not in (False, "off")]
+            if (fields is None or field in fields) and getattr(config, field) not in (False, "off")]
 
 
 def missing_libraries(config: RunConfig, profile: HardwareProfile) -> dict[str, str]:

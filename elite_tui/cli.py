@@ -354,8 +354,6 @@ def _launch_for(args, config: RunConfig, profile):
 
 
 def _print_launch(config: RunConfig, settings) -> None:
-    import shlex
-
     from elite_tui.engine import launch_commands
 
     run_dir = config.run_dir.resolve()

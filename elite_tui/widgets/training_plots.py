@@ -36,7 +36,6 @@ class LossPlot(PlotextPlot):
         self.refresh()
 
 
-
 class MemoryPlot(PlotextPlot):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
