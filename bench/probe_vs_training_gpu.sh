@@ -2,7 +2,8 @@
 # Does the training run what the pre-flight probe confirmed? For each tier given, one short `elite-tui run` of a
 # random-initialised model (saved with save_pretrained), then a table: the memory model's prediction at the confirmed
 # micro-batch, the probe's peak and rate, the training steps' peak and rate. Ratios last.
-# Usage: bash bench/probe_vs_training_gpu.sh OUT_DIR [MODEL [TIERS...]]   (default Qwen2.5-Coder-1.5B, tiers 1 2 3)
+# Usage: bash bench/probe_vs_training_gpu.sh OUT_DIR [MODEL [TIERS...]]   (default Qwen2.5-Coder-1.5B, tiers 1 2 3;
+# MODEL demo: the embedded demo model, nothing built)
 # Environment: STEPS (training steps a run, default 4), RUN_TIMEOUT (seconds a run may take, default 300), RUN_ARGS
 # (more `elite-tui run` arguments for every run, e.g. "--set qlora=true"), RUN_COMMAND (what runs each tier, default
 # `python3 -m elite_tui.cli run`; `python3 bench/child_exit.py` also times the child's exit after its report).
@@ -10,9 +11,10 @@ set -uo pipefail
 out=${1:-/tmp/elite-probe-vs-training}; model=${2:-Qwen2.5-Coder-1.5B}; shift $(( $# > 2 ? 2 : $# ))
 tiers=${*:-1 2 3}
 runs=/tmp/elite-probe-runs; weights=/tmp/random-$model
+[ "$model" = demo ] && weights=demo
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MODEL=$model WEIGHTS=$weights
-python3 - <<'PY'
+[ "$model" = demo ] || python3 - <<'PY'
 import os, torch
 from transformers import AutoModelForCausalLM
 from bench.reference_models import reference_config

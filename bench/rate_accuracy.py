@@ -11,7 +11,10 @@ through the same formula, on:
 - `elite-tui run` on an H200: the training steps of the probe-vs-training runs (rate-heldout-h200-runs.jsonl, read off
   bench/results/probe-vs-training-h200/; each tier re-planned as its run planned it, at the micro-batch its probe found);
 - the planner's own fitting tiers of two architectures no constant was fitted on, run on an H200
-  (`memory_accuracy.py run --set planned`: bench/results/memory-h200-planned.jsonl).
+  (`memory_accuracy.py run --set planned`: bench/results/memory-h200-planned.jsonl);
+- the embedded demo model through `elite-tui run` on an H200, tiers 1-7 (rate-heldout-h200-demo.jsonl, read off
+  bench/results/probe-vs-training-h200/demo/): 2 layers, head dimension 32, where the fit set's models have 128. Its
+  tiers 1-3 (steps of 17-20 ms) fit the fixed cost per step; tiers 4-7 are held out.
 
     python bench/rate_accuracy.py                 # the tables; --fit also refits the constants on the fit set
     python bench/rate_accuracy.py --fit --out bench/results/rate-accuracy-h200.txt
@@ -33,7 +36,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.memory_accuracy import point_of, setup_for  # noqa: E402
 from bench.reference_models import reference_config  # noqa: E402
-from elite_core.config import default_config  # noqa: E402
+from elite_core.config import DEMO_MODEL, default_config  # noqa: E402
+from elite_core.demo_model import demo_model_config  # noqa: E402
 from elite_core.hardware import HardwareProfile  # noqa: E402
 from elite_core.memory_model import shape_from_hf_config, training_flops_per_step  # noqa: E402
 from elite_core.planner import STEP_TIME, STEP_TIME_BEFORE, StepTimeConstants, estimate_step_time_s, plan_tiers  # noqa: E402
@@ -64,6 +68,8 @@ def load_profile(path: Path) -> HardwareProfile:
 
 
 def _shape(model: str):
+    if model == DEMO_MODEL:
+        return shape_from_hf_config(demo_model_config(), name=model)
     return shape_from_hf_config(reference_config(model), name=model)
 
 
@@ -97,7 +103,14 @@ def run_steps(path: Path, profile: HardwareProfile) -> list[MeasuredStep]:
     return steps
 
 
-def fit_constants(steps: list[MeasuredStep]) -> StepTimeConstants:
+def fit_step_fixed_s(steps: list[MeasuredStep], constants: StepTimeConstants) -> float:
+    """The per-step cost no FLOP or layer count explains: the mean of measured minus estimated (without it) over
+    steps bound by it, the demo model's short tiers."""
+    without = dataclasses.replace(constants, step_fixed_s=0.0)
+    return float(np.mean([s.step_s - s.estimate_s(without) for s in steps]))
+
+
+def fit_constants(steps: list[MeasuredStep], step_fixed_s: float = 0.0) -> StepTimeConstants:
     """Least squares in log error (a step estimated 2x too long weighs as one 2x too short). The step is
     (FLOPs / (efficiency x peak) + layer passes x time) x the compiled factor x the nf4 factor; on a grid of efficiency
     and layer-pass time, each factor is the mean log residual of its own points (no fit-set point is both)."""
@@ -107,7 +120,7 @@ def fit_constants(steps: list[MeasuredStep]) -> StepTimeConstants:
     nf4 = np.array([s.setup.weight_dtype == "nf4" for s in steps])
     if np.any(compiled & nf4):
         raise ValueError("a fit-set point is both compiled and nf4: the factors would not separate")
-    log_measured = np.log([s.step_s for s in steps])
+    log_measured = np.log([s.step_s - step_fixed_s for s in steps])
     efficiency = np.arange(0.30, 0.95, 0.002)[:, None, None]
     layer_pass_s = np.arange(0.0, 0.006, 0.00002)[None, :, None]
     residual = log_measured - np.log(flops / efficiency + passes * layer_pass_s)  # (efficiency, layer pass, point)
@@ -119,7 +132,7 @@ def fit_constants(steps: list[MeasuredStep]) -> StepTimeConstants:
     return StepTimeConstants(
         matmul_efficiency=float(efficiency[i, 0, 0]), layer_pass_s=float(layer_pass_s[0, j, 0]),
         compiled_factor=float(np.exp(log_compiled[i, j, 0])) if compiled.any() else 1.0,
-        nf4_factor=float(np.exp(log_nf4[i, j, 0])) if nf4.any() else 1.0)
+        nf4_factor=float(np.exp(log_nf4[i, j, 0])) if nf4.any() else 1.0, step_fixed_s=step_fixed_s)
 
 
 def errors_pct(steps: list[MeasuredStep], constants: StepTimeConstants) -> np.ndarray:
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_steps(RESULTS / "rate-heldout-h200-runs.jsonl", load_profile(RESULTS / "gpu-smoke-h200" / "profile.json"))
     planned = engine_steps([RESULTS / "memory-h200-planned.jsonl"], load_profile(RESULTS / "memory-h200-planned-hardware.json"),
                            fit_set=False)
+    demo = run_steps(RESULTS / "rate-heldout-h200-demo.jsonl", load_profile(RESULTS / "gpu-smoke-h200" / "profile.json"))
+    demo_short = [step for step in demo if step.setup.seq_tokens <= 18432]  # where the per-step fixed cost is fitted
+    demo_long = [step for step in demo if step.setup.seq_tokens > 18432]
 
     lines = ["tokens/s the tier table estimates before a probe, against measured steps; error = estimated/measured - 1",
              "machines: the fit set on 1 x NVIDIA H100 80GB HBM3, the held-out sets on 1 x NVIDIA H200 (their profiles'"
@@ -176,18 +192,27 @@ def main(argv: list[str] | None = None) -> int:
              " scored on a CPU",
              f"before: {STEP_TIME_BEFORE}", f"now:    {STEP_TIME}", ""]
     if args.fit:
-        fitted = fit_constants(fit_set)
-        lines += [f"refitted on the fit set ({len(fit_set)} points): efficiency {fitted.matmul_efficiency:.3f}, layer pass "
-                  f"{fitted.layer_pass_s * 1000:.2f} ms, compiled x{fitted.compiled_factor:.2f}, nf4 x{fitted.nf4_factor:.2f}",
+        # The fit set's steps (0.1-10 s) barely see the fixed cost and the demo's short steps see little else: the
+        # rest on the fit set, the fixed cost on the demo's short tiers with those, in turn until they settle.
+        step_fixed_s = 0.0
+        for _ in range(20):
+            fitted = fit_constants(fit_set, step_fixed_s)
+            step_fixed_s = fit_step_fixed_s(demo_short, dataclasses.replace(STEP_TIME, **{
+                name: getattr(fitted, name) for name in ("matmul_efficiency", "layer_pass_s", "compiled_factor", "nf4_factor")}))
+        lines += [f"refitted on the fit set ({len(fit_set)} points) and the demo's tiers 1-3 (the fixed cost): efficiency "
+                  f"{fitted.matmul_efficiency:.3f}, layer pass {fitted.layer_pass_s * 1000:.2f} ms, compiled "
+                  f"x{fitted.compiled_factor:.2f}, nf4 x{fitted.nf4_factor:.2f}, fixed {step_fixed_s * 1000:.1f} ms a step",
                   ""]
-    for name, steps in (("held out: elite-tui run on an H200", runs), ("held out: planned tiers on an H200", planned)):
+    for name, steps in (("held out: elite-tui run on an H200", runs), ("held out: planned tiers on an H200", planned),
+                        ("held out: the demo model (head dimension 32) through elite-tui run on an H200", demo)):
         lines += [name] + point_table(steps) + [""]
     lines.append("summary (before, then now)")
-    for name, steps in (("fit set (H100 engine steps)", fit_set), ("elite-tui run (H200)", runs),
-                        ("planned, held-out models (H200)", planned)):
+    sets = (("elite-tui run (H200)", runs), ("planned, held-out models (H200)", planned),
+            ("demo, tiers 4-7, elite-tui run (H200)", demo_long))
+    for name, steps in (("fit set (H100 engine steps)", fit_set), ("demo, tiers 1-3 (fixed cost fitted)", demo_short)) + sets:
         for tag, constants in (("before", STEP_TIME_BEFORE), ("now", STEP_TIME)):
             lines.append(summary(f"{name}, {tag}", errors_pct(steps, constants)))
-    for name, steps in (("elite-tui run (H200)", runs), ("planned, held-out models (H200)", planned)):
+    for name, steps in sets:
         for tag, constants in (("before", STEP_TIME_BEFORE), ("now", STEP_TIME)):
             lines.append(summary(f"{name}, after a probe, {tag}", calibrated_errors_pct(steps, constants)))
     text = "\n".join(lines)

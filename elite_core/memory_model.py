@@ -566,6 +566,14 @@ def predict_memory(
     )
 
 
+def attention_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
+    """Causal attention's FLOPs in one micro-batch step: QK^T and AV over half the square, forward 1x, backward 2x,
+    recompute 1x. Kept apart from the rest because attention's kernels run at their own rate (planner)."""
+    passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
+    attention_forward = 2.0 * shape.layers * shape.heads * shape.head_dim * setup.seq_tokens * setup.tokens
+    return attention_forward * (passes + 1.0)
+
+
 def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     """Matmul FLOPs of one micro-batch step: forward 2N per token, input gradients 2N (frozen weights get none),
     2N more when checkpointing recomputes the forward; causal attention and the target rows' output head on top."""
@@ -576,9 +584,6 @@ def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     lora_params = lora_param_count(shape, setup.lora_rank)
     passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
     linear = 2.0 * (linear_params + lora_params) * tokens * passes + 2.0 * lora_params * tokens
-    # Causal attention: QK^T and AV over half the square, forward 1x, backward 2x, recompute 1x.
-    attention_forward = 2.0 * shape.layers * shape.heads * shape.head_dim * setup.seq_tokens * tokens
-    attention = attention_forward * (passes + 1.0)
     head_rows = setup.micro_batch * setup.target_tokens if setup.loss == "chunked" else tokens
     head = 2.0 * shape.vocab * shape.hidden * head_rows * (3.0 if setup.loss == "chunked" else 2.0)
-    return linear + attention + head
+    return linear + attention_flops_per_step(shape, setup) + head

@@ -22,6 +22,7 @@ from elite_core.memory_model import (
     MemoryBreakdown,
     ModelShape,
     TrainingSetup,
+    attention_flops_per_step,
     layer_input_bytes,
     predict_memory,
     training_flops_per_step,
@@ -39,22 +40,42 @@ class StepTimeConstants:
     steps (bench/results/memory-h100*.jsonl, 140 points) and checked on H200 runs no constant was fitted on
     (bench/results/rate-accuracy-h200.txt)."""
 
-    matmul_efficiency: float = 0.614
+    matmul_efficiency: float = 0.616
     """Share of the measured matmul peak the step's FLOPs run at."""
-    layer_pass_s: float = 0.00296
+    layer_pass_s: float = 0.00286
     """Launch-bound time per decoder layer per pass (forward, backward, recompute): LoRA's many small kernels."""
-    compiled_factor: float = 0.77
+    compiled_factor: float = 0.76
     """Compiled decoder layers: the whole step takes this share of the eager step's time (fused elementwise kernels)."""
     nf4_factor: float = 1.09
     """QLoRA's nf4 weights are dequantised at every matmul; at a training step's token counts that costs about 9 %."""
     int8_factor: float = 1.6
     """8-bit weights (not measured: the earlier guess, kept for them)."""
+    step_fixed_s: float = 0.0081
+    """Per optimizer step whatever the model (optimizer, gradient clipping, the loss's sync, Python): seen only where
+    little else is, the demo model's short tiers (bench/rate_accuracy.py fits it there)."""
+    attention_speed_by_head_dim: tuple[tuple[int, float], ...] = ((32, 0.40), (64, 0.77), (128, 1.0))
+    """Attention's rate by head dimension, relative to 128 (every fit-set model's): fused attention kernels run
+    narrow heads at a fraction of their wide-head rate. H200, SDPA's own pick (cuDNN), causal forward+backward at 16K
+    and 64K tokens, bench/results/attention-heads-h200.txt: 32 runs at 0.39-0.41, 64 at 0.76-0.79. Interpolated in
+    log2 of the dimension; held at the ends."""
+
+    def attention_speed(self, head_dim: int) -> float:
+        points = self.attention_speed_by_head_dim
+        if head_dim <= points[0][0]:
+            return points[0][1]
+        for (low_dim, low), (high_dim, high) in zip(points, points[1:]):
+            if head_dim <= high_dim:
+                share = math.log2(head_dim / low_dim) / math.log2(high_dim / low_dim)
+                return low + share * (high - low)
+        return points[-1][1]
 
 
 STEP_TIME = StepTimeConstants()
-STEP_TIME_BEFORE = StepTimeConstants(matmul_efficiency=0.53, layer_pass_s=0.0034, compiled_factor=1.0, nf4_factor=1.6)
+STEP_TIME_BEFORE = StepTimeConstants(matmul_efficiency=0.53, layer_pass_s=0.0034, compiled_factor=1.0, nf4_factor=1.6,
+                                     step_fixed_s=0.0, attention_speed_by_head_dim=((128, 1.0),))
 """The constants until 2026-12-02 (one efficiency fitted without the compiled and QLoRA points, QLoRA guessed 1.6x
-slower): the baseline bench/rate_accuracy.py scores beside STEP_TIME."""
+slower, no fixed cost per step, attention at the matmul rate whatever the head size): the baseline
+bench/rate_accuracy.py scores beside STEP_TIME."""
 CPU_MATMUL_EFFICIENCY = 0.45
 """The demo model on 2 cores: 0.6 s per 4.6K-token step measured against 0.75 s estimated at 0.35."""
 HOST_OFFLOAD_FRACTION = 0.7
@@ -151,9 +172,11 @@ def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: Hardw
         gpu = profile.gpus[0]
         peak = {"bf16": gpu.tflops_bf16, "fp16": gpu.tflops_fp16}.get(setup.compute_dtype, gpu.tflops_fp32) or gpu.tflops_fp32
         rate = max(peak, 1e-3) * 1e12 * constants.matmul_efficiency
+        attention = attention_flops_per_step(shape, setup) * max(1, grad_accum)
+        seconds = (flops - attention) / rate + attention / (rate * constants.attention_speed(shape.head_dim))
     else:
         rate = max(profile.cpu_gflops_fp32, 1.0) * 1e9 * CPU_MATMUL_EFFICIENCY
-    seconds = flops / rate
+        seconds = flops / rate
     if profile.has_gpu:
         passes = 3 if setup.checkpointing in ("on", "offload") else 2
         seconds += constants.layer_pass_s * shape.layers * passes * max(1, grad_accum)
@@ -169,6 +192,8 @@ def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: Hardw
         seconds *= constants.int8_factor
     if setup.deepspeed != "off":
         seconds *= 1.2
+    if profile.has_gpu:
+        seconds += constants.step_fixed_s
     return seconds
 
 

@@ -310,28 +310,53 @@ def test_cpu_processes_share_the_ram_they_each_hold_a_model_in(demo_shape):
 
 def test_the_step_time_constants_are_the_fit_of_the_recorded_steps():
     """The table's speed before a probe comes from planner.STEP_TIME: they must be what bench/rate_accuracy.py fits on
-    the committed H100 steps, so a change to either shows here. And the options they price order as measured there:
-    compiled layers faster than eager, nf4 weights slower than bf16."""
+    the committed H100 steps (and the per-step fixed cost on the demo's short H200 tiers), so a change to either shows
+    here. And the options they price order as measured there: compiled layers faster than eager, nf4 weights slower
+    than bf16."""
     from bench import rate_accuracy
     from elite_core.planner import STEP_TIME, estimate_step_time_s
 
     h100 = rate_accuracy.load_profile(rate_accuracy.RESULTS / "memory-h100-hardware.json")
     paths = sorted(rate_accuracy.RESULTS.glob("memory-h100*.jsonl"))
     steps = rate_accuracy.engine_steps(paths, h100, fit_set=True)
-    fitted = rate_accuracy.fit_constants(steps)
+    fitted = rate_accuracy.fit_constants(steps, STEP_TIME.step_fixed_s)
     assert len(steps) == 140
     assert fitted.matmul_efficiency == pytest.approx(STEP_TIME.matmul_efficiency, abs=0.0015)
     assert fitted.layer_pass_s == pytest.approx(STEP_TIME.layer_pass_s, abs=2e-5)
     assert fitted.compiled_factor == pytest.approx(STEP_TIME.compiled_factor, abs=0.005)
     assert fitted.nf4_factor == pytest.approx(STEP_TIME.nf4_factor, abs=0.005)
+    h200 = rate_accuracy.load_profile(rate_accuracy.RESULTS / "gpu-smoke-h200" / "profile.json")
+    demo = rate_accuracy.run_steps(rate_accuracy.RESULTS / "rate-heldout-h200-demo.jsonl", h200)
+    short = [step for step in demo if step.setup.seq_tokens <= 18432]
+    assert len(short) == 3
+    assert rate_accuracy.fit_step_fixed_s(short, STEP_TIME) == pytest.approx(STEP_TIME.step_fixed_s, abs=1e-4)
 
     setup = rate_accuracy.setup_for(rate_accuracy.point_of({"model": "Llama-3.1-8B", "seq": 16384, "rank": 16,
                                                              "checkpointing": "on"}))
-    eager = estimate_step_time_s(LLAMA_8B, setup, h100)
+    eager = estimate_step_time_s(LLAMA_8B, setup, h100) - STEP_TIME.step_fixed_s
     assert estimate_step_time_s(LLAMA_8B, dataclasses.replace(setup, compiled=True), h100) == pytest.approx(
-        eager * STEP_TIME.compiled_factor)
+        eager * STEP_TIME.compiled_factor + STEP_TIME.step_fixed_s)
     assert estimate_step_time_s(LLAMA_8B, dataclasses.replace(setup, weight_dtype="nf4"), h100) == pytest.approx(
-        eager * STEP_TIME.nf4_factor)
+        eager * STEP_TIME.nf4_factor + STEP_TIME.step_fixed_s)
+
+
+def test_narrow_attention_heads_are_timed_at_their_measured_share_of_the_wide_rate():
+    """Attention of head dimension 32 runs at 0.40 of its rate at 128 (bench/results/attention-heads-h200.txt): the
+    demo model's 301K-token step is mostly attention and takes 1/0.40 as long as at the matmul rate."""
+    from elite_core.memory_model import attention_flops_per_step
+    from elite_core.planner import STEP_TIME, estimate_step_time_s
+
+    assert [STEP_TIME.attention_speed(dim) for dim in (16, 32, 64, 128, 256)] == [0.40, 0.40, 0.77, 1.0, 1.0]
+    assert STEP_TIME.attention_speed(96) == pytest.approx(0.77 + 0.585 * 0.23, abs=1e-3)  # log2: 96 is 0.585 past 64
+    demo_shape = shape_from_hf_config(demo_model_config(), name="demo")
+    assert demo_shape.head_dim == 32
+    h100 = fake_profile("h100")
+    setup = plan_tiers(demo_shape, h100, default_config())[6].setup
+    wide = dataclasses.replace(STEP_TIME, attention_speed_by_head_dim=((128, 1.0),))
+    rate = h100.gpus[0].tflops_bf16 * 1e12 * STEP_TIME.matmul_efficiency
+    extra = estimate_step_time_s(demo_shape, setup, h100) - estimate_step_time_s(demo_shape, setup, h100, constants=wide)
+    assert extra == pytest.approx(attention_flops_per_step(demo_shape, setup) / rate * (1 / 0.40 - 1), rel=1e-6)
+    assert extra > estimate_step_time_s(demo_shape, setup, h100, constants=wide)  # most of the step
 
 
 def test_an_option_whose_library_is_missing_is_named_with_what_to_do():
