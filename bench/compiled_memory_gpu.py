@@ -3,7 +3,9 @@
     python bench/compiled_memory_gpu.py                      # the demo at tier 1 (4,608 tokens), micro-batch 1 and 7
     python bench/compiled_memory_gpu.py --points 1x7 3x2 --out bench/results/compiled-memory-h200.jsonl
 
-Each point (micro-batch x tier, compiled or eager) runs in its own process: the engine's model (build_lora_model),
+Each point (micro-batch x tier, compiled or eager) runs in its own process, with the CUDA allocator the training
+child gets (expandable segments, elite_core.runner; --allocator default: torch's own, as bench/results/
+compiled-memory-h200.txt was measured before this switch existed): the engine's model (build_lora_model),
 its optimizer and loss, three steps on random tokens. Per step it records the memory allocated after the forward (what
 backward keeps), the peak allocated and reserved, and what lives outside torch's allocator. Beside it the memory
 model's prediction for the same setup, then ratios. One JSON line per point.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +77,8 @@ def main() -> int:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--points", nargs="+", default=["1x1", "7x1"], help="MICROBATCHxTIER")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--allocator", choices=("engine", "default"), default="engine",
+                        help="engine: expandable segments, as elite_core.runner starts the child; default: torch's own")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: one point, "MBxTIER:compiled|eager"
     args = parser.parse_args()
     if args.one:
@@ -81,15 +86,20 @@ def main() -> int:
         micro_batch, tier = (int(part) for part in point.split("x"))
         print(json.dumps(measure(micro_batch, tier, mode == "compiled", args.model)))
         return 0
+    env = dict(os.environ)
+    if args.allocator == "engine":
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     rows = []
     for point in args.points:
         for mode in ("eager", "compiled"):
             child = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", f"{point}:{mode}"],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env=env)
             if child.returncode != 0:
                 print(f"{point} {mode}: failed\n{child.stderr[-2000:]}", flush=True)
                 continue
-            row = json.loads(child.stdout.strip().splitlines()[-1])
+            row = {**json.loads(child.stdout.strip().splitlines()[-1]), "allocator": args.allocator}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'point':>9} {'mode':8} {'after fwd':>9} {'peak alloc':>10} {'reserved':>9} {'outside':>8} "
