@@ -1,7 +1,7 @@
 """Hardware profile: GPUs (through elite_core.nvml), measured usable memory and matmul speed, CPU, RAM, disk, capabilities.
 
 Measured, not trusted from spec sheets: the usable memory comes from an allocation probe, TFLOPS from timed matmuls,
-bandwidth from a timed device copy. The profile is cached per machine (GPU UUIDs + driver + torch version); the values that
+bandwidth from a timed device copy, all in a child process (its CUDA context ends with it). The profile is cached per machine (GPU UUIDs + driver + torch version); the values that
 change between runs (free memory, available RAM, free disk) are re-read cheaply on every call.
 """
 
@@ -116,9 +116,7 @@ class HardwareProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HardwareProfile":
         values = {key: value for key, value in data.items() if key != "version"}
-        values["gpus"] = tuple(
-            GpuInfo(**{**gpu, "compute_capability": tuple(gpu["compute_capability"])}) for gpu in data["gpus"]
-        )
+        values["gpus"] = tuple(_gpu_from_dict(gpu) for gpu in data["gpus"])
         values["capabilities"] = tuple(Capability(**capability) for capability in data["capabilities"])
         return cls(**values)
 
@@ -443,20 +441,7 @@ def profile_hardware(
         except Exception:
             cuda_ready = False
     if cuda_ready:
-        import torch
-
-        count = torch.cuda.device_count()
-        by_index = {device.index: device for device in devices}
-        for index in range(count):
-            base = 0.05 + 0.8 * index / count
-
-            def stage(text: str, base=base) -> None:
-                report(text, base)
-
-            try:
-                gpus.append(_measure_gpu(torch, by_index.get(index), index, stage))
-            except Exception as error:  # a broken GPU is left out, not fatal
-                report(f"GPU {index} skipped: {error}", base)
+        gpus = _measure_gpus_in_child(report)
 
     report("measuring CPU", 0.9)
     ram_total, ram_available = _ram()
@@ -559,6 +544,76 @@ def discard_planning_profile(run_dir: str | os.PathLike) -> None:
     (Path(run_dir) / PLANNING_PROFILE_FILE).unlink(missing_ok=True)
 
 
+def _measure_gpus(devices: tuple[nvml.NvmlDevice, ...], report: ProgressCallback) -> list[GpuInfo]:
+    import torch
+
+    count = torch.cuda.device_count()
+    by_index = {device.index: device for device in devices}
+    gpus = []
+    for index in range(count):
+        base = 0.05 + 0.8 * index / count
+
+        def stage(text: str, base=base) -> None:
+            report(text, base)
+
+        try:
+            gpus.append(_measure_gpu(torch, by_index.get(index), index, stage))
+        except Exception as error:  # a broken GPU is left out, not fatal
+            report(f"GPU {index} skipped: {error}", base)
+    return gpus
+
+
+GPU_CHILD_TIMEOUT_S = 600
+
+
+def _measure_gpus_in_child(report: ProgressCallback) -> list[GpuInfo]:
+    """The GPUs measured in a child process. The CUDA context the measurement opens (0.5 GiB on an H200) cannot be
+    closed and would stay on the GPU beside the training for as long as the CLI or the wizard runs; it ends with the
+    child. If the child fails the measurement runs here instead, rather than profiling a GPU machine as a CPU one."""
+    import subprocess
+    import sys
+    import tempfile
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+    gpus: list[GpuInfo] = []
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "elite_core.hardware", "--measure-gpus"], env=env,
+                                     stdout=subprocess.PIPE, stderr=errors, text=True)
+            for line in child.stdout:
+                message = json.loads(line)
+                if "gpu" in message:
+                    gpus.append(_gpu_from_dict(message["gpu"]))
+                else:
+                    report(message["stage"], message["fraction"])
+            returncode = child.wait(timeout=GPU_CHILD_TIMEOUT_S)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as error:
+            returncode, gpus = -1, []
+            errors.write(str(error))
+        if returncode == 0:
+            return gpus
+        errors.seek(0)
+        last = (errors.read().strip().splitlines() or ["no output"])[-1]
+    report(f"GPU measurement in a child process failed ({last}); measuring here", 0.05)
+    return _measure_gpus(nvml.devices(), report)
+
+
+def _gpu_from_dict(data: dict[str, Any]) -> GpuInfo:
+    return GpuInfo(**{**data, "compute_capability": tuple(data["compute_capability"])})
+
+
+def _measure_gpus_child_main() -> int:
+    """`python -m elite_core.hardware --measure-gpus`: one JSON line per progress stage, then one per GPU."""
+
+    def report(stage: str, fraction: float) -> None:
+        print(json.dumps({"stage": stage, "fraction": fraction}), flush=True)
+
+    for gpu in _measure_gpus(nvml.devices(), report):
+        print(json.dumps({"gpu": dataclasses.asdict(gpu)}), flush=True)
+    return 0
+
+
 def planning_profile(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> HardwareProfile:
     """The profile a run plans with: RUN_DIR/hardware.json when it was taken on this machine, else this machine's
     profile now, kept there. Planned again from today's free memory, the probe, the run and its resumes could each
@@ -579,3 +634,11 @@ def _same_machine(profile: HardwareProfile, devices: tuple[nvml.NvmlDevice, ...]
     if profile.gpus or devices:
         return sorted(gpu.uuid for gpu in profile.gpus) == sorted(device.uuid for device in devices)
     return profile.cpu_name == _cpu_name() and profile.cpu_cores == _cpu_cores()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--measure-gpus"]:
+        sys.exit("usage: python -m elite_core.hardware --measure-gpus")
+    sys.exit(_measure_gpus_child_main())

@@ -98,6 +98,33 @@ def test_gpu_profile_measures_within_limits(tmp_path):
     gpu = profile.gpus[0]
     assert 0 < gpu.usable_bytes <= gpu.total_bytes
     assert gpu.tflops_fp16 > 10 and gpu.bandwidth_bytes_per_s > 1e11
+    import torch
+
+    # Measured in a child: no CUDA context of this process stays on the GPU beside the training.
+    assert not torch.cuda.is_initialized()
+
+
+def test_the_gpu_measurement_child_speaks_json_lines_and_a_failed_one_falls_back_to_measuring_here(monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from elite_core import hardware
+
+    child = subprocess.run([sys.executable, "-m", "elite_core.hardware", "--measure-gpus"], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    messages = [json.loads(line) for line in child.stdout.splitlines()]
+    assert all("gpu" in message or {"stage", "fraction"} <= set(message) for message in messages)
+    gpus = [message["gpu"] for message in messages if "gpu" in message]
+    assert [gpu.uuid for gpu in hardware._measure_gpus_in_child(lambda stage, fraction: None)] == [
+        gpu["uuid"] for gpu in gpus]
+
+    stages = []
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    measured_here = hardware._measure_gpus_in_child(lambda stage, fraction: stages.append(stage))
+    assert "failed" in stages[0] and "measuring here" in stages[0]
+    assert [gpu.uuid for gpu in measured_here] == [gpu["uuid"] for gpu in gpus]
 
 
 def test_a_cached_profile_sees_the_libraries_installed_since(tmp_path, monkeypatch):
