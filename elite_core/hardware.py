@@ -1,8 +1,9 @@
 """Hardware profile: GPUs (through elite_core.nvml), measured usable memory and matmul speed, CPU, RAM, disk, capabilities.
 
 Measured, not trusted from spec sheets: the usable memory comes from an allocation probe, TFLOPS from timed matmuls,
-bandwidth from a timed device copy, all in a child process (its CUDA context ends with it). The profile is cached per machine (GPU UUIDs + driver + torch version); the values that
-change between runs (free memory, available RAM, free disk) are re-read cheaply on every call.
+bandwidth from a timed device copy, all in a child process (its CUDA context ends with it). The profile is cached per
+machine (GPU UUIDs + driver + torch version); the values that change between runs (free memory, available RAM, free
+disk) are re-read cheaply on every call.
 """
 
 from __future__ import annotations
