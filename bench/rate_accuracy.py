@@ -39,7 +39,7 @@ from bench.reference_models import reference_config  # noqa: E402
 from elite_core.config import DEMO_MODEL, default_config  # noqa: E402
 from elite_core.demo_model import demo_model_config  # noqa: E402
 from elite_core.hardware import HardwareProfile  # noqa: E402
-from elite_core.memory_model import shape_from_hf_config, training_flops_per_step  # noqa: E402
+from elite_core.memory_model import attention_flops_per_step, shape_from_hf_config, training_flops_per_step  # noqa: E402
 from elite_core.planner import STEP_TIME, STEP_TIME_BEFORE, StepTimeConstants, estimate_step_time_s, plan_tiers  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
@@ -114,7 +114,10 @@ def fit_constants(steps: list[MeasuredStep], step_fixed_s: float = 0.0) -> StepT
     """Least squares in log error (a step estimated 2x too long weighs as one 2x too short). The step is
     (FLOPs / (efficiency x peak) + layer passes x time) x the compiled factor x the nf4 factor; on a grid of efficiency
     and layer-pass time, each factor is the mean log residual of its own points (no fit-set point is both)."""
-    flops = np.array([training_flops_per_step(s.shape, s.setup) / (s.profile.gpus[0].tflops_bf16 * 1e12) for s in steps])
+    # attention at its head size's speed, as the planner times it (1.0 for the fit set's head size, 128)
+    flops = np.array([(training_flops_per_step(s.shape, s.setup) + attention_flops_per_step(s.shape, s.setup)
+                       * (1.0 / STEP_TIME.attention_speed(s.shape.head_dim) - 1.0))
+                      / (s.profile.gpus[0].tflops_bf16 * 1e12) for s in steps])
     passes = np.array([s.shape.layers * (3 if s.setup.checkpointing in ("on", "offload") else 2) for s in steps])
     compiled = np.array([s.setup.compiled for s in steps])
     nf4 = np.array([s.setup.weight_dtype == "nf4" for s in steps])
