@@ -1,7 +1,7 @@
 """Where a compiled step's memory goes, against the eager step and the memory model, on a CUDA GPU.
 
     python bench/compiled_memory_gpu.py                      # the demo at tier 1 (4,608 tokens), micro-batch 1 and 7
-    python bench/compiled_memory_gpu.py --points 1x7 3x2 --out bench/results/compiled-memory-h200.jsonl
+    python bench/compiled_memory_gpu.py --points 7x1 3x2 --out bench/results/compiled-memory-h200.jsonl
 
 Each point (micro-batch x tier, compiled or eager) runs in its own process, with the CUDA allocator the training
 child gets (expandable segments, elite_core.runner; --allocator default: torch's own, as bench/results/
@@ -48,7 +48,6 @@ def measure(micro_batch: int, tier: int, compiled: bool, model: str) -> dict:
     input_ids = torch.randint(0, shape.vocab - 8, (micro_batch, window), device="cuda", generator=generator)
     labels = input_ids.clone()
     labels[:, : window - setup.target_tokens] = -100
-    free, total = torch.cuda.mem_get_info()
     steps = []
     for _ in range(3):
         torch.cuda.reset_peak_memory_stats()

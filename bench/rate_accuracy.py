@@ -43,6 +43,8 @@ from elite_core.memory_model import attention_flops_per_step, shape_from_hf_conf
 from elite_core.planner import STEP_TIME, STEP_TIME_BEFORE, StepTimeConstants, estimate_step_time_s, plan_tiers  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
+FIXED_COST_MAX_WINDOW = 18432
+"""The demo's tiers up to this window (1-3: 17-20 ms steps) fit the per-step fixed cost; its longer ones are held out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     planned = engine_steps([RESULTS / "memory-h200-planned.jsonl"], load_profile(RESULTS / "memory-h200-planned-hardware.json"),
                            fit_set=False)
     demo = run_steps(RESULTS / "rate-heldout-h200-demo.jsonl", load_profile(RESULTS / "gpu-smoke-h200" / "profile.json"))
-    demo_short = [step for step in demo if step.setup.seq_tokens <= 18432]  # where the per-step fixed cost is fitted
-    demo_long = [step for step in demo if step.setup.seq_tokens > 18432]
+    demo_short = [step for step in demo if step.setup.seq_tokens <= FIXED_COST_MAX_WINDOW]
+    demo_long = [step for step in demo if step.setup.seq_tokens > FIXED_COST_MAX_WINDOW]
 
     lines = ["tokens/s the tier table estimates before a probe, against measured steps; error = estimated/measured - 1",
              "machines: the fit set on 1 x NVIDIA H100 80GB HBM3, the held-out sets on 1 x NVIDIA H200 (their profiles'"

@@ -564,9 +564,6 @@ def _measure_gpus(devices: tuple[nvml.NvmlDevice, ...], report: ProgressCallback
     return gpus
 
 
-GPU_CHILD_TIMEOUT_S = 600
-
-
 def _measure_gpus_in_child(report: ProgressCallback) -> list[GpuInfo]:
     """The GPUs measured in a child process. The CUDA context the measurement opens (0.5 GiB on an H200) cannot be
     closed and would stay on the GPU beside the training for as long as the CLI or the wizard runs; it ends with the
@@ -579,6 +576,7 @@ def _measure_gpus_in_child(report: ProgressCallback) -> list[GpuInfo]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
     gpus: list[GpuInfo] = []
     with tempfile.TemporaryFile(mode="w+") as errors:
+        child = None
         try:
             child = subprocess.Popen([sys.executable, "-m", "elite_core.hardware", "--measure-gpus"], env=env,
                                      stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -588,10 +586,14 @@ def _measure_gpus_in_child(report: ProgressCallback) -> list[GpuInfo]:
                     gpus.append(_gpu_from_dict(message["gpu"]))
                 else:
                     report(message["stage"], message["fraction"])
-            returncode = child.wait(timeout=GPU_CHILD_TIMEOUT_S)
-        except (OSError, ValueError, subprocess.TimeoutExpired) as error:
-            returncode, gpus = -1, []
-            errors.write(str(error))
+            returncode = child.wait()
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            returncode = -1
+            errors.write(f"\n{type(error).__name__}: {error}")
+        finally:
+            if child is not None and child.poll() is None:  # not read to its end: it must not measure beside us
+                child.kill()
+                child.wait()
         if returncode == 0:
             return gpus
         errors.seek(0)

@@ -108,21 +108,3 @@ def qwen_coder_1_5b_shape():
 def qwen_shape():
     return qwen_coder_1_5b_shape()
 
-
-LONGEST_FIRST = (
-    "tests/test_fault_injection.py",
-    "tests/test_tui_wizard.py",
-    "tests/test_launch_cli.py::test_two_nodes_on_one_machine_train_together",
-    "tests/test_training_child.py::test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses",
-    "tests/test_lr_finder.py::test_the_preflight_key_sweeps_and_the_run_takes_the_found_rate",
-    "tests/test_distributed.py::test_two_ranks_train_like_one_process_at_the_same_global_batch",
-)
-"""The suite's longest tests (30-110 s each on 2 cores, `pytest --durations`), started first: over two workers a long
-test picked up last would run on while the other worker idles."""
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # stable: the rest keep their order

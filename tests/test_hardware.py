@@ -104,10 +104,11 @@ def test_gpu_profile_measures_within_limits(tmp_path):
     assert not torch.cuda.is_initialized()
 
 
-def test_the_gpu_measurement_child_speaks_json_lines_and_a_failed_one_falls_back_to_measuring_here(monkeypatch):
+def test_the_gpu_measurement_child_speaks_json_lines_and_a_failed_one_falls_back_to_measuring_here(monkeypatch, tmp_path):
     import json
     import subprocess
     import sys
+    import time
 
     from elite_core import hardware
 
@@ -125,6 +126,17 @@ def test_the_gpu_measurement_child_speaks_json_lines_and_a_failed_one_falls_back
     measured_here = hardware._measure_gpus_in_child(lambda stage, fraction: stages.append(stage))
     assert "failed" in stages[0] and "measuring here" in stages[0]
     assert [gpu.uuid for gpu in measured_here] == [gpu["uuid"] for gpu in gpus]
+
+    # A child that prints something else is not left measuring beside this process: it is killed, not waited for.
+    garbled = tmp_path / "garbled-python"
+    garbled.write_text("#!/bin/sh\necho 'not json'\nsleep 60\n")
+    garbled.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(garbled))
+    stages.clear()
+    started = time.monotonic()
+    hardware._measure_gpus_in_child(lambda stage, fraction: stages.append(stage))
+    assert time.monotonic() - started < 30
+    assert "JSONDecodeError" in stages[0] and "measuring here" in stages[0]
 
 
 def test_a_cached_profile_sees_the_libraries_installed_since(tmp_path, monkeypatch):

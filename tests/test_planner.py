@@ -327,7 +327,7 @@ def test_the_step_time_constants_are_the_fit_of_the_recorded_steps():
     assert fitted.nf4_factor == pytest.approx(STEP_TIME.nf4_factor, abs=0.005)
     h200 = rate_accuracy.load_profile(rate_accuracy.RESULTS / "gpu-smoke-h200" / "profile.json")
     demo = rate_accuracy.run_steps(rate_accuracy.RESULTS / "rate-heldout-h200-demo.jsonl", h200)
-    short = [step for step in demo if step.setup.seq_tokens <= 18432]
+    short = [step for step in demo if step.setup.seq_tokens <= rate_accuracy.FIXED_COST_MAX_WINDOW]
     assert len(short) == 3
     assert rate_accuracy.fit_step_fixed_s(short, STEP_TIME) == pytest.approx(STEP_TIME.step_fixed_s, abs=1e-4)
 
