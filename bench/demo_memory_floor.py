@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rate_accuracy import load_profile  # noqa: E402
 from elite_core.config import default_config  # noqa: E402
-from elite_core.hardware import HardwareProfile  # noqa: E402
 from elite_core.memory_model import DEFAULT_CONSTANTS, predict_memory, shape_from_hf_config  # noqa: E402
 from elite_core.model_loading import load_hf_config  # noqa: E402
 from elite_core.planner import plan_for_config  # noqa: E402
@@ -32,12 +32,6 @@ BENCH_STEPS = RESULTS / "compiled-memory-h200-floor.jsonl"
 RUNS = RESULTS / "probe-vs-training-h200" / "demo-memory-floor" / "probe-vs-training.txt"
 HARDWARE = RESULTS / "memory-h200-planned-hardware.json"
 FIXED_FLOOR = replace(DEFAULT_CONSTANTS, cuda_allocator_floor_fraction=float("inf"))
-
-
-def _hardware() -> HardwareProfile:
-    data = json.loads(HARDWARE.read_text())
-    data.pop("wall_s", None)  # written by the bench beside the profile's fields
-    return HardwareProfile.from_dict(data)
 
 
 def _run_points() -> list[tuple[str, int, int, bool, float]]:
@@ -54,7 +48,7 @@ def _run_points() -> list[tuple[str, int, int, bool, float]]:
 
 
 def main() -> int:
-    hardware = _hardware()
+    hardware = load_profile(HARDWARE)
     shape = shape_from_hf_config(load_hf_config("demo"), name="demo")
 
     def setup_of(tier: int, micro_batch: int, compiled: bool):
