@@ -8,6 +8,10 @@
 2. The held-out loss scores the same windows at every evaluation, so it has no window noise at all. A run that
    evaluates at every step (`--set eval_every_steps=1`) gives its curve step by step; this projects it from the first
    fifth (estimates.project_loss, as the report projects the training loss) and compares with where it ended.
+3. What a child that also reported difficulty would project: the steady fall fitted to loss / difficulty over the
+   first fifth, times the difficulty of the last tenth's windows (known before they are trained on: the data order
+   is the seed's), against the shipped projection of the raw loss, both scored on the mean loss of the last tenth.
+   Run it on several demo runs (bench/projection_accuracy.py --runs-dir keeps them) for the summary line.
 
     elite-tui run --output /tmp/demo-eval --set eval_every_steps=1 --set compile_eval_prompts=0
     python bench/projection_noise_sources.py /tmp/demo-eval/run-* --out bench/results/projection-noise-sources-cpu
@@ -83,7 +87,7 @@ def explained_share(scatter: np.ndarray, covariate: np.ndarray) -> tuple[float, 
     return 1 - left.var() / scatter.var(), slope, left
 
 
-def analyse(run_dir: Path) -> list[str]:
+def analyse(run_dir: Path) -> tuple[list[str], dict[str, float]]:
     config = RunConfig.load(run_dir / "config.yaml")
     events = read_events(run_dir)
     steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
@@ -97,15 +101,18 @@ def analyse(run_dir: Path) -> list[str]:
     difficulty = base_losses(config, data, windows)
     seconds = time.monotonic() - started
     steady = fit_steady_fall(numbers, losses, lrs)
-    scatter = np.log(losses) - np.log(steady.fit.loss_at(numbers))
-    explained, slope, left = explained_share(scatter, difficulty)
     lines = [f"{run_dir.name}: {len(steps)} steps of {config.micro_batch * config.grad_accum} window(s) of "
-             f"{config.context_tokens:,} + {config.target_tokens:,} tokens, seed {config.seed}",
-             f"1. step loss about the run's steady fall: scatter {scatter.std():.1%} (of the loss, one sigma)",
-             f"   each step's windows scored by the model before training ({seconds:.0f} s for {len(steps)} steps): "
-             f"they explain {explained:.0%} of that scatter's variance (slope {slope:.2f} in log-log); "
-             f"{left.std():.1%} is left"]
-    if config.model == DEMO_MODEL:  # byte tokens: zlib sees the text itself
+             f"{config.context_tokens:,} + {config.target_tokens:,} tokens, seed {config.seed}"]
+    if steady is None:
+        lines.append("1. the whole run's loss does not fall as a steady fall: no scatter to explain")
+    else:
+        scatter = np.log(losses) - np.log(steady.fit.loss_at(numbers))
+        explained, slope, left = explained_share(scatter, difficulty)
+        lines += [f"1. step loss about the run's steady fall: scatter {scatter.std():.1%} (of the loss, one sigma)",
+                  f"   each step's windows scored by the model before training ({seconds:.0f} s for {len(steps)} "
+                  f"steps): they explain {explained:.0%} of that scatter's variance (slope {slope:.2f} in log-log); "
+                  f"{left.std():.1%} is left"]
+    if steady is not None and config.model == DEMO_MODEL:  # byte tokens: zlib sees the text itself
         zlib_share, _, _ = explained_share(scatter, compressed_sizes(data, windows))
         lines.append(f"   zlib's compressed size of each target given its context explains {zlib_share:.0%}")
     ratio = losses / difficulty
@@ -114,10 +121,28 @@ def analyse(run_dir: Path) -> list[str]:
         lines.append("   the loss divided by its windows' difficulty scatters "
                      f"{np.std(np.log(ratio) - np.log(steady_ratio.fit.loss_at(numbers))):.1%} about its own "
                      "steady fall")
+    errors = _normalised_projection(numbers, losses, lrs, difficulty)
+    lines.append("3. from the first fifth, against the last tenth's mean loss: " + ", ".join(
+        f"{name} {error:+.1%}" if np.isfinite(error) else f"{name} none" for name, error in errors.items()))
     every_step = sorted(evals)
     if len(every_step) >= 0.9 * len(steps):
         lines += _held_out_lines(every_step, evals, numbers, lrs)
-    return lines
+    return lines, errors
+
+
+def _normalised_projection(numbers: list[int], losses: np.ndarray, lrs: list[float],
+                           difficulty: np.ndarray) -> dict[str, float]:
+    """Relative errors of the shipped projection and of the difficulty-normalised one (nan: no projection)."""
+    steps, rates = np.asarray(numbers), np.asarray(lrs)
+    total = steps[-1]
+    first = steps <= PROJECTION_FROM_FRACTION * total
+    tail = steps > total - max(1, round(0.1 * total))
+    actual = losses[tail].mean()
+    shipped = project_loss(steps[first], losses[first], total, rates[first])
+    ratio = fit_steady_fall(steps[first], losses[first] / difficulty[first], rates[first])
+    normalised = np.mean(difficulty[tail] * ratio.fit.loss_at(steps[tail])) if ratio else np.nan
+    return {"shipped": (shipped.final_loss - actual) / actual if shipped else np.nan,
+            "difficulty-normalised": (normalised - actual) / actual}
 
 
 def _held_out_lines(every_step: list[int], evals: dict[int, float], numbers: list[int], lrs: list[float]) -> list[str]:
@@ -149,8 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the table to OUT.txt")
     args = parser.parse_args(argv)
     lines = [f"projection noise sources, on {machine_name()}", ""]
+    errors: dict[str, list[float]] = {}
     for run_dir in args.run_dirs:
-        lines += analyse(run_dir) + [""]
+        run_lines, run_errors = analyse(run_dir)
+        lines += run_lines + [""]
+        for name, error in run_errors.items():
+            errors.setdefault(name, []).append(error)
+    for name, values in errors.items():  # no projection counts as a miss
+        values = np.asarray(values)
+        projected = values[np.isfinite(values)]
+        lines.append(f"{name}: {np.sum(np.abs(projected) <= 0.05)}/{len(values)} within 5 %, "
+                     f"{len(projected)} projected, mean abs error {np.mean(np.abs(projected)):.1%}, "
+                     f"mean error {np.mean(projected):+.1%}")
     text = "\n".join(lines)
     print(text)
     if args.out:
