@@ -360,11 +360,8 @@ def format_table(rows: list[dict], fraction: float) -> str:
     if rows and rows[0].get("runs_dir") in BEFORE_SCHEDULE:
         lines.append(f"before (544cae8, step-count curves, least squares): {BEFORE_SCHEDULE[rows[0]['runs_dir']]}")
     for later in LATER_FRACTIONS:
-        # No projection at all (too few steps after warm-up) counts as a miss.
-        later_errors = [math.inf if e is None else abs(e) for e in (row["error_pct_from"][f"{later:.0%}"] for row in rows)]
-        lines.append(f"from the first {later:.0%} instead: {sum(e <= WITHIN_PCT for e in later_errors)}/{len(rows)} "
-                     f"within {WITHIN_PCT:.0f} %, mean |error| {sum(later_errors) / len(later_errors):.1f} %, "
-                     f"max {max(later_errors):.1f} %")
+        later_errors = [row["error_pct_from"][f"{later:.0%}"] for row in rows]
+        lines.append(f"from the first {later:.0%} instead: {errors_summary(later_errors)}")
     lines.append(f"projected from the first {fraction:.0%} of steps; actual = mean training loss of the last tenth of "
                  f"the steps, +-se its standard error (the reference is itself this uncertain); no projection counts "
                  f"as a miss")
@@ -382,11 +379,20 @@ def kept_runs(runs_dir: Path) -> list[tuple[Path, str, int]]:
 
 
 def summary(rows: list[dict], key: str = "error_pct") -> str:
-    errors = [math.inf if row[key] is None else abs(row[key]) for row in rows]  # no projection: a miss
-    signed = [row[key] for row in rows if row[key] is not None]
-    bias = f", mean error {sum(signed) / len(signed):+.1f} % over the {len(signed)} projected" if signed else ""
-    return (f"{sum(e <= WITHIN_PCT for e in errors)}/{len(rows)} within {WITHIN_PCT:.0f} %, "
-            f"mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %{bias}")
+    return errors_summary([row[key] for row in rows])
+
+
+def errors_summary(errors_pct: list[float | None]) -> str:
+    """How many of the runs' errors (None: no projection) are within the target, and their means."""
+    signed = [error for error in errors_pct if error is not None]
+    errors = [abs(error) for error in signed]
+    within = f"{sum(e <= WITHIN_PCT for e in errors)}/{len(errors_pct)} within {WITHIN_PCT:.0f} %"
+    if len(signed) < len(errors_pct):  # no projection counts as a miss; the means are over the projected runs
+        within += f" ({len(errors_pct) - len(signed)} not projected)"
+    if not signed:
+        return within
+    return (f"{within}, mean |error| {sum(errors) / len(errors):.1f} %, max {max(errors):.1f} %, "
+            f"mean error {sum(signed) / len(signed):+.1f} % over the {len(signed)} projected")
 
 
 def main(argv: list[str] | None = None) -> int:
