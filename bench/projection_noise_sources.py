@@ -34,12 +34,13 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from elite_core import protocol  # noqa: E402
 from elite_core.config import DEMO_MODEL, RunConfig  # noqa: E402
 from elite_core.dataset import IGNORE_INDEX, WindowDataset  # noqa: E402
-from elite_core.estimates import fit_steady_fall, project_loss  # noqa: E402
+from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_steady_fall, project_loss,  # noqa: E402
+                                  smoothed_final_loss)
 from elite_core.model_loading import load_causal_lm  # noqa: E402
-from elite_core.report import PROJECTION_FROM_FRACTION  # noqa: E402
+from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.runs import read_events  # noqa: E402
 from elite_core.training import epoch_order  # noqa: E402
-from projection_accuracy import machine_name  # noqa: E402
+from projection_accuracy import errors_summary, machine_name  # noqa: E402
 
 
 def step_windows(config: RunConfig, windows: int, steps: list[int]) -> list[list[int]]:
@@ -87,7 +88,7 @@ def explained_share(scatter: np.ndarray, covariate: np.ndarray) -> tuple[float, 
     return 1 - left.var() / scatter.var(), slope, left
 
 
-def analyse(run_dir: Path) -> tuple[list[str], dict[str, float]]:
+def analyse(run_dir: Path) -> tuple[list[str], dict[str, float | None]]:
     config = RunConfig.load(run_dir / "config.yaml")
     events = read_events(run_dir)
     steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
@@ -121,28 +122,28 @@ def analyse(run_dir: Path) -> tuple[list[str], dict[str, float]]:
         lines.append("   the loss divided by its windows' difficulty scatters "
                      f"{np.std(np.log(ratio) - np.log(steady_ratio.fit.loss_at(numbers))):.1%} about its own "
                      "steady fall")
-    errors = _normalised_projection(numbers, losses, lrs, difficulty)
+    errors = _normalised_projection(steps, losses, difficulty)
     lines.append("3. from the first fifth, against the last tenth's mean loss: " + ", ".join(
-        f"{name} {error:+.1%}" if np.isfinite(error) else f"{name} none" for name, error in errors.items()))
+        f"{name} {error:+.1f}%" if error is not None else f"{name} none" for name, error in errors.items()))
     every_step = sorted(evals)
     if len(every_step) >= 0.9 * len(steps):
         lines += _held_out_lines(every_step, evals, numbers, lrs)
     return lines, errors
 
 
-def _normalised_projection(numbers: list[int], losses: np.ndarray, lrs: list[float],
-                           difficulty: np.ndarray) -> dict[str, float]:
-    """Relative errors of the shipped projection and of the difficulty-normalised one (nan: no projection)."""
-    steps, rates = np.asarray(numbers), np.asarray(lrs)
-    total = steps[-1]
-    first = steps <= PROJECTION_FROM_FRACTION * total
-    tail = steps > total - max(1, round(0.1 * total))
-    actual = losses[tail].mean()
-    shipped = project_loss(steps[first], losses[first], total, rates[first])
-    ratio = fit_steady_fall(steps[first], losses[first] / difficulty[first], rates[first])
-    normalised = np.mean(difficulty[tail] * ratio.fit.loss_at(steps[tail])) if ratio else np.nan
-    return {"shipped": (shipped.final_loss - actual) / actual if shipped else np.nan,
-            "difficulty-normalised": (normalised - actual) / actual}
+def _normalised_projection(steps: list[protocol.StepMetrics], losses: np.ndarray, difficulty: np.ndarray
+                           ) -> dict[str, float | None]:
+    """Errors in % of the shipped projection (the report's projection_check) and of the difficulty-normalised one,
+    against the same actual (None: no projection)."""
+    checked = projection_check(steps)
+    actual = smoothed_final_loss(losses)
+    count = int(len(steps) * PROJECTION_FROM_FRACTION)
+    tail = max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+    numbers, rates = np.asarray([s.step for s in steps]), np.asarray([s.lr for s in steps])
+    ratio = fit_steady_fall(numbers[:count], losses[:count] / difficulty[:count], rates[:count])
+    normalised = float(np.mean(difficulty[-tail:] * ratio.fit.loss_at(numbers[-tail:]))) if ratio else None
+    return {"shipped": (checked[0].final_loss - actual) / actual * 100 if checked else None,
+            "difficulty-normalised": (normalised - actual) / actual * 100 if ratio else None}
 
 
 def _held_out_lines(every_step: list[int], evals: dict[int, float], numbers: list[int], lrs: list[float]) -> list[str]:
@@ -174,18 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the table to OUT.txt")
     args = parser.parse_args(argv)
     lines = [f"projection noise sources, on {machine_name()}", ""]
-    errors: dict[str, list[float]] = {}
+    errors: dict[str, list[float | None]] = {}
     for run_dir in args.run_dirs:
         run_lines, run_errors = analyse(run_dir)
         lines += run_lines + [""]
         for name, error in run_errors.items():
             errors.setdefault(name, []).append(error)
-    for name, values in errors.items():  # no projection counts as a miss
-        values = np.asarray(values)
-        projected = values[np.isfinite(values)]
-        lines.append(f"{name}: {np.sum(np.abs(projected) <= 0.05)}/{len(values)} within 5 %, "
-                     f"{len(projected)} projected, mean abs error {np.mean(np.abs(projected)):.1%}, "
-                     f"mean error {np.mean(projected):+.1%}")
+    lines += [f"{name}: {errors_summary(values)}" for name, values in errors.items()]
     text = "\n".join(lines)
     print(text)
     if args.out:
