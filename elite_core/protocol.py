@@ -53,7 +53,13 @@ class StepMetrics:
     """Peak memory of the step: GPU reserved + non-torch on CUDA, process RSS on CPU."""
     elapsed_s: float
     grad_norm: float = 0.0
+    windows: tuple[int, ...] = ()
+    """The training set's windows this update trained on (every rank's), by index: the loss projection gives each
+    window its own level once they repeat (estimates.fit_window_levels). Empty where unknown (probe, rate sweep)."""
     time: float = field(default_factory=_now)
+
+    def __post_init__(self):
+        object.__setattr__(self, "windows", tuple(self.windows))  # JSON brings a list
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,8 @@ class TrainingEngine:
             self.device, config, self.optimizer, self.scheduler, self.setup_choice.compute_dtype)
         self.step = 0
         self.position = DataPosition()
+        self.step_windows: list[int] = []
+        """The windows _next_windows handed out since the step began (the step's StepMetrics.windows)."""
         self.losses: list[float] = []
         if self.resume:
             self._restore()
@@ -438,6 +440,7 @@ class TrainingEngine:
                 continue
             picked.append(int(order[self.position.index]))
             self.position.index += 1
+        self.step_windows.extend(picked)
         return picked
 
     def _batch(self, indices: list[int], data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,6 +455,7 @@ class TrainingEngine:
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, tokens)."""
         config = self.config
+        self.step_windows = []
         distributed.inject_rank_failure(self.rank, self.step + 1)
         if self.parallel_loss.deepspeed is not None:  # ZeRO (one GPU or several) steps and zeroes through DeepSpeed
             batches = (self._batch(distributed.rank_slice(self._next_windows(config.micro_batch * self.rank.world_size),
@@ -611,6 +615,7 @@ class TrainingEngine:
                     step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss,
                     lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens / max(seconds, 1e-9),
                     memory_bytes=meter.step_peak_bytes(), elapsed_s=time.monotonic() - started, grad_norm=grad_norm,
+                    windows=tuple(self.step_windows),
                 ))
             if self.probe_steps:
                 continue

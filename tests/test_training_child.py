@@ -43,6 +43,11 @@ def test_loss_falls_by_a_third_and_the_adapter_is_saved(tmp_path, tiny_repo):
     assert isinstance(finished, protocol.Finished), events[-3:]
     assert [s.step for s in steps] == list(range(1, 31))
     assert steps[-1].loss <= 0.7 * steps[0].loss, (steps[0].loss, steps[-1].loss)
+    # each step names the windows it trained on: within the first epoch (a fifth of it here) none twice
+    stream = [window for s in steps for window in s.windows]
+    windows = round(steps[-1].step * config.micro_batch * config.grad_accum / steps[-1].epoch)
+    assert len(stream) == 30 * config.micro_batch * config.grad_accum and steps[-1].epoch < 1
+    assert len(set(stream)) == len(stream) and all(0 <= window < windows for window in stream)
     adapter = config.run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     report = (config.run_dir / "report.md").read_text()
@@ -73,7 +78,8 @@ def test_checkpoint_now_lands_while_training_goes_on(tmp_path, tiny_repo):
 
 def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path, tiny_repo):
     straight = small_config(tmp_path, tiny_repo, max_steps=6, run_name="straight", lora_dropout=0.1)
-    reference = [e.loss for e in collect(TrainingProcess.start(straight)) if isinstance(e, protocol.StepMetrics)]
+    reference_steps = [e for e in collect(TrainingProcess.start(straight)) if isinstance(e, protocol.StepMetrics)]
+    reference = [e.loss for e in reference_steps]
 
     interrupted = small_config(tmp_path, tiny_repo, max_steps=6, run_name="interrupted", lora_dropout=0.1)
 
@@ -90,6 +96,8 @@ def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path,
     losses = {e.step: e.loss for e in first + second if isinstance(e, protocol.StepMetrics)}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert [losses[s] for s in range(1, 7)] == pytest.approx(reference, rel=1e-5)
+    windows = {e.step: e.windows for e in first + second if isinstance(e, protocol.StepMetrics)}
+    assert [windows[s] for s in range(1, 7)] == [e.windows for e in reference_steps]
 
 
 def test_the_child_plans_with_the_profile_its_preflight_kept(tmp_path, tiny_repo):
