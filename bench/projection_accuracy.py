@@ -369,7 +369,7 @@ def format_table(rows: list[dict], fraction: float) -> str:
         else:
             lines.append(projected + f" {row['flattening']:>10.3f}{row['flattening_error_pct']:>+8.1f}%  "
                          f"{'yes' if row['flattening_in_band'] else 'no'}")
-    lines.append(f"projection (shipped: the steady fall, or a level per window where they repeat): {summary(rows)}; actual inside the band "
+    lines.append(f"projection (steady fall): {summary(rows)}; actual inside the band "
                  f"{sum(row['in_band'] for row in rows)}/{len(rows)}")
     lines.append(f"flattening fit alone (the projection before): {summary(rows, 'flattening_error_pct')}; actual "
                  f"inside its band {sum(row['flattening_in_band'] for row in rows)}/{len(rows)}")

@@ -9,12 +9,7 @@ flattening fit missed by +17.6 % (17.6 %), too high on every run (bench/results/
 holds both readings of the first fifth: the steady fall's own two-sigma band, and every flattening curve that fits
 about as well (`fit_loss_curve`: a power law with a floor, in the learning-rate area), which training from random
 weights follows. It held the actual on 19 of 23 fine-tunes (the flattening band alone: 3) and on 22 of 24 runs from
-random weights, where the steady fall itself projects 21 % low.
-
-Once the training windows repeat (the first epoch has ended) and the steps say which windows they trained on
-(protocol.StepMetrics.windows), the projection gives each window its own level instead (`fit_window_levels`): a
-repository of a few long windows trains many epochs over the same windows, and which one a step drew is then the
-largest part of its loss's scatter. There the curve is the training set's average, in the learning-rate area."""
+random weights, where the steady fall itself projects 21 % low."""
 
 from __future__ import annotations
 
@@ -174,7 +169,6 @@ def estimate_eta(steps: Sequence[int], elapsed_s: Sequence[float], total_steps: 
 
 
 STEADY_FALL = "steady fall"
-WINDOW_LEVELS = "window levels"
 
 
 @dataclass(frozen=True)
@@ -207,8 +201,7 @@ class LossFit:
     """
 
     kind: str
-    """"power": a power law with a floor in the abscissa; STEADY_FALL: one without, in steps; WINDOW_LEVELS: one
-    without, the average of the windows' curves (`fit_window_levels`)."""
+    """"power": a power law with a floor in the abscissa; STEADY_FALL: one without, in steps."""
     offset: float
     scale: float
     exponent: float
@@ -526,128 +519,9 @@ def _averaged_components(candidates: CandidateCurves) -> tuple[CurveComponent, .
                  for index in np.flatnonzero(keep))
 
 
-MIN_WINDOW_FIT_DOF = 2
-"""Points beyond the levels and the exponent that fit_window_levels needs: with fewer its noise is unknown."""
-MAX_WINDOW_LEVELS = 200
-"""More windows than this get the steady fall: the monitor refits every few seconds, and a least-squares fit of one
-level per window over FIT_MAX_POINTS steps grows with their product. The runs whose windows repeat within the first
-fifth are the few-window ones (long windows over a small repository)."""
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
-         20: 2.09, 30: 2.04}
-"""Student's t at 97.5 % by degrees of freedom (larger ones: 2, the band's sigmas): a fit with a level per window
-has few points to spare, and its noise is estimated from those."""
-
-
-def _t_975(dof: int) -> float:
-    return next((value for limit, value in T_975.items() if dof <= limit), BAND_SIGMAS)
-
-
-@dataclass(frozen=True)
-class WindowLevels:
-    """log(loss) = level[window] - exponent * log(x): the steady fall with each training window at its own level, in
-    the abscissa x (the learning-rate area, or the step count). `fit` is the training set's average, the mean of the
-    windows' curves: what an epoch's mean loss follows."""
-
-    fit: LossFit
-    levels: np.ndarray
-    covariance: np.ndarray
-    """Of (levels..., exponent)."""
-    dof: int
-
-    def band(self, steps) -> tuple[np.ndarray, np.ndarray]:
-        """The average curve at Student's t (97.5 %) standard errors of its fitted log, below and above."""
-        x = _abscissa(np.asarray(steps, dtype=int), self.fit.schedule)
-        weights = np.exp(self.levels) / np.exp(self.levels).sum()
-        gradients = np.concatenate([np.broadcast_to(weights, (len(x), len(weights))), -np.log(x)[:, None]], axis=1)
-        spread = _t_975(self.dof) * np.sqrt(np.maximum(np.einsum("np,pq,nq->n", gradients, self.covariance,
-                                                                 gradients), 0.0))
-        centre = self.fit.loss_at(steps)
-        return centre * np.exp(-spread), centre * np.exp(spread)
-
-
-def fit_window_levels(steps: Sequence[int], losses: Sequence[float], windows: Sequence[Sequence[int]],
-                      epochs: Sequence[float], schedule: LrSchedule | None) -> WindowLevels | None:
-    """The steady fall with a level per window (WindowLevels), by least squares in log(loss), over every step given,
-    warm-up included (each window's level rests on its first visit too); the abscissa is the schedule's forward area,
-    or the step count without a schedule.
-
-    Where the windows repeat, which one a step drew is no longer noise. On the demo as a GPU user runs it (a
-    repository of 5-6 windows of 300K tokens, 50 steps), one step's loss scatters 18-25 % about the steady fall,
-    because the windows differ up to 2.5x; about each window's own level it scatters 1-3 %, and in the learning-rate
-    area the whole run fits within 1 % (bench/results/projection-gpu-demo50-h100.txt).
-
-    None until the first epoch has ended (before that a window's level and the curve are one unknown), with fewer
-    than MIN_WINDOW_FIT_DOF points to spare, with more than MAX_WINDOW_LEVELS windows, or while the loss does not
-    fall. A step of several windows (a batch, or
-    gradient accumulation) has each at its share."""
-    step_array = np.asarray(steps, dtype=int)
-    loss_array = np.asarray(losses, dtype=float)
-    if (len(step_array) == 0 or len(windows) != len(step_array) or len(epochs) != len(step_array)
-            or not all(len(w) for w in windows) or max(epochs) < 1.0):
-        return None
-    keep = np.isfinite(loss_array) & (loss_array > 0) & (step_array > 0)
-    step_array, loss_array = step_array[keep], loss_array[keep]
-    kept_windows = [w for w, k in zip(windows, keep) if k]
-    seen = sorted({index for step_windows in kept_windows for index in step_windows})
-    column = {index: position for position, index in enumerate(seen)}
-    dof = len(step_array) - len(seen) - 1
-    if dof < MIN_WINDOW_FIT_DOF or len(seen) > MAX_WINDOW_LEVELS:
-        return None
-    x = _abscissa(step_array, schedule)
-    design = np.zeros((len(step_array), len(seen) + 1))
-    for row, step_windows in enumerate(kept_windows):
-        for index in step_windows:
-            design[row, column[index]] += 1.0 / len(step_windows)
-    design[:, -1] = -np.log(x)
-    log_losses = np.log(loss_array)
-    coefficients, _, rank, _ = np.linalg.lstsq(design, log_losses, rcond=None)
-    if rank < design.shape[1]:
-        return None
-    residuals = log_losses - design @ coefficients
-    noise_variance = float(residuals @ residuals) / dof
-    levels, exponent = coefficients[:-1], float(coefficients[-1])
-    if exponent <= 0:
-        return None
-    fit = LossFit(kind=WINDOW_LEVELS, offset=0.0, scale=float(np.exp(levels).mean()), exponent=exponent,
-                  fitted_points=len(step_array), residual_std=math.sqrt(noise_variance), schedule=schedule)
-    covariance = noise_variance * np.linalg.inv(design.T @ design)
-    return WindowLevels(fit=fit, levels=levels, covariance=covariance, dof=dof)
-
-
-def _project_window_levels(steps, losses, total_steps: int, lrs, windows, epochs, curve_points: int
-                           ) -> LossProjection | None:
-    """The projection where windows repeat (fit_window_levels, in the learning-rate area), its band also holding the
-    same fit in steps: with the cosine's decay the area reads the future flatter and the steps steeper, and the runs
-    fell in between (on the GPU demo's runs from their first fifth: the area +3.9 % on average, the steps -4.2 %)."""
-    lr_array = np.asarray(lrs, dtype=float) if lrs is not None else None
-    schedule = (schedule_from_reported_lrs(steps, lr_array, total_steps)
-                if lr_array is not None and len(lr_array) == len(steps) else None)
-    if schedule is None:
-        return None
-    in_area = fit_window_levels(steps, losses, windows, epochs, schedule)
-    if in_area is None:
-        return None
-    in_steps = fit_window_levels(steps, losses, windows, epochs, None)
-    last_step = int(max(steps))
-    end = max(total_steps, last_step)
-    curve_steps = np.unique(np.linspace(max(last_step, 1), end, curve_points).round().astype(int))
-    projected = in_area.fit.loss_at(curve_steps)
-    low, high = in_area.band(curve_steps)
-    if in_steps is not None:
-        steps_low, steps_high = in_steps.band(curve_steps)
-        low, high = np.minimum(low, steps_low), np.maximum(high, steps_high)
-    return LossProjection(
-        fit=in_area.fit, flattening=None, total_steps=end, final_loss=float(projected[-1]),
-        final_loss_low=float(low[-1]), final_loss_high=float(high[-1]),
-        curve_steps=tuple(int(s) for s in curve_steps), curve_loss=tuple(float(v) for v in projected),
-        curve_low=tuple(float(v) for v in low), curve_high=tuple(float(v) for v in high),
-    )
-
-
 def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int, lrs: Sequence[float] | None = None,
                  curve_points: int = 40, *, schedule: LrSchedule | None = None,
-                 exponent_prior: tuple[float, float] | None = None, windows: Sequence[Sequence[int]] | None = None,
-                 epochs: Sequence[float] | None = None) -> LossProjection | None:
+                 exponent_prior: tuple[float, float] | None = None) -> LossProjection | None:
     """The projected loss at total_steps (the steady fall) with a band that holds both readings of the steps so far:
     the steady fall two standard errors either side, and the flattening curves that fit the data about as well as the
     best flattening one, each widened by two standard errors of its own coefficients.
@@ -657,16 +531,8 @@ def project_loss(steps: Sequence[int], losses: Sequence[float], total_steps: int
     halved the error on the 50-step demo and from random weights, but on fine-tunes of repositories it was not drawn
     from it put fewer projections within 5 % (bench/results/projection-exponent-prior.txt).
 
-    With each step's `windows` and `epochs` (protocol.StepMetrics), once the windows repeat: the steady fall with a
-    level per window instead (`fit_window_levels`), in the learning-rate area, whose curve is the training set's
-    average.
-
     None until enough steps after the warm-up exist for a fit, or while the loss does not fall.
     """
-    if windows is not None and epochs is not None and len(steps):
-        by_window = _project_window_levels(steps, losses, total_steps, lrs, windows, epochs, curve_points)
-        if by_window is not None:
-            return by_window
     last_step = int(max(steps)) if len(steps) else 0
     end = max(total_steps, last_step)
     steady = fit_steady_fall(steps, losses, lrs, exponent_prior=exponent_prior)

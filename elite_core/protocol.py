@@ -54,8 +54,9 @@ class StepMetrics:
     elapsed_s: float
     grad_norm: float = 0.0
     windows: tuple[int, ...] = ()
-    """The training set's windows this update trained on (every rank's), by index: the loss projection gives each
-    window its own level once they repeat (estimates.fit_window_levels). Empty where unknown (probe, rate sweep)."""
+    """The training set's windows this update trained on (every rank's), by index: which window a step drew is most
+    of its loss's scatter (bench/projection_window_levels.py fits a level per window). Empty where unknown (probe,
+    rate sweep)."""
     time: float = field(default_factory=_now)
 
     def __post_init__(self):

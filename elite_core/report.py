@@ -202,9 +202,8 @@ def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJEC
     count = int(len(steps) * fraction)
     if count < 2:
         return None
-    shown = steps[:count]
-    projection = project_loss([s.step for s in shown], [s.loss for s in shown], steps[-1].step, [s.lr for s in shown],
-                              windows=[s.windows for s in shown], epochs=[s.epoch for s in shown])
+    projection = project_loss([s.step for s in steps[:count]], [s.loss for s in steps[:count]], steps[-1].step,
+                              [s.lr for s in steps[:count]])
     if projection is None:
         return None
     return projection, smoothed_final_loss([s.loss for s in steps])
@@ -214,7 +213,7 @@ def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.E
                        started: protocol.Started | None) -> list[str]:
     if not steps or started is None:
         return []
-    from elite_core.estimates import MIN_FIT_POINTS, WINDOW_LEVELS, fit_steady_fall, steady_fall_points
+    from elite_core.estimates import MIN_FIT_POINTS, fit_steady_fall, steady_fall_points
 
     lines = []
     total = steps[-1].step
@@ -235,8 +234,7 @@ def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.E
     if checked is not None:
         projection, actual = checked
         error = (projection.final_loss - actual) / actual * 100 if actual else 0.0
-        how = " with a level per window (they repeat)" if projection.fit.kind == WINDOW_LEVELS else ""
-        lines.append(f"- loss projected from the first {PROJECTION_FROM_FRACTION:.0%} of steps{how}: "
+        lines.append(f"- loss projected from the first {PROJECTION_FROM_FRACTION:.0%} of steps: "
                      f"{projection.final_loss:.4f} (band {projection.final_loss_low:.4f} to "
                      f"{projection.final_loss_high:.4f}); reached {actual:.4f}, mean of the last tenth ({error:+.1f} %)")
         wide = projection.final_loss_high - projection.final_loss_low > WIDE_BAND * projection.final_loss

@@ -56,8 +56,6 @@ class MonitorScreen(WizardScreen):
         self.memory_bytes: list[int] = []
         self.elapsed_s: list[float] = []
         self.lrs: list[float] = []
-        self.windows: list[tuple[int, ...]] = []
-        self.epochs: list[float] = []
         self.steps_per_epoch: int | None = None
         self.projection: Any = None
         self.epoch_advice: Any = None
@@ -116,8 +114,6 @@ class MonitorScreen(WizardScreen):
             self.memory_bytes.append(event.memory_bytes)
             self.elapsed_s.append(event.elapsed_s)
             self.lrs.append(event.lr)
-            self.windows.append(event.windows)
-            self.epochs.append(event.epoch)
             if event.epoch > 0:
                 self.steps_per_epoch = max(1, round(event.step / event.epoch))
             self.plots_dirty = True
@@ -186,8 +182,7 @@ class MonitorScreen(WizardScreen):
             return
         # A fit over at most ~2,000 points keeps a redraw cheap on runs of many thousand steps.
         stride = max(1, len(self.steps) // 2000)
-        self.projection = project_loss(self.steps[::stride], self.losses[::stride], total, self.lrs[::stride],
-                                       windows=self.windows[::stride], epochs=self.epochs[::stride])
+        self.projection = project_loss(self.steps[::stride], self.losses[::stride], total, self.lrs[::stride])
         self.epoch_advice = advise_epochs(self.steps, self.losses, self.lrs, self.steps_per_epoch,
                                           self.eval_steps, self.eval_losses) if self.steps_per_epoch else None
 
