@@ -257,19 +257,24 @@ def loss_series(run_dir: Path, row: dict) -> dict:
             "windows": [list(s.windows) for s in steps]}
 
 
+def rebuilt_windows(windows: int, seed: int, steps: list[int], per_step: int = 1) -> list[list[int]]:
+    """The windows each step of a run that was not resumed trained on, for runs recorded before the steps reported
+    them (StepMetrics.windows): the data order is the seed's permutation per epoch (training.epoch_order)."""
+    stream = np.concatenate([epoch_order(windows, seed, epoch)
+                             for epoch in range(max(steps) * per_step // windows + 1)])
+    return [[int(index) for index in stream[(step - 1) * per_step:step * per_step]] for step in steps]
+
+
 def fixture_windows(series: dict) -> list[list[int]]:
-    """Each step's training windows. Fixtures written before the steps reported them (StepMetrics.windows) are
-    rebuilt where a step was one window and the run was not resumed: the order is the seed's permutation per epoch
-    (training.epoch_order), and an epoch of n windows is n steps. Empty lists where neither is known."""
+    """Each step's training windows: as recorded, or rebuilt (rebuilt_windows) where a step was one window and the
+    run was not resumed, an epoch of n windows being n steps. Empty lists where neither is known."""
     if series.get("windows"):
         return series["windows"]
     one_window = series.get("tokens_per_update") in (None, series["window_tokens"])
     windows = round(1 / series["epochs"][0]) if series["epochs"] and series["epochs"][0] > 0 else 0
     if not one_window or not windows or series["steps"] != list(range(1, len(series["steps"]) + 1)):
         return [[] for _ in series["steps"]]
-    stream = np.concatenate([epoch_order(windows, series["seed"], epoch)
-                             for epoch in range(len(series["steps"]) // windows + 1)])
-    return [[int(stream[step - 1])] for step in series["steps"]]
+    return rebuilt_windows(windows, series["seed"], series["steps"])
 
 
 def fixture_steps(series: dict) -> list[protocol.StepMetrics]:

@@ -39,16 +39,7 @@ from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_steady_fall, proje
 from elite_core.model_loading import load_causal_lm  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.runs import read_events  # noqa: E402
-from elite_core.training import epoch_order  # noqa: E402
-from projection_accuracy import errors_summary, machine_name  # noqa: E402
-
-
-def step_windows(config: RunConfig, windows: int, steps: list[int]) -> list[list[int]]:
-    """The windows each step trained on: the data order is the seed's permutation per epoch (training.epoch_order)."""
-    per_step = config.micro_batch * config.grad_accum
-    stream = np.concatenate([epoch_order(windows, config.seed, epoch) for epoch in range(max(steps) * per_step
-                                                                                          // windows + 1)])
-    return [stream[(step - 1) * per_step:step * per_step].tolist() for step in steps]
+from projection_accuracy import errors_summary, machine_name, rebuilt_windows  # noqa: E402
 
 
 @torch.no_grad()
@@ -98,7 +89,7 @@ def analyse(run_dir: Path) -> tuple[list[str], dict[str, float | None]]:
     lrs = [s.lr for s in steps]
     data = WindowDataset(run_dir / "dataset", "train", config.context_tokens, config.target_tokens)
     started = time.monotonic()
-    windows = step_windows(config, len(data), numbers)
+    windows = rebuilt_windows(len(data), config.seed, numbers, config.micro_batch * config.grad_accum)
     difficulty = base_losses(config, data, windows)
     seconds = time.monotonic() - started
     steady = fit_steady_fall(numbers, losses, lrs)
