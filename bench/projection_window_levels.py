@@ -6,7 +6,8 @@ log(loss) = level[window] - exponent * log(x), fitted by least squares over the 
 the learning-rate schedule's forward area (or the step count). The projection is the training set's average curve,
 mean(exp(level)) * x**-exponent, at the last step; its band is Student's t standard errors of that fit, also holding
 the same fit in the other abscissa. The steps report their windows (protocol.StepMetrics.windows); fixtures
-recorded before that are rebuilt from the seed (projection_accuracy.fixture_windows).
+recorded before that are rebuilt from the seed (projection_accuracy.fixture_windows). A variant scores the same fit at
+the last tenth's own windows (WindowLevels.tail_mean), which the seed's data order fixes before training starts.
 
 It is scored against the shipped projection (report.projection_check: the steady fall of the raw loss) on the same
 runs, with the same actual (the mean loss of the last tenth):
@@ -29,7 +30,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from elite_core.estimates import smoothed_final_loss  # noqa: E402
+from elite_core.estimates import SMOOTHED_TAIL_FRACTION, smoothed_final_loss  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.schedule import LrSchedule, schedule_from_reported_lrs  # noqa: E402
 from projection_accuracy import errors_summary, fixture_steps  # noqa: E402
@@ -45,6 +46,8 @@ def t_975(dof: int) -> float:
 @dataclass(frozen=True)
 class WindowLevels:
     levels: np.ndarray
+    """One per window in `seen`."""
+    seen: tuple[int, ...]
     exponent: float
     covariance: np.ndarray
     """Of (levels..., exponent)."""
@@ -63,6 +66,16 @@ class WindowLevels:
         gradient = np.concatenate([np.exp(self.levels) / np.exp(self.levels).sum(), [-math.log(x)]])
         spread = t_975(self.dof) * math.sqrt(max(float(gradient @ self.covariance @ gradient), 0.0))
         return centre, centre * math.exp(-spread), centre * math.exp(spread)
+
+    def tail_mean(self, steps, windows) -> float:
+        """The mean loss of the given steps, each at the levels of the windows it will train on (the seed fixes the
+        data order in advance), a window the fit has not seen at the average level."""
+        average = float(np.exp(self.levels).mean())
+        position = {index: column for column, index in enumerate(self.seen)}
+        losses = [np.mean([math.exp(self.levels[position[w]]) if w in position else average for w in step_windows])
+                  * float(self.abscissa([step])[0]) ** -self.exponent
+                  for step, step_windows in zip(steps, windows)]
+        return float(np.mean(losses))
 
 
 def fit_window_levels(steps, losses, windows, epochs, schedule: LrSchedule | None) -> WindowLevels | None:
@@ -87,7 +100,7 @@ def fit_window_levels(steps, losses, windows, epochs, schedule: LrSchedule | Non
         return None
     residuals = log_losses - design @ coefficients
     noise_variance = float(residuals @ residuals) / dof
-    return WindowLevels(levels=coefficients[:-1], exponent=float(coefficients[-1]),
+    return WindowLevels(levels=coefficients[:-1], seen=tuple(seen), exponent=float(coefficients[-1]),
                         covariance=noise_variance * np.linalg.inv(design.T @ design), dof=dof,
                         residual_std=math.sqrt(noise_variance), schedule=schedule)
 
@@ -111,6 +124,9 @@ def score(series: dict, fixture: str) -> dict:
     row["whole_run_scatter"] = whole.residual_std if whole else None
     for name, fitted in (("area", in_area), ("steps", in_steps)):
         row[name] = (fitted.average_at(total)[0] - actual) / actual * 100 if fitted else None
+    tail = steps[-max(1, int(round(len(steps) * SMOOTHED_TAIL_FRACTION))):]
+    row["own_windows"] = ((in_area.tail_mean([s.step for s in tail], [s.windows for s in tail]) - actual) / actual * 100
+                          if in_area else None)
     if in_area is not None:
         edges = [in_area.average_at(total)[1:]] + ([in_steps.average_at(total)[1:]] if in_steps else [])
         row["area_in_band"] = min(e[0] for e in edges) <= actual <= max(e[1] for e in edges)
@@ -124,13 +140,13 @@ def render(rows: list[dict]) -> list[str]:
         return f"{value:+.1f}%" if value is not None else "none"
 
     lines = [f"{'run':<28}{'epochs':>7}{'actual':>8}{'shipped':>10}{'band':>6}{'levels, area':>14}"
-             f"{'band':>6}{'levels, steps':>15}{'whole-run scatter':>19}"]
+             f"{'band':>6}{'levels, steps':>15}{'own windows':>13}{'whole-run scatter':>19}"]
     for row in rows:
         scatter = f"{row['whole_run_scatter']:.1%}" if row["whole_run_scatter"] is not None else "none"
         lines.append(f"{row['run']:<28}{row['epochs']:>7.2f}{row['actual']:>8.3f}"
                      f"{pct(row['shipped']):>10}{'yes' if row['shipped_in_band'] else 'no':>6}"
                      f"{pct(row['area']):>14}{'yes' if row['area_in_band'] else 'no':>6}{pct(row['steps']):>15}"
-                     f"{scatter:>19}")
+                     f"{pct(row['own_windows']):>13}{scatter:>19}")
     for name in dict.fromkeys(row["group"] for row in rows):
         group = [row for row in rows if row["group"] == name]
         lines += ["", f"{name} ({len(group)} runs):"]
@@ -138,7 +154,9 @@ def render(rows: list[dict]) -> list[str]:
                   f"{sum(r['shipped_in_band'] for r in group)}/{len(group)}",
                   f"  levels per window, area: {errors_summary([r['area'] for r in group])}; band "
                   f"{sum(r['area_in_band'] for r in group)}/{len(group)}",
-                  f"  levels per window, steps: {errors_summary([r['steps'] for r in group])}"]
+                  f"  levels per window, steps: {errors_summary([r['steps'] for r in group])}",
+                  f"  levels per window, area, at the last tenth's own windows: "
+                  f"{errors_summary([r['own_windows'] for r in group])}"]
     return lines
 
 
