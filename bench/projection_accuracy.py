@@ -69,8 +69,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from elite_core import protocol  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
-from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_steady_fall, project_flattening,  # noqa: E402
-                                  project_loss, smoothed_final_loss, steady_fall_points)
+from elite_core.estimates import (fit_steady_fall, project_flattening,  # noqa: E402
+                                  project_loss, smoothed_final_loss, steady_fall_points, tail_count)
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.training import epoch_order  # noqa: E402
 
@@ -332,7 +332,7 @@ def noise_floor(path: Path, fraction: float, seed: int = 0) -> list[str]:
         truth = whole.fit.loss_at(steps)
         fitted_steps, fitted_losses = steady_fall_points(steps, losses, lrs)
         residuals = np.log(fitted_losses) - np.log(whole.fit.loss_at(fitted_steps))
-        count, tail = int(len(steps) * fraction), max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+        count, tail = int(len(steps) * fraction), tail_count(len(steps))
         cells = ""
         for scale in NOISE_FLOOR_SCALES:
             errors = []

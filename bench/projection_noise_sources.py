@@ -34,8 +34,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from elite_core import protocol  # noqa: E402
 from elite_core.config import DEMO_MODEL, RunConfig  # noqa: E402
 from elite_core.dataset import IGNORE_INDEX, WindowDataset  # noqa: E402
-from elite_core.estimates import (SMOOTHED_TAIL_FRACTION, fit_steady_fall, project_loss,  # noqa: E402
-                                  smoothed_final_loss)
+from elite_core.estimates import (fit_steady_fall, project_loss,  # noqa: E402
+                                  smoothed_final_loss, tail_count)
 from elite_core.model_loading import load_causal_lm  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.runs import read_events  # noqa: E402
@@ -129,7 +129,7 @@ def _normalised_projection(steps: list[protocol.StepMetrics], losses: np.ndarray
     checked = projection_check(steps)
     actual = smoothed_final_loss(losses)
     count = int(len(steps) * PROJECTION_FROM_FRACTION)
-    tail = max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+    tail = tail_count(len(steps))
     numbers, rates = np.asarray([s.step for s in steps]), np.asarray([s.lr for s in steps])
     ratio = fit_steady_fall(numbers[:count], losses[:count] / difficulty[:count], rates[:count])
     normalised = float(np.mean(difficulty[-tail:] * ratio.fit.loss_at(numbers[-tail:]))) if ratio else None

@@ -30,7 +30,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from elite_core.estimates import SMOOTHED_TAIL_FRACTION, smoothed_final_loss  # noqa: E402
+from elite_core.estimates import smoothed_final_loss, tail_count  # noqa: E402
 from elite_core.report import PROJECTION_FROM_FRACTION, projection_check  # noqa: E402
 from elite_core.schedule import LrSchedule, schedule_from_reported_lrs  # noqa: E402
 from projection_accuracy import errors_summary, fixture_steps  # noqa: E402
@@ -124,7 +124,7 @@ def score(series: dict, fixture: str) -> dict:
     row["whole_run_scatter"] = whole.residual_std if whole else None
     for name, fitted in (("area", in_area), ("steps", in_steps)):
         row[name] = (fitted.average_at(total)[0] - actual) / actual * 100 if fitted else None
-    tail = steps[-max(1, int(round(len(steps) * SMOOTHED_TAIL_FRACTION))):]
+    tail = steps[-tail_count(len(steps)):]
     row["own_windows"] = ((in_area.tail_mean([s.step for s in tail], [s.windows for s in tail]) - actual) / actual * 100
                           if in_area else None)
     if in_area is not None:

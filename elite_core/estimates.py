@@ -669,11 +669,15 @@ def _advice_from_held_out(eval_steps: Sequence[int], eval_losses: Sequence[float
                        lowest_step=lowest_step)
 
 
+def tail_count(count: int, tail_fraction: float = SMOOTHED_TAIL_FRACTION) -> int:
+    """How many of a run's `count` steps its last tenth is (at least one)."""
+    return max(1, int(round(count * tail_fraction)))
+
+
 def smoothed_final_loss(losses: Sequence[float], tail_fraction: float = SMOOTHED_TAIL_FRACTION) -> float:
     """The mean loss over the last tenth of a run: what a projection of the curve (not of one noisy step) is judged by."""
     values = np.asarray(losses, dtype=float)
-    tail = max(1, int(round(len(values) * tail_fraction)))
-    return float(values[-tail:].mean())
+    return float(values[-tail_count(len(values), tail_fraction):].mean())
 
 
 BAND_MARGIN = 0.5

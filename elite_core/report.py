@@ -170,9 +170,9 @@ def _change(before: float, after: float) -> str:
 
 def _training_loss_line(steps: list[protocol.StepMetrics]) -> str:
     """First and last tenth of the steps, each a mean: one step's loss says mostly which window it drew."""
-    from elite_core.estimates import SMOOTHED_TAIL_FRACTION, smoothed_final_loss
+    from elite_core.estimates import smoothed_final_loss, tail_count
 
-    count = max(1, round(len(steps) * SMOOTHED_TAIL_FRACTION))
+    count = tail_count(len(steps))
     first = sum(s.loss for s in steps[:count]) / count
     last = smoothed_final_loss([s.loss for s in steps])
     change = _change(first, last)
