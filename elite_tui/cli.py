@@ -24,6 +24,10 @@ def _add_model_args(parser: argparse.ArgumentParser, repo: bool = True) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
 
 
+def _add_reprofile_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reprofile", action="store_true", help="measure the hardware again instead of using the cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elite-tui",
@@ -31,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With no sub-command the wizard opens. Every wizard step is also a sub-command.",
     )
     _add_model_args(parser)
-    parser.add_argument("--reprofile", action="store_true", help="measure the hardware again instead of using the cache")
+    _add_reprofile_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="train without the UI (same engine), printing progress")
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch, or 50 on the demo)")
     run.add_argument("--run-name", help="run directory name (default: run-DATE-TIME)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field")
-    run.add_argument("--reprofile", action="store_true")
+    _add_reprofile_arg(run)
     run.add_argument("--preflight", choices=("auto", "on", "off"), default="auto",
                      help="the wizard's pre-flight checks before training. auto (default): all of them on a CUDA GPU, "
                           "where real probe steps confirm the largest micro-batch; on a CPU the checks without steps "
@@ -69,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--print", action="store_true", help="print the events instead of opening the monitor")
 
     profile = sub.add_parser("profile", help="print the hardware profile as JSON")
-    profile.add_argument("--output", default="elite-runs")
-    profile.add_argument("--reprofile", action="store_true")
+    profile.add_argument("--output", default="elite-runs", help="where the hardware profile is cached (default: elite-runs)")
+    _add_reprofile_arg(profile)
 
     plan = sub.add_parser("plan", help="print the tier table for a model on this hardware")
     _add_model_args(plan)
-    plan.add_argument("--reprofile", action="store_true")
+    _add_reprofile_arg(plan)
     plan.add_argument("--run-dir", type=Path,
                       help="plan this run's model and time its epochs from its dataset and pre-flight probe")
     plan.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -93,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--steps", type=int, default=40, help="steps of the sweep (at most 40)")
     lr_find.add_argument("--min-lr", type=float, default=1e-6)
     lr_find.add_argument("--max-lr", type=float, default=1e-1)
-    lr_find.add_argument("--reprofile", action="store_true")
+    _add_reprofile_arg(lr_find)
 
     export = sub.add_parser("export", help="merge a finished run's adapter into its base model")
     export.add_argument("run_dir", type=Path)
