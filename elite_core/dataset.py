@@ -30,6 +30,9 @@ from elite_core import repo_scan
 from elite_core.repo_scan import display_path
 
 DATASET_FORMAT_VERSION = 1
+FILE_RULES_VERSION = 2
+"""Bump when the rules that decide a file's fate change (secrets, junk): no verdict of an older build is then reused.
+2: keyword rules by file type, "token" keys, more key formats, names and lock files (2026-12-07)."""
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "eval")
 TOKEN_DTYPE = np.dtype("<u4")
@@ -234,12 +237,12 @@ def _tokenizer_info(source: str, trust_remote_code: bool) -> tuple[_TokenizerInf
 class _FileProcessor:
     """Reads, classifies, scans and tokenises one file; lives once per worker process."""
 
-    def __init__(self, root: str, shard_dir: str, backend_json: str, max_file_bytes: int, known_hashes: frozenset[str]):
+    def __init__(self, root: str, shard_dir: str, backend_json: str, max_file_bytes: int, known_verdicts: frozenset[str]):
         from elite_core.secret_filter import SecretScanner
 
         self.root = root
         self.max_file_bytes = max_file_bytes
-        self.known_hashes = known_hashes
+        self.known_verdicts = known_verdicts
         self.encoder = TokenEncoder(backend_json)
         self.scanner = SecretScanner()
         self.shard_name = f"shard-{os.getpid()}.tokens"
@@ -267,11 +270,12 @@ class _FileProcessor:
             return {**entry, "status": "skipped", "reason": f"too large (grew past cap {self.max_file_bytes} bytes)"}
         digest = hashlib.sha256(data).hexdigest()
         entry["sha256"] = digest
-        if digest in self.known_hashes:
+        verdict_key = _verdict_key(digest, relative)
+        if verdict_key in self.known_verdicts:
             return {**entry, "status": "cached"}
-        seen = self.seen.get(digest)
+        seen = self.seen.get(verdict_key)
         if seen is None:
-            seen = self.seen[digest] = self._classify_and_tokenize(relative, data)
+            seen = self.seen[verdict_key] = self._classify_and_tokenize(relative, data)
         elif seen["status"] == "kept" and seen["language"] != entry["language"]:
             # Which imports count depends on the language, which the name decides.
             seen = {**seen, "language": entry["language"],
@@ -287,7 +291,7 @@ class _FileProcessor:
         reason = repo_scan.content_skip_reason(text)
         if reason:
             return {"status": "skipped", "reason": reason}
-        finding = self.scanner.scan(text)
+        finding = self.scanner.scan(text, relative)
         if finding is not None:
             return {"status": "secret", "reason": finding.reason}
         tokens = self.encoder.encode(text)
@@ -351,6 +355,7 @@ def _settings(tokenizer: _TokenizerInfo, max_file_bytes: int) -> dict:
     """What decides each file's fate and tokens; when any of it changes, nothing from a previous build is reused."""
     return {
         "format_version": DATASET_FORMAT_VERSION,
+        "file_rules_version": FILE_RULES_VERSION,
         "tokenizer_source": tokenizer.source,
         "tokenizer_identity": tokenizer.identity,
         "eos_id": tokenizer.eos_id,
@@ -549,14 +554,19 @@ def build_dataset(
         _emit_progress(progress, state, force=True)
         return summary
 
-    dataset_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(f"cannot create the dataset directory {dataset_dir}: {error.strerror or error}") from error
     previous_by_path: dict[str, dict] = {}
     previous_by_hash: dict[str, dict] = {}
+    previous_by_verdict_key: dict[str, dict] = {}
     if previous is not None:
         for old in previous.get("files", []):
             previous_by_path[old["path"]] = old
             if old.get("sha256") and old["status"] != "duplicate":
                 previous_by_hash.setdefault(old["sha256"], old)
+                previous_by_verdict_key.setdefault(_verdict_key(old["sha256"], old["path"]), old)
 
     entries: list[dict] = []
     to_read: list[tuple[str, int, int]] = []
@@ -578,12 +588,12 @@ def build_dataset(
     shutil.rmtree(shard_dir, ignore_errors=True)
     shard_dir.mkdir()
     try:
-        read_results = _process_files(repo, shard_dir, tokenizer, max_file_bytes, frozenset(previous_by_hash), to_read,
-                                      workers, progress, state)
+        read_results = _process_files(repo, shard_dir, tokenizer, max_file_bytes, frozenset(previous_by_verdict_key),
+                                      to_read, workers, progress, state)
         for result in read_results:
             if result["status"] == "cached":
-                entries.append(_reuse(previous_by_hash[result["sha256"]], result["path"], result["size"],
-                                      result["mtime_ns"], previous_by_hash))
+                entries.append(_reuse(previous_by_verdict_key[_verdict_key(result["sha256"], result["path"])],
+                                      result["path"], result["size"], result["mtime_ns"], previous_by_hash))
             else:
                 entries.append(result)
         _emit_progress(progress, state, force=True)
@@ -592,6 +602,13 @@ def build_dataset(
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
     return summary
+
+
+def _verdict_key(digest: str, relative_path: str) -> str:
+    """What a file's verdict depends on: its content, and the kind of path (the keyword rules follow the file type)."""
+    from elite_core.secret_filter import content_rules
+
+    return f"{digest}:{content_rules(relative_path)}"
 
 
 def _reuse(old: dict, path: str, size_bytes: int, mtime_ns: int, previous_by_hash: dict[str, dict]) -> dict:
@@ -635,12 +652,12 @@ def _chunks(candidates: list[tuple[str, int, int]]) -> list[list[tuple[str, int,
     return chunks
 
 
-def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_hashes, to_read, workers, progress, state):
+def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_verdicts, to_read, workers, progress, state):
     results: list[dict] = []
     if not to_read:
         return results
     workers = _default_workers() if workers is None else max(1, int(workers))
-    init_args = (str(repo), str(shard_dir), tokenizer.backend_json, max_file_bytes, known_hashes)
+    init_args = (str(repo), str(shard_dir), tokenizer.backend_json, max_file_bytes, known_verdicts)
     # Walk order, not largest first: neighbouring files share words, which keeps the BPE word cache warm (13 % faster).
     chunks = _chunks(to_read)
 
@@ -726,14 +743,23 @@ def _finish_build(repo, dataset_dir, shard_dir, scan, entries, tokenizer, settin
 
 
 def _nothing_trainable_message(repo: Path, summary: DatasetSummary) -> str:
-    seen = len(summary.skipped) + len(summary.secrets_excluded)
-    if seen == 0:
+    records = summary.skipped + summary.secrets_excluded
+    if not records:
         return f"nothing to train on: {repo} has no files (outside .gitignore)"
     reasons = defaultdict(int)
-    for item in summary.skipped + summary.secrets_excluded:
+    for item in records:
         reasons[item.reason.split(" (")[0].split(",")[0]] += 1
     top = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-    return f"nothing to train on: all {seen} files in {repo} were skipped ({top})"
+    # A skipped directory is one record however many files it holds: count it as a directory, not a file.
+    directories = sum(item.path.endswith("/") for item in records)
+    files = len(records) - directories
+    counted = " and ".join(part for part in (_plural(files, "file"), _plural(directories, "directory", "directories"))
+                           if not part.startswith("0 "))
+    return f"nothing to train on: everything in {repo} was skipped, {counted} ({top})"
+
+
+def _plural(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _summarize(dataset_dir, scan, entries, kept, split_tokens, tokenizer_source, started, files_tokenized):

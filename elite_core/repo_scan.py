@@ -40,6 +40,7 @@ LOCK_FILE_NAMES = frozenset(
         "package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml", "bun.lockb", "poetry.lock",
         "pipfile.lock", "pdm.lock", "uv.lock", "cargo.lock", "gemfile.lock", "composer.lock", "go.sum",
         "podfile.lock", "packages.lock.json", "flake.lock", "mix.lock", "pubspec.lock", "conda-lock.yml",
+        "bun.lock", "deno.lock", "package.resolved", "gradle.lockfile", "go.work.sum", "paket.lock",
     }
 )
 GENERATED_NAME_PATTERNS = (
@@ -117,26 +118,54 @@ class RepositoryScan:
 
 
 def _read_ignore_lines(path: Path) -> list[str]:
-    """Lines of a .gitignore-style file; a missing, unreadable or symlinked one counts as empty."""
+    """Lines of a .gitignore-style file; a missing, unreadable or symlinked one counts as empty. A UTF-8 byte order
+    mark is dropped, as git drops it (else the first pattern would not match)."""
     try:
         if path.is_symlink() or not path.is_file():
             return []
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError:
         return []
 
 
-def _is_ignored(relative_path: str, is_dir: bool, specs: tuple[tuple[str, pathspec.GitIgnoreSpec], ...]) -> bool:
+def _ignore_spec(lines: list[str]) -> pathspec.GitIgnoreSpec:
+    """The patterns of one ignore file; a line that is not a valid pattern ("!", "build\\", "[z-a]") is skipped, as
+    git skips it, instead of failing the whole walk."""
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except (ValueError, re.error):
+        valid = []
+        for line in lines:
+            try:
+                pathspec.GitIgnoreSpec.from_lines([line])
+            except (ValueError, re.error):
+                continue
+            valid.append(line)
+        return pathspec.GitIgnoreSpec.from_lines(valid)
+
+
+@dataclass(frozen=True)
+class _IgnoreFile:
+    base: str
+    """The directory it applies to, relative to the scanned root ("" for the root and above it)."""
+    spec: pathspec.GitIgnoreSpec
+    prefix: str = ""
+    """For an ignore file above the scanned root (the root is a folder inside a git work tree): the root's path
+    relative to that file's directory, put in front of the paths it matches."""
+
+
+def _is_ignored(relative_path: str, is_dir: bool, specs: tuple[_IgnoreFile, ...]) -> bool:
     """Git's rule: the deepest .gitignore with a matching pattern decides; within one file the last pattern wins."""
     ignored = False
-    for base, spec in specs:
+    for ignore_file in specs:
+        base = ignore_file.base
         if base:
             if not relative_path.startswith(base):
                 continue
             local = relative_path[len(base):]
         else:
-            local = relative_path
-        result = spec.check_file(local + "/" if is_dir else local)
+            local = ignore_file.prefix + relative_path
+        result = ignore_file.spec.check_file(local + "/" if is_dir else local)
         if result.include is not None:
             ignored = result.include
     return ignored
@@ -152,6 +181,46 @@ def _symlink_reason(root_real: str, path: str) -> str:
     if os.path.commonpath([root_real, target]) != root_real:
         return "symlink: points outside the repository"
     return "symlink: target inside the repository is read at its own path"
+
+
+def _git_dir(work_tree: Path) -> Path | None:
+    """The work tree's git directory: .git itself, or where a .git file points (a linked work tree, a submodule)."""
+    dot_git = work_tree / ".git"
+    if dot_git.is_dir():
+        return dot_git
+    try:
+        first_line = dot_git.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
+    except OSError:
+        return None
+    if not first_line.startswith("gitdir:"):
+        return None
+    git_dir = Path(first_line[len("gitdir:"):].strip())
+    return git_dir if git_dir.is_absolute() else work_tree / git_dir
+
+
+def _ignore_files_above(root: Path) -> tuple[_IgnoreFile, ...]:
+    """The ignore files git applies to the root that do not lie inside it: the work tree's .git/info/exclude and,
+    when the root is a folder inside a work tree, the .gitignore of each folder from the work tree down to it.
+    None when the root is in no work tree."""
+    resolved = root.resolve()
+    for work_tree in (resolved, *resolved.parents):
+        if (work_tree / ".git").exists():
+            break
+    else:
+        return ()
+    root_inside = resolved.relative_to(work_tree).as_posix()
+    prefix = "" if root_inside == "." else root_inside + "/"
+    found = []
+    git_dir = _git_dir(work_tree)
+    exclude_lines = _read_ignore_lines(git_dir / "info" / "exclude") if git_dir is not None else []
+    if exclude_lines:
+        found.append(_IgnoreFile("", _ignore_spec(exclude_lines), prefix))
+    # The folders above the root, outermost first: a deeper .gitignore's match wins.
+    for folder in reversed([resolved, *resolved.parents][1:len(resolved.relative_to(work_tree).parts) + 1]):
+        lines = _read_ignore_lines(folder / ".gitignore")
+        if lines:
+            found.append(_IgnoreFile("", _ignore_spec(lines), resolved.relative_to(folder).as_posix() + "/"))
+    return tuple(found)
 
 
 def scan_repository(
@@ -171,19 +240,15 @@ def scan_repository(
     root_real = os.path.realpath(root)
     own_dirs = {os.path.realpath(path) for path in output_dirs}
     scan = RepositoryScan(root=root)
-    root_specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
-    exclude_lines = _read_ignore_lines(root / ".git" / "info" / "exclude")
-    if exclude_lines:
-        root_specs.append(("", pathspec.GitIgnoreSpec.from_lines(exclude_lines)))
     # An explicit stack, not recursion: a very deep tree must not hit the interpreter's recursion limit.
-    stack: list[tuple[str, tuple[tuple[str, pathspec.GitIgnoreSpec], ...]]] = [("", tuple(root_specs))]
+    stack: list[tuple[str, tuple[_IgnoreFile, ...]]] = [("", _ignore_files_above(root))]
     while stack:
         directory_relative, inherited_specs = stack.pop()
         directory_path = os.path.join(root, directory_relative) if directory_relative else str(root)
         specs = inherited_specs
         gitignore_lines = _read_ignore_lines(Path(directory_path) / ".gitignore")
         if gitignore_lines:
-            specs = specs + ((directory_relative, pathspec.GitIgnoreSpec.from_lines(gitignore_lines)),)
+            specs = specs + (_IgnoreFile(directory_relative, _ignore_spec(gitignore_lines)),)
         try:
             with os.scandir(directory_path) as iterator:
                 entries = sorted(iterator, key=lambda entry: entry.name)
@@ -280,22 +345,24 @@ def decode_text(data: bytes) -> tuple[str | None, str]:
     """(text, how it was decoded) or (None, why it is not text), following the policy in MAX_INVALID_UTF8_FRACTION."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return data.decode("utf-16"), "utf-16"
+            text, policy = data.decode("utf-16"), "utf-16"
         except UnicodeDecodeError:
             return None, "binary (invalid UTF-16)"
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
+    elif b"\x00" in data[:BINARY_SNIFF_BYTES]:
         return None, "binary (NUL bytes)"
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-        policy = "utf-8"
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        invalid = text.count("\ufffd") - data.count("\xef\xbf\xbd".encode("latin-1"))
-        if invalid > MAX_INVALID_UTF8_FRACTION * len(data):
-            return None, "binary or unknown encoding (not UTF-8)"
-        policy = "utf-8 with replacement"
+    else:
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        try:
+            text = data.decode("utf-8")
+            policy = "utf-8"
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="replace")
+            invalid = text.count("\ufffd") - data.count("\xef\xbf\xbd".encode("latin-1"))
+            if invalid > MAX_INVALID_UTF8_FRACTION * len(data):
+                return None, "binary or unknown encoding (not UTF-8)"
+            policy = "utf-8 with replacement"
+    # Also after a UTF-16 byte order mark: binary data may start with FF FE too.
     head = text[:BINARY_SNIFF_BYTES]
     control = len(_CONTROL_CHARACTERS.findall(head))
     if control > MAX_CONTROL_CHAR_FRACTION * max(1, len(head)):

@@ -12,10 +12,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from elite_core.repo_scan import language_of
+
 # Matched against the lower-cased file name; the description is what the summary shows.
 SECRET_FILE_NAME_RULES: tuple[tuple[str, str], ...] = (
     (".env", "environment file (.env*)"),
-    (".env.*", "environment file (.env*)"),
+    (".env[._-]*", "environment file (.env*)"),
+    (".envrc", "environment file (.envrc)"),
     ("*.env", "environment file (*.env)"),
     ("*.pem", "certificate or key file (*.pem)"),
     ("*.key", "key file (*.key)"),
@@ -41,11 +44,13 @@ SECRET_FILE_NAME_RULES: tuple[tuple[str, str], ...] = (
     ("credentials.*", "credential file (credentials.*)"),
     ("*.credentials", "credential file (*.credentials)"),
     ("secrets.*", "secrets file (secrets.*)"),
+    (".secrets.*", "secrets file (.secrets.*)"),
     ("*.secret", "secrets file (*.secret)"),
     ("*.secrets", "secrets file (*.secrets)"),
     ("service-account*.json", "cloud service account key (service-account*.json)"),
     ("*.tfvars", "Terraform variables (*.tfvars)"),
     ("*.tfstate", "Terraform state (*.tfstate)"),
+    ("*.tfstate.*", "Terraform state (*.tfstate.*)"),
     ("kubeconfig", "Kubernetes credentials (kubeconfig)"),
 )
 
@@ -103,7 +108,57 @@ _PATTERN_GATES: dict[str, tuple[str, object]] = {
 # A keyword hit ("password = ...") counts only when the value looks like a real credential, not a name or a placeholder.
 _MIN_KEYWORD_VALUE_CHARS = 12
 _MIN_KEYWORD_VALUE_ENTROPY_BITS = 3.0
-_PLACEHOLDER_WORDS = ("example", "changeme", "placeholder", "your", "xxxx", "dummy", "redacted", "<", "{", "$")
+# A placeholder is a template or a marker word, not any value holding "$" or "<": "Tr0ub4dor$3xKq9vLm" is a password.
+# The short marker "your" counts only as a word: four random letters of a key spell it often enough.
+_PLACEHOLDER = re.compile(
+    r"\$\{[^}]*\}|\{\{.*?\}\}|%\(\w+\)s|^\$[A-Za-z_]\w*$|^<[^<>]*>$|x{4,}|\*{4,}"
+    r"|example|changeme|placeholder|dummy|redacted|(?<![a-z])your(?![a-z])", re.IGNORECASE)
+
+# Formats no detect-secrets detector knows (as of 1.5), each with the literal it starts with: checked only where
+# the literal occurs.
+_PROJECT_FORMATS: tuple[tuple[str, str, re.Pattern], ...] = (
+    ("private key block", "PRIVATE KEY", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")),
+    ("PuTTY private key", "PuTTY-User-Key-File-", re.compile(r"PuTTY-User-Key-File-\d+:")),
+    ("GitHub fine-grained token", "github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{60,}")),
+    ("Hugging Face token", "hf_", re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,40}(?![A-Za-z0-9_])")),
+    ("Google API key", "AIza", re.compile(r"AIza[0-9A-Za-z_\-]{35}")),
+    ("Anthropic API key", "sk-ant-", re.compile(r"sk-ant-[A-Za-z0-9_\-]{32,}")),
+)
+
+# detect-secrets' keyword list has no "token": "HF_TOKEN = ...", "access_token: ...", "Bearer ...". A value must be
+# quoted in code (unquoted it is usually an expression), and may be bare in config files, as detect-secrets' own
+# per-file-type rules have it.
+_TOKEN_VALUE = r"[a-z0-9._~+/=-]{12,}"  # what tokens are made of (base64, hex, URL-safe); a regex or a template is not
+# Searched in lower-cased text, each from a literal (which re finds fast, where an alternation is tried at every
+# character); the key's whole name is read backwards from the match.
+_ASSIGNED = r"[\"']?\s*(?:=|:=|:|=>)\s*([\"'])(?P<value>" + _TOKEN_VALUE + r")\1"
+_ASSIGNED_BARE = r"[\"']?\s*(?:=|:)\s*(?P<value>" + _TOKEN_VALUE + r")(?![^\s,;#])"
+_TOKEN_ASSIGNMENTS_QUOTED = tuple(re.compile(pattern) for pattern in (
+    "token" + _ASSIGNED, "credentials?" + _ASSIGNED, r"bearer\s+(?P<value>" + _TOKEN_VALUE + ")"))
+_TOKEN_ASSIGNMENTS_BARE = tuple(re.compile(pattern) for pattern in ("token" + _ASSIGNED_BARE,
+                                                                    "credentials?" + _ASSIGNED_BARE))
+# Tokens that are not credentials, by the word before "token": API handles for paging, locking, idempotency and
+# change sets (AWS's NextToken, ClientRequestToken, ChangeToken ...), a public key's token, and a tokenizer's
+# special tokens.
+_HANDLE_TOKEN_WORDS = frozenset({
+    "next", "page", "continuation", "cursor", "sync", "marker", "lock", "idempotency", "client", "request", "change",
+    "update", "lifecycle", "verification", "export", "import", "copy", "public", "cancellation", "pad", "eos", "bos",
+    "unk", "sep", "cls", "mask", "special", "start", "end", "stop",
+})
+
+
+def _names_a_handle(key: str | None) -> bool:
+    if key is None or not key.lower().endswith("token"):
+        return False
+    words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", key[:-len("token")])
+    lowered = [word.lower() for word in words]
+    return bool(lowered) and (lowered[-1] in _HANDLE_TOKEN_WORDS or "public" in lowered)
+
+
+# Where "password = hX9k2LmQ7vRt4ZpW" without quotes is the value itself, not an expression.
+# Documentation is left out: its "secret:" and "password=" are mostly ARNs and examples (on the AWS CLI's 5,000
+# example pages nearly every hit).
+_LITERAL_VALUE_LANGUAGES = frozenset({"Shell", "Dockerfile", "Makefile", "Just", "Other"})
 
 
 @dataclass(frozen=True)
@@ -135,9 +190,9 @@ def secret_file_name_rule(relative_path: str) -> SecretFinding | None:
     lowered = relative_path.lower()
     if not any(directory in lowered for directory in _CREDENTIAL_DIRECTORIES):
         return None
-    parts = PurePosixPath(lowered).parts
-    if len(parts) >= 2 and parts[-2] in _CREDENTIAL_DIRECTORIES:
-        return SecretFinding(rule=f"file name: inside a credential directory ({parts[-2]}/)", line_number=0)
+    for directory in PurePosixPath(lowered).parts[:-1]:
+        if directory in _CREDENTIAL_DIRECTORIES:
+            return SecretFinding(rule=f"file name: inside a credential directory ({directory}/)", line_number=0)
     return None
 
 
@@ -152,7 +207,7 @@ def looks_like_credential(value: str) -> bool:
     lowered = value.lower()
     if len(value) < _MIN_KEYWORD_VALUE_CHARS or any(ch.isspace() for ch in value):
         return False
-    if any(word in lowered for word in _PLACEHOLDER_WORDS):
+    if _PLACEHOLDER.search(value):
         return False
     if not (any(ch.isalpha() for ch in value) and any(ch.isdigit() for ch in value)):
         return False
@@ -189,8 +244,9 @@ class SecretScanner:
         self._keyword_prefilter_lower = re.compile("|".join(DENYLIST))
         self._keyword_prefilter = re.compile("|".join(DENYLIST), re.IGNORECASE)
 
-    def scan(self, text: str) -> SecretFinding | None:
-        """The first secret found in the text, or None."""
+    def scan(self, text: str, relative_path: str = "") -> SecretFinding | None:
+        """The first secret found in the text, or None. `relative_path` picks the keyword rules for the file's type:
+        in YAML, INI, TOML, .properties and files of no known language a value needs no quotes."""
         lowered = text.lower()
         is_ascii = text.isascii()
         for plugin, prefilters in self._detectors:
@@ -200,15 +256,77 @@ class SecretScanner:
                 for line_number, line in _hit_lines(prefilter, text):
                     for _value in plugin.analyze_string(line):
                         return SecretFinding(rule=_rule_name(plugin), line_number=line_number)
+        for name, literal, pattern in _PROJECT_FORMATS:
+            if literal in text:
+                match = pattern.search(text)
+                if match is not None:
+                    return SecretFinding(rule=name, line_number=text.count("\n", 0, match.start()) + 1)
+        keyword_rules, bare_values = _keyword_rules(relative_path)
         if len(lowered) == len(text):
             keyword_lines = ((n, text_line) for n, text_line in _hit_lines(self._keyword_prefilter_lower, lowered, text))
         else:
             keyword_lines = _hit_lines(self._keyword_prefilter, text)
         for line_number, line in keyword_lines:
-            for value in self._keyword.analyze_string(line):
+            for value in self._keyword.analyze_string(line, denylist_regex_to_group=keyword_rules):
                 if value and looks_like_credential(value):
                     return SecretFinding(rule=_rule_name(self._keyword), line_number=line_number)
-        return None
+        return _token_assignment(text, lowered, bare_values)
+
+
+def _token_assignment(text: str, lowered: str, bare_values: bool) -> SecretFinding | None:
+    """A credential assigned to a "...token" or "credentials" key, or sent as "Bearer ...", which detect-secrets'
+    keyword list does not cover."""
+    if len(lowered) != len(text):  # lower-casing changed the length (rare non-ASCII): search the text itself
+        lowered = text
+    patterns = _TOKEN_ASSIGNMENTS_QUOTED + (_TOKEN_ASSIGNMENTS_BARE if bare_values else ())
+    for pattern in patterns:
+        if lowered is text:
+            pattern = re.compile(pattern.pattern, re.IGNORECASE)
+        for match in pattern.finditer(lowered):
+            value = text[slice(*match.span("value"))]
+            if not match.group(0).startswith("bearer") and _names_a_handle(_key_before(text, match.start(),
+                                                                                         match.group(0))):
+                continue
+            if looks_like_credential(value):
+                return SecretFinding(rule="secret keyword (token)", line_number=text.count("\n", 0, match.start()) + 1)
+    return None
+
+
+def _key_before(text: str, start: int, matched: str) -> str:
+    """The whole key name whose end the match starts with: "HF_TOKEN" for a match at "TOKEN = ...", read back over
+    the characters of a name."""
+    key_start = start
+    while key_start > 0 and (text[key_start - 1].isalnum() or text[key_start - 1] in "_.-"):
+        key_start -= 1
+    keyword = re.match(r"[a-z]+", matched.lower()).group(0)
+    return text[key_start:start + len(keyword)]
+
+
+def _keyword_rules(relative_path: str):
+    """detect-secrets' keyword regexes for the file's type, and whether a bare (unquoted) value counts."""
+    from detect_secrets.plugins.keyword import (
+        CONFIG_DENYLIST_REGEX_TO_GROUP, QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, REGEX_BY_FILETYPE)
+    from detect_secrets.util.filetype import determine_file_type
+
+    if not relative_path:
+        return QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, False
+    rules = REGEX_BY_FILETYPE.get(determine_file_type(relative_path))
+    if rules is None:  # a type detect-secrets has no rules for: bare values count where text is literal
+        bare = language_of(relative_path) in _LITERAL_VALUE_LANGUAGES
+        return (CONFIG_DENYLIST_REGEX_TO_GROUP if bare else QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP), bare
+    return rules, rules is CONFIG_DENYLIST_REGEX_TO_GROUP
+
+
+def content_rules(relative_path: str) -> str:
+    """Which content rules a path gets (its keyword rules depend on its file type): the same text under two paths of
+    one kind gets the same verdict, so a verdict may be reused across them, and only across them."""
+    from detect_secrets.plugins.keyword import REGEX_BY_FILETYPE
+    from detect_secrets.util.filetype import determine_file_type
+
+    file_type = determine_file_type(relative_path)
+    if file_type in REGEX_BY_FILETYPE:
+        return file_type.name.lower()
+    return "literal" if _keyword_rules(relative_path)[1] else "quoted"
 
 
 def _compile_gate(pattern: str):

@@ -274,10 +274,19 @@ def _dataset(args) -> int:
 
     config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
                             run_name=new_run_name())
+    # Checked before the build, which may take minutes, so a typo in the path does not throw that work away.
+    if args.preview and (args.preview.is_dir() or not args.preview.parent.is_dir()):
+        problem = "is a directory" if args.preview.is_dir() else "is in a folder that does not exist"
+        raise CliError(f"--preview {args.preview} {problem}")
     summary = _build_dataset(config)
     print(format_summary(summary))
     if args.preview:
-        args.preview.write_text(preview_text(config.run_dir / "dataset", tokenizer_source=config.model), encoding="utf-8")
+        try:
+            args.preview.write_text(preview_text(config.run_dir / "dataset", tokenizer_source=config.model),
+                                    encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot write --preview {args.preview}: {exc.strerror or exc}; the dataset itself is "
+                           f"in {config.run_dir / 'dataset'}") from exc
         print(f"preview written to {args.preview}")
     return 0
 

@@ -306,10 +306,16 @@ def test_errors_are_one_clear_line(tmp_path):
         build_dataset(tmp_path / "empty", tmp_path / "ds")
     write(tmp_path / "binaries", "a.bin", bytes(range(256)))
     write(tmp_path / "binaries", ".env", "A=1\n")
-    with pytest.raises(DatasetError, match=r"nothing to train on: all 2 files .* were skipped \(1 binary, 1 secret: file name: environment file"):
+    with pytest.raises(DatasetError, match=r"nothing to train on: everything in .* was skipped, 2 files \(1 binary, 1 secret: file name: environment file"):
         build_dataset(tmp_path / "binaries", tmp_path / "ds2")
     with pytest.raises(DatasetError, match="nothing to train on"):
         build_dataset(tmp_path / "binaries", tmp_path / "ds2")
+    # A skipped directory counts once, as a directory, however many files it holds.
+    for index in range(5):
+        write(tmp_path / "vendored", f"node_modules/pkg{index}.js", "module.exports = 1;\n")
+    write(tmp_path / "vendored", "blank.py", "")
+    with pytest.raises(DatasetError, match=r"was skipped, 1 file and 1 directory \("):
+        build_dataset(tmp_path / "vendored", tmp_path / "ds3")
     with pytest.raises(DatasetError, match="no dataset in"):
         WindowDataset(tmp_path / "missing", "train", 8, 4)
 

@@ -55,6 +55,33 @@ def test_gitignore_at_several_levels_and_info_exclude(tmp_path):
     assert not any(path.startswith(".git/") for path in kept | set(reasons))
 
 
+def test_a_folder_inside_a_work_tree_follows_the_ignore_files_above_it(tmp_path):
+    """Pointed at services/api of a monorepo, the walk sees what git sees there: the outer .gitignore files and the
+    work tree's info/exclude apply, each at its own depth."""
+    write(tmp_path, ".git/info/exclude", "NOTES.md\n")
+    write(tmp_path, ".gitignore", "build/\n")
+    write(tmp_path, "services/.gitignore", "*.generated.py\n")
+    write(tmp_path, "services/api/app.py")
+    write(tmp_path, "services/api/NOTES.md", "notes\n")
+    write(tmp_path, "services/api/build/out.py")
+    write(tmp_path, "services/api/models.generated.py")
+    kept, reasons = kept_and_reasons(tmp_path / "services" / "api")
+    assert kept == {"app.py"}
+    assert reasons == {"NOTES.md": "gitignored", "build/": "gitignored", "models.generated.py": "gitignored"}
+
+
+def test_ignore_files_git_reads_differently_from_a_plain_parser(tmp_path):
+    """A byte order mark before the first pattern, and lines that are not valid patterns, which git skips."""
+    write(tmp_path, ".gitignore", "\ufeffprod_dump.sql\n")
+    write(tmp_path, "prod_dump.sql", "insert 1;\n")
+    write(tmp_path, "pkg/.gitignore", "!\nbuild\\\n[z-a].log\n*.tmp\n")
+    write(tmp_path, "pkg/mod.py")
+    write(tmp_path, "pkg/scratch.tmp", "tmp\n")
+    kept, reasons = kept_and_reasons(tmp_path)
+    assert kept == {".gitignore", "pkg/.gitignore", "pkg/mod.py"}
+    assert reasons == {"prod_dump.sql": "gitignored", "pkg/scratch.tmp": "gitignored"}
+
+
 def test_symlinks_out_of_repo_loops_and_dangling_are_not_followed(tmp_path):
     outside = tmp_path / "outside"
     write(outside, "secret_data.py", "outside = True\n")
@@ -123,6 +150,8 @@ def test_unreadable_directory_is_recorded(tmp_path):
 def test_name_rules_lock_files_vendored_size_cap(tmp_path):
     write(tmp_path, "poetry.lock", "[[package]]\n")
     write(tmp_path, "package-lock.json", "{}\n")
+    write(tmp_path, "bun.lock", "{}\n")
+    write(tmp_path, "ios/Package.resolved", "{}\n")
     write(tmp_path, "node_modules/lib/index.js", "module.exports = 1\n")
     write(tmp_path, "app.min.js", "var a=1;\n")
     write(tmp_path, "proto/msg_pb2.py", "x = 1\n")
@@ -134,7 +163,7 @@ def test_name_rules_lock_files_vendored_size_cap(tmp_path):
 
     assert scan.candidates == []
     assert reasons["poetry.lock"] == "lock file"
-    assert reasons["package-lock.json"] == "lock file"
+    assert reasons["package-lock.json"] == reasons["bun.lock"] == reasons["ios/Package.resolved"] == "lock file"
     assert reasons["node_modules/"] == "vendored or tool directory"
     assert reasons["app.min.js"].startswith("minified")
     assert reasons["proto/msg_pb2.py"] == "generated (protobuf)"
@@ -153,6 +182,9 @@ def test_binary_is_judged_by_content_not_extension():
 def test_decoding_policy_for_non_utf8():
     assert decode_text("\ufeffbom = 1\n".encode("utf-8")) == ("bom = 1\n", "utf-8")
     assert decode_text("wide = 'ß'\n".encode("utf-16")) == ("wide = 'ß'\n", "utf-16")
+    # A UTF-16 byte order mark does not make binary data text.
+    control_words = "".join(chr(code) for code in range(1, 9)).encode("utf-16-le")
+    assert decode_text(b"\xff\xfe" + control_words * 64) == (None, "binary (control characters)")
     latin1_comment = ("# caf\xe9\n" + "x = 1\n" * 50).encode("latin-1")
     text, how = decode_text(latin1_comment)
     assert how == "utf-8 with replacement" and text.startswith("# caf\ufffd\n")

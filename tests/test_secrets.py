@@ -154,3 +154,51 @@ def test_pattern_gates_never_hide_a_finding():
             expected = ungated.scan(text)
             assert expected is not None, name
             assert gated.scan(text) == expected, name
+
+
+# Split like the secrets above so that this file's own lines do not match.
+UNQUOTED_PASSWORD = "hX9k2LmQ" + "7vRt4ZpW"
+
+
+@pytest.mark.parametrize("relative, text", [
+    ("config.yaml", f"database:\n  password: {UNQUOTED_PASSWORD}\n"),
+    ("settings.ini", f"[db]\npassword = {UNQUOTED_PASSWORD}\n"),
+    ("app.properties", f"spring.datasource.password={UNQUOTED_PASSWORD}\n"),
+    ("scripts/start.sh", f"export DB_PASSWORD={UNQUOTED_PASSWORD}\n"),
+    ("train_upload.py", f'HF_TOKEN = "{UNQUOTED_PASSWORD}"\n'),
+    ("config/oauth.json", f'{{"refresh_token": "{UNQUOTED_PASSWORD}"}}\n'),
+    ("ci.yaml", f"env:\n  GITHUB_TOKEN: {UNQUOTED_PASSWORD}\n"),
+    ("call.sh", f'curl -H "Authorization: Bearer {UNQUOTED_PASSWORD}" https://api\n'),
+    ("db.py", 'DB_PASSWORD = "Tr0ub4dor' + '$3xKq9vLm"\n'),  # a "$" inside is not a template
+    ("api.py", 'api_key = "8fK2pYoUr7' + 'Qx9Lm3Zt6W"\n'),  # nor is "your" inside a random key
+    ("keys.txt", "-----BEGIN ENCRYPTED " + "PRIVATE KEY-----\nMIIFHzBJBgkqhkiG9w0BBQ0wPDAbBgkqhkiG9w0BBQwwDgQI\n"),
+    ("deploy/key", "PuTTY-User-Key-" + "File-3: ssh-ed25519\nEncryption: none\n"),
+    ("hub.sh", "push --token hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh\n"),
+    ("gh.sh", "GH=github_pat_" + "11ABCDEFG0" * 8 + "12\n"),
+    ("maps.js", "const key = 'AIza" + "SyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW';\n"),
+    ("llm.sh", "export KEY=sk-ant-" + "api03-" + "aB1cD2eF3gH4iJ5kL6mN7oP8qR9sT0uV\n"),
+])
+def test_secrets_that_need_the_file_type_or_a_rule_of_our_own(relative, text):
+    assert SecretScanner().scan(text, relative) is not None, relative
+
+
+@pytest.mark.parametrize("relative, text", [
+    ("model.py", "token = self._tokenizer.encode(text)[0]\n"),  # in code a bare value is an expression
+    ("tokenize.py", 'TOKEN = "[a-zA-Z_][a-zA-Z0-9_-]*"\n'),  # a regex is not a token
+    ("tok.py", 'entity_1_token = kwargs.pop("entity_token_1", entity_1_token)\n'),
+    ("aws.json", '{"NextToken": "eyJOZXh0VG9rZW4iOiBudWxsfQ==", "ClientRequestToken": "a8ca07e4-61ec-4399-99f4"}\n'),
+    ("tokenizer_config.json", '{"pad_token": "<|endoftext|>", "bos_token_id": 151643}\n'),
+    ("ci.yaml", "token: ${{ secrets.GITHUB_TOKEN }}\n"),
+    ("setup.cfg", "password = ${DB_PASSWORD}\n"),
+    ("docs/arn.md", '"ARN": "arn:aws:secretsmanager:us-west-2:123456789012:secret:MyTestSecret-a1b2c3"\n'),
+    ("docs/keys.md", '"SecurityToken": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n'),
+])
+def test_code_handles_and_placeholders_are_not_secrets(relative, text):
+    assert SecretScanner().scan(text, relative) is None, relative
+
+
+def test_more_secret_file_names():
+    for name in (".envrc", ".env-production", ".env_local", ".secrets.toml", "infra/terraform.tfstate.backup",
+                 "home/.ssh/keys/deploy_token"):
+        assert secret_file_name_rule(name) is not None, name
+    assert secret_file_name_rule("src/environment.py") is None
