@@ -12,6 +12,8 @@ Layout of RUN_DIR/checkpoints/step-00000042/:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -99,6 +101,18 @@ def _inject_save_fault() -> None:
     raise OSError(int(errno_text), os.strerror(int(errno_text)))
 
 
+@contextlib.contextmanager
+def _write_failures_as_os_errors():
+    """safetensors (SafetensorError) and torch.save (RuntimeError from its stream writer) report a full disk or a
+    file-size limit with their own exceptions: raised as OSError, so the caller's on_save_failure policy applies."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as exc:
+        raise OSError(errno.EIO, f"{type(exc).__name__}: {exc}") from exc
+
+
 def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunConfig, keep: int = 3) -> Path:
     """Write a checkpoint atomically and prune to the newest `keep`. Returns the final directory."""
     import torch
@@ -115,10 +129,12 @@ def save(run_dir: Path, model, optimizer, scheduler, state: dict, config: RunCon
     staging.mkdir()
     try:
         _inject_save_fault()
-        save_file(_trainable_state(model), staging / "adapter.safetensors")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        with _write_failures_as_os_errors():
+            save_file(_trainable_state(model), staging / "adapter.safetensors")
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
-        save_file(_rng_state(), staging / "rng.safetensors")
+        with _write_failures_as_os_errors():
+            save_file(_rng_state(), staging / "rng.safetensors")
         (staging / "state.json").write_text(json.dumps(state), encoding="utf-8")
         config.save(staging / "config.yaml")
         files = sorted(p for p in staging.iterdir() if p.is_file())
@@ -178,6 +194,28 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     state = read_state(path)
     state["path"] = str(path)
     return state
+
+
+ADAPTER_SHAPE_FIELDS = ("model", "lora_rank", "lora_target_modules", "extra_trainable_modules")
+"""What a resumed run cannot change: the saved adapter and optimizer state have this shape."""
+RELOCATION_FIELDS = ("output_dir", "run_name")
+"""Where the run lies, which a resume of a moved run directory rewrites."""
+
+
+def config_changes(saved: RunConfig, current: RunConfig) -> dict[str, tuple]:
+    """Fields of the run's config that differ from the config its checkpoint was saved with: (saved, now)."""
+    from dataclasses import fields
+
+    return {f.name: (getattr(saved, f.name), getattr(current, f.name)) for f in fields(RunConfig)
+            if f.name not in RELOCATION_FIELDS and getattr(saved, f.name) != getattr(current, f.name)}
+
+
+def saved_config(path: Path) -> RunConfig | None:
+    """The config a checkpoint was saved with; None for a checkpoint written before checkpoints held it."""
+    try:
+        return RunConfig.load(path / "config.yaml")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_valid(run_dir: Path) -> Path | None:

@@ -90,12 +90,30 @@ class CommandReader:
                 return commands
 
 
-def install_signal_handlers(engine) -> None:
-    # SIGHUP comes with an SSH drop: keep training.
+class EarlySignals:
+    """The commands signals carry (SIGUSR1: checkpoint now; SIGINT, SIGTERM: stop) that arrive before the engine exists:
+    child.pid is written first, and torch takes seconds to import, so an attach may signal that early. Their default
+    actions would end the process; they are remembered instead and handed to the engine."""
+
+    def __init__(self) -> None:
+        self.checkpoint = False
+        self.stop = False
+        # SIGHUP comes with an SSH drop: keep training.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "checkpoint", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+
+
+def install_signal_handlers(engine, early: EarlySignals | None = None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, lambda *_: engine.request_checkpoint())
     signal.signal(signal.SIGINT, lambda *_: engine.request_stop("signal"))
     signal.signal(signal.SIGTERM, lambda *_: engine.request_stop("signal"))
+    if early is not None and early.checkpoint:
+        engine.request_checkpoint()
+    if early is not None and early.stop:
+        engine.request_stop("signal")
 
 
 def run_probe_mode(engine, request: ProbeRequest, run_dir: Path, emit) -> protocol.Finished:
@@ -128,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir.resolve()
     # distributed: under a launcher only rank 0 owns child.pid, events.jsonl, the pipe and the commands on stdin
     rank = distributed.rank_info()
+    early_signals = EarlySignals()
     if rank.is_main:
         (run_dir / CHILD_PID_FILE).write_text(str(os.getpid()))
         distributed.clear_rank_failures(run_dir)
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_steps = lr_find.steps  # a short run of its own: no plan file, no checkpoints
     engine = TrainingEngine(config, run_dir, emit=emit, poll_commands=poll, resume=args.resume,
                             probe_steps=probe_steps, dataset_dir=args.dataset_dir)
-    install_signal_handlers(engine)
+    install_signal_handlers(engine, early_signals)
     try:
         if probe is not None:
             sink(run_probe_mode(engine, probe, run_dir, emit))

@@ -531,9 +531,7 @@ def build_dataset(
     tokenizer, _ = _tokenizer_info(tokenizer_source, trust_remote_code)
     settings = _settings(tokenizer, max_file_bytes)
 
-    own_dirs = [dataset_dir, *([output_dir] if output_dir is not None else [])]
-    scan = repo_scan.scan_repository(repo, max_file_bytes=max_file_bytes, name_rule=_secret_name_reason,
-                                     output_dirs=own_dirs)
+    scan = _scan(repo, dataset_dir, output_dir, max_file_bytes)
     fingerprint = _walk_fingerprint(scan)
     previous = read_manifest(dataset_dir)
     if previous is not None and (previous.get("settings") != settings or not _split_files_intact(dataset_dir, previous)):
@@ -625,6 +623,30 @@ def _reuse(old: dict, path: str, size_bytes: int, mtime_ns: int, previous_by_has
         entry["status"] = "skipped"
         entry["reason"] = "previous copy lost"
     return entry
+
+
+def _scan(repo: Path, dataset_dir: Path, output_dir, max_file_bytes: int) -> repo_scan.RepositoryScan:
+    own_dirs = [dataset_dir, *([output_dir] if output_dir is not None else [])]
+    return repo_scan.scan_repository(repo, max_file_bytes=max_file_bytes, name_rule=_secret_name_reason,
+                                     output_dirs=own_dirs)
+
+
+def complete_build(dataset_dir: str | Path) -> dict | None:
+    """The manifest of a finished build in dataset_dir whose token files are all there, or None."""
+    manifest = read_manifest(dataset_dir)
+    return manifest if manifest is not None and _split_files_intact(Path(dataset_dir), manifest) else None
+
+
+def repository_changed_since(repo: str | Path, dataset_dir: str | Path, output_dir: str | Path | None = None) -> bool:
+    """Whether the repository's files (names, sizes, mtimes, name rules) differ from what the build in dataset_dir
+    read, or the repository is gone; a walk only, nothing is read or tokenised."""
+    manifest = complete_build(dataset_dir)
+    repo = Path(repo).expanduser()
+    if manifest is None or not repo.is_dir():
+        return True
+    max_file_bytes = manifest.get("settings", {}).get("max_file_bytes", repo_scan.DEFAULT_MAX_FILE_BYTES)
+    scan = _scan(repo, Path(dataset_dir).expanduser(), output_dir, max_file_bytes)
+    return manifest.get("walk_fingerprint") != _walk_fingerprint(scan)
 
 
 def _split_files_intact(dataset_dir: Path, manifest: dict) -> bool:

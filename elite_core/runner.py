@@ -80,10 +80,20 @@ def live_child_pid(run_dir: Path) -> int | None:
     return None
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
-    """Create the run directory and write its config; raises OSError with the path when it cannot."""
-    run_dir = config.run_dir
+def claim_run_dir(run_dir: Path) -> None:
+    """Take the run directory's controller lock, or raise RunLockedError when another live elite-tui holds it or its
+    child still trains: before anything is written there, so that a refused command changes nothing."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ControllerLock(run_dir).acquire()
+    if live_child_pid(run_dir) is not None:
+        raise RunLockedError(f"{run_dir} is still training: attach to it (elite-tui attach {run_dir})")
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    """Claim the run directory (claim_run_dir) and write its config; raises OSError with the path when it cannot."""
+    run_dir = config.run_dir
+    claim_run_dir(run_dir)
     config.save(run_dir / "config.yaml")
     return run_dir
 
@@ -240,8 +250,8 @@ class AttachedRun:
                 while True:
                     chunk = stream.read()
                     if not chunk:
-                        if ended:
-                            break
+                        # While the child lives, more may come: the history may end with an earlier session's end
+                        # (a stop, a recovered out-of-memory error) that a resumed child is already past.
                         if self.is_alive():
                             time.sleep(FOLLOW_POLL_S)
                             continue
@@ -255,7 +265,8 @@ class AttachedRun:
                             event = protocol.decode_event(line)
                         except protocol.ProtocolError:
                             continue
-                        ended = ended or isinstance(event, TERMINAL_EVENTS)
+                        # A session's end counts until the next session starts (a resume, a restart).
+                        ended = isinstance(event, TERMINAL_EVENTS) or (ended and not isinstance(event, protocol.Started))
                         yield event
         finally:
             self._lock.release()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from elite_core import checkpoints, distributed, protocol, schedule
-from elite_core.config import RunConfig, zero_offload
+from elite_core.config import ConfigError, RunConfig, zero_offload
 from elite_core.lean_layers import offload_saved_tensors, share_adapter_inputs, use_lean_norms
 from elite_core.memory_model import TrainingSetup
 from elite_core.model_loading import load_causal_lm
@@ -347,7 +347,7 @@ class TrainingEngine:
             self.rank, self.checkpoint_requested, self.stop_requested)
 
     def setup(self) -> None:
-        from elite_core.dataset import WindowDataset, build_dataset
+        from elite_core.dataset import WindowDataset, build_dataset, complete_build, repository_changed_since
         from elite_core.hardware import planning_profile
         from elite_core.model_loading import load_hf_config, load_model_shape
         from elite_core.planner import plan_for_config
@@ -384,7 +384,14 @@ class TrainingEngine:
                 self.emit(protocol.Warning(message="this model post-processes its logits: using the model's own loss"))
 
             dataset_dir = self.dataset_dir
-            if self.rank.local_rank == 0:
+            if self.rank.local_rank == 0 and self.resume and complete_build(dataset_dir) is not None:
+                # A resumed run goes on with the windows it trained on: its saved data position indexes them, and a
+                # rebuilt set (the repository is usually edited meanwhile) would hand it other windows in silence.
+                if self.rank.is_main and repository_changed_since(config.repo, dataset_dir, config.output_dir):
+                    self.emit(protocol.Warning(
+                        message=f"{config.repo} changed since this run's dataset was built: the resumed run goes on "
+                                "with the dataset it started with (a new run trains on the changes)"))
+            elif self.rank.local_rank == 0:
                 # The node's other ranks read what its first rank built: scanning again, they rebuilt it side by
                 # side wherever the repository had changed since (3 CPU ranks on a busy directory: a rename race).
                 build_dataset(config.repo, dataset_dir, tokenizer_source=config.model,
@@ -395,6 +402,8 @@ class TrainingEngine:
         if len(self.train_data) == 0:
             raise RuntimeError(f"the dataset built from {config.repo} has no training windows")
 
+        if self.resume:
+            self._refuse_a_changed_adapter(config)
         if self.device == "cuda":
             prefer_sdpa_backends()
         self.model = build_lora_model(config, self.setup_choice, self.device)
@@ -421,6 +430,19 @@ class TrainingEngine:
         if self.resume:
             self._restore()
 
+    def _refuse_a_changed_adapter(self, config: RunConfig) -> None:
+        """Before the model loads: a config edited since the last checkpoint must still fit its adapter's shape."""
+        latest = checkpoints.latest_valid(self.run_dir)
+        saved = checkpoints.saved_config(latest) if latest is not None else None
+        if saved is None:
+            return
+        changed = {name: values for name, values in checkpoints.config_changes(saved, config).items()
+                   if name in checkpoints.ADAPTER_SHAPE_FIELDS}
+        if changed:
+            raise ConfigError({name: f"{old} -> {new} since the checkpoint {latest.name}: a resumed run keeps its "
+                                     "adapter's shape; set it back in config.yaml, or start a new run"
+                               for name, (old, new) in changed.items()})
+
     def _restore(self) -> None:
         state = checkpoints.load_latest(self.run_dir, self.model, self.optimizer, self.scheduler)
         if state is None:
@@ -430,6 +452,18 @@ class TrainingEngine:
         self.position = DataPosition(**state["position"])
         self.losses = list(state.get("losses", []))
         self.emit(protocol.Warning(message=f"resumed from {state['path']} at step {self.step}"))
+        saved = checkpoints.saved_config(Path(state["path"]))
+        changes = checkpoints.config_changes(saved, self.config) if saved is not None else {}
+        if "learning_rate" in changes:
+            # The optimizer and scheduler state bring the saved peak rate back; the edited one is the run's now.
+            scale = self.config.learning_rate / saved.learning_rate
+            self.scheduler.base_lrs = [rate * scale for rate in self.scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] *= scale
+                group["lr"] *= scale
+        if changes:
+            listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+            self.emit(protocol.Warning(message=f"resumed with settings changed since that checkpoint: {listed}"))
 
     def _next_windows(self, count: int) -> list[int]:
         picked = []

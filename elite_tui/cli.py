@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunLockedError as exc:
         print(f"elite-tui: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a run or output directory that cannot be written (read-only, full, a file in the way)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"elite-tui: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 class CliError(Exception):
@@ -416,11 +420,15 @@ def _run(args) -> int:
         raise CliError(f"repository not found: {config.repo}")
     if launch.node_rank == 0:  # the other nodes of a shared file system join the run node 0 started there
         _refuse_a_started_run(config.run_dir)
+        from elite_core.runner import claim_run_dir
+
+        claim_run_dir(config.run_dir)  # before the dataset is built there: a second command is refused, not mixed in
     if args.print_launch:
         from elite_core.distributed import save_launch
-        from elite_core.runner import prepare_run_dir
+        from elite_core.runner import ControllerLock, prepare_run_dir
 
         save_launch(prepare_run_dir(config), launch)
+        ControllerLock(config.run_dir).release()  # the printed commands are run by hand, after this one has exited
         _print_launch(config, launch)
         return 0
     print(f"run directory: {config.run_dir}")

@@ -134,3 +134,57 @@ def test_attach_refuses_a_run_that_is_not_training(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(json.dumps({"model": "demo"}))
     assert main(["attach", str(tmp_path)]) == 2
     assert "nothing is training" in capsys.readouterr().err
+
+
+def test_attach_follows_a_resumed_run_past_its_first_session_and_an_early_signal_is_kept(tiny_repo, tmp_path):
+    """The history ends with the first session's Finished, but a resumed child is training: attach follows it to
+    its own end. A "checkpoint now" sent the moment child.pid appears (torch still importing) is honoured, not the
+    signal's default action that ended the child."""
+    import threading
+
+    from elite_core.config import default_config
+    from elite_core.runner import TrainingProcess
+
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="again", max_steps=3,
+                            context_tokens=192, target_tokens=64, lora_rank=8, lora_alpha=16, eval_every_steps=0,
+                            checkpoint_every_seconds=0, eval_fraction=0.0)
+    first = list(TrainingProcess.start(config).events())
+    assert isinstance(first[-1], protocol.Finished) and first[-1].step == 3
+    run_dir = config.run_dir
+    config.replace(max_steps=6).save(run_dir / "config.yaml")
+    (run_dir / "child.pid").unlink()
+
+    process = TrainingProcess.spawn(run_dir, resume=True)
+    wait_for(lambda: (run_dir / "child.pid").exists(), 60, "the resumed child's pid file")
+    os.kill(int((run_dir / "child.pid").read_text()), signal.SIGUSR1)
+    drained = []
+    reader = threading.Thread(target=lambda: drained.extend(process.events()), daemon=True)
+    reader.start()
+    attached = list(AttachedRun(run_dir).events())
+    reader.join(timeout=240)
+
+    assert isinstance(drained[-1], protocol.Finished) and drained[-1].step == 6
+    assert isinstance(attached[-1], protocol.Finished) and attached[-1].step == 6
+    assert sum(isinstance(e, protocol.Started) for e in attached) == 2
+    assert [e.step for e in attached if isinstance(e, protocol.StepMetrics)] == [1, 2, 3, 4, 5, 6]
+    assert any(isinstance(e, protocol.CheckpointSaved) and e.reason == "requested" for e in drained)
+
+
+def test_a_refused_second_run_leaves_the_live_run_directory_as_it_was(tiny_repo, tmp_path, capsys):
+    """Another live controller holds the run directory (its first run is still building the dataset, before any
+    child exists): a second `run` there is refused before it writes anything."""
+    from elite_tui.cli import main
+
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "controller.lock").write_text(str(holder.pid))
+        code = main(["run", "--repo", str(tiny_repo), "--output", str(tmp_path / "runs"), "--run-name", "busy",
+                     "--tier", "1", "--max-steps", "3", "--preflight", "off"])
+        assert code == 2
+        assert f"another elite-tui (pid {holder.pid}) controls" in capsys.readouterr().err
+        assert sorted(path.name for path in run_dir.iterdir()) == ["controller.lock"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -82,3 +82,64 @@ def test_a_full_disk_can_pause_training_until_a_save_lands(tiny_repo, tmp_path, 
     assert any(isinstance(e, protocol.Warning) and "saved after the pause" in e.message for e in events)
     assert isinstance(events[-1], protocol.Finished) and not events[-1].stopped_early
     assert [e.step for e in events if isinstance(e, protocol.StepMetrics)] == [1, 2, 3, 4, 5, 6]
+
+
+FILE_SIZE_LIMIT_SCRIPT = r"""
+import json, resource, signal, sys
+from pathlib import Path
+import torch
+from peft import LoraConfig, get_peft_model
+from elite_core import checkpoints
+from elite_core.config import RunConfig
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(512, 512)
+    def forward(self, x):
+        return self.lin(x)
+
+run_dir = Path(sys.argv[1])
+model = get_peft_model(Tiny(), LoraConfig(r=64, target_modules=["lin"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+model(torch.randn(2, 512)).sum().backward()
+optimizer.step()
+good = checkpoints.save(run_dir, model, optimizer, scheduler, {"step": 1}, RunConfig())
+sizes = {p.name: p.stat().st_size for p in good.iterdir()}
+results = {"sizes": sizes}
+# A file-size limit fails the writes in the kernel, as a full disk does: each writer raises its own exception.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+for label, limit in (("adapter", sizes["adapter.safetensors"] // 2), ("optimizer", sizes["optimizer.pt"] // 2)):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        checkpoints.save(run_dir, model, optimizer, scheduler, {"step": 2}, RunConfig())
+        results[label] = "saved"
+    except OSError as exc:
+        results[label] = f"OSError: {exc.strerror}"  # what the engine's warning shows
+    except Exception as exc:
+        results[label] = f"{type(exc).__name__} (not an OSError): {exc}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+results["left"] = sorted(p.name for p in checkpoints.checkpoint_root(run_dir).iterdir())
+print(json.dumps(results))
+"""
+
+
+def test_a_real_write_failure_is_an_os_error_whichever_writer_hits_it(tmp_path):
+    """safetensors and torch.save report a failed write with their own exceptions; the save raises OSError for both,
+    so on_save_failure applies, and the failed save leaves nothing behind."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["sizes"]["optimizer.pt"] > results["sizes"]["adapter.safetensors"] * 1.5
+    assert results["adapter"].startswith("OSError: SafetensorError"), results["adapter"]
+    assert results["optimizer"].startswith("OSError: RuntimeError"), results["optimizer"]
+    assert "File too large" in results["adapter"]
+    assert results["left"] == ["step-00000001"]

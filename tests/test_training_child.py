@@ -92,7 +92,11 @@ def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path,
     assert any(isinstance(e, protocol.CheckpointSaved) and e.reason == "stop" for e in first)
     assert list_runs(tmp_path / "runs")[0].resumable
 
+    # The repository is edited before the resume, as it usually is: the run goes on with its own windows.
+    (tiny_repo / "added_meanwhile.py").write_text("def later():\n    return 1\n" * 200, encoding="utf-8")
     second = collect(TrainingProcess.spawn(interrupted.run_dir, resume=True))
+    assert any(isinstance(e, protocol.Warning) and "changed since this run's dataset was built" in e.message
+               for e in second)
     losses = {e.step: e.loss for e in first + second if isinstance(e, protocol.StepMetrics)}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert [losses[s] for s in range(1, 7)] == pytest.approx(reference, rel=1e-5)
@@ -170,3 +174,27 @@ def test_a_killed_child_is_reported_as_a_crash(tmp_path, tiny_repo):
     assert isinstance(events[-1], protocol.Error) and events[-1].kind == "crash"
     assert "-9" in events[-1].message
     assert any(isinstance(e, protocol.StepMetrics) for e in read_events(config.run_dir))
+
+
+def test_a_config_edited_before_resume_applies_its_rate_and_refuses_another_adapter_shape(tmp_path, tiny_repo):
+    config = small_config(tmp_path, tiny_repo, max_steps=3, run_name="edited")
+    assert isinstance(collect(TrainingProcess.start(config))[-1], protocol.Finished)
+
+    config.replace(lora_rank=16).save(config.run_dir / "config.yaml")
+    refused = collect(TrainingProcess.spawn(config.run_dir, resume=True))
+    assert isinstance(refused[-1], protocol.Error)
+    assert "lora_rank: 8 -> 16 since the checkpoint" in refused[-1].message and "keeps its adapter's shape" in refused[-1].message
+
+    # The optimizer and scheduler state hold the old peak rate; the edited one applies from the resumed step on,
+    # exactly as in a run started with it.
+    edited = config.replace(max_steps=6, learning_rate=config.learning_rate / 100)
+    edited.save(config.run_dir / "config.yaml")
+    resumed = collect(TrainingProcess.spawn(config.run_dir, resume=True))
+    notice = next(e.message for e in resumed if isinstance(e, protocol.Warning) and "settings changed" in e.message)
+    assert f"learning_rate {config.learning_rate} -> {edited.learning_rate}" in notice and "max_steps 3 -> 6" in notice
+    started_with_it = small_config(tmp_path, tiny_repo, max_steps=6, run_name="reference",
+                                   learning_rate=edited.learning_rate)
+    reference = {e.step: e.lr for e in collect(TrainingProcess.start(started_with_it))
+                 if isinstance(e, protocol.StepMetrics)}
+    assert {e.step: e.lr for e in resumed if isinstance(e, protocol.StepMetrics)} == pytest.approx(
+        {step: reference[step] for step in (4, 5, 6)}, rel=1e-6)
