@@ -389,8 +389,8 @@ class TrainingEngine:
                 # rebuilt set (the repository is usually edited meanwhile) would hand it other windows in silence.
                 if self.rank.is_main and repository_changed_since(config.repo, dataset_dir, config.output_dir):
                     self.emit(protocol.Warning(
-                        message=f"{config.repo} changed since this run's dataset was built: the resumed run goes on "
-                                "with the dataset it started with (a new run trains on the changes)"))
+                        message=f"{Path(config.repo).resolve()} changed since this run's dataset was built: the "
+                                "resumed run goes on with the dataset it started with (a new run trains on the changes)"))
             elif self.rank.local_rank == 0:
                 # The node's other ranks read what its first rank built: scanning again, they rebuilt it side by
                 # side wherever the repository had changed since (3 CPU ranks on a busy directory: a rename race).
