@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             from elite_core.evaluation import evaluate_run
             from elite_core.report import write_report
 
-            # Compile rate of held-out completions, with and without the adapter.
-            if config.compile_eval_prompts:
+            # Compile rate of held-out completions, with and without the adapter; a stop asked to end, not to
+            # generate completions first.
+            if config.compile_eval_prompts and not finished.stopped_early:
                 evaluate_run(engine, prompts=config.compile_eval_prompts)
             write_report(run_dir, finished)
         sink(finished)

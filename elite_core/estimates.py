@@ -129,6 +129,8 @@ class RateCalibration:
     tier: int
     measured_tokens_per_s: float
     estimated_tokens_per_s: float
+    window_tokens: int = 0
+    """The probed window (0: unknown): the measured rate stands for the tier's row only at that window."""
 
     @property
     def ratio(self) -> float:
@@ -677,6 +679,9 @@ def tail_count(count: int, tail_fraction: float = SMOOTHED_TAIL_FRACTION) -> int
 def smoothed_final_loss(losses: Sequence[float], tail_fraction: float = SMOOTHED_TAIL_FRACTION) -> float:
     """The mean loss over the last tenth of a run: what a projection of the curve (not of one noisy step) is judged by."""
     values = np.asarray(losses, dtype=float)
+    values = values[np.isfinite(values)]  # a diverged step (inf, NaN) says nothing about where the curve ended
+    if not len(values):
+        return float("nan")
     return float(values[-tail_count(len(values), tail_fraction):].mean())
 
 
@@ -688,6 +693,7 @@ of the plot (the monitor's and the report's)."""
 
 def loss_axis_range(values, band_low, band_high) -> tuple[float, float]:
     """The loss plot's y-axis: the losses and the projected curve in full, the band as far as BAND_MARGIN reaches."""
+    values = [value for value in values if math.isfinite(value)]  # one diverged step must not stretch the axis to inf
     low, high = min(values), max(values)
     margin = BAND_MARGIN * max(high - low, 1e-3 * abs(high))
     return min(low, max(min(band_low), low - margin)), max(high, min(max(band_high), high + margin))

@@ -131,19 +131,59 @@ def unit_starts(text: str, language: str) -> list[int]:
     return _tree_sitter_unit_starts(text, parser)
 
 
+PYTHON_UNIT_KEYWORDS = ("def", "class", "async")
+"""Column-0 words that start a unit even inside an unclosed bracket: a bracket cannot hold a statement, so the
+completion left the bracket open and moved on (a syntax error), rather than going on inside it."""
+
+
+def _python_line_kinds(completion: str) -> tuple[set[int], set[int]]:
+    """(rows that begin a logical line, rows inside a multi-line string), 1-based, from Python's own tokenizer: a
+    column-0 line inside a string, a bracket or after a backslash does not start a unit. Unfinished text (an open
+    bracket or string at the end) is read as far as it goes."""
+    import io
+    import tokenize
+
+    starts: set[int] = set()
+    in_string: set[int] = set()
+    at_start = True
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(completion).readline):
+            if token.type == tokenize.NEWLINE:
+                at_start = True
+            elif token.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                continue
+            else:
+                if at_start:
+                    starts.add(token.start[0])
+                    at_start = False
+                # Only string tokens (and an f-string's middle parts) span rows: the rows after their first.
+                in_string.update(range(token.start[0] + 1, token.end[0] + 1))
+    except tokenize.TokenError as error:
+        message, (row, _) = error.args
+        if "string" in message:  # everything after an unterminated string's first line is inside it
+            in_string.update(range(row + 1, completion.count("\n") + 2))
+    except (IndentationError, SyntaxError):
+        pass  # an inconsistent dedent: the lines read so far decide, ast then judges the unit
+    return starts, in_string
+
+
 def _first_python_unit(completion: str) -> str | None:
-    """The completion up to where its second top-level unit starts; None if it never gets that far."""
+    """The completion up to where its second top-level unit starts; None if it never gets that far. Comments and
+    blank lines before the first unit are not a unit of their own."""
+    logical_starts, in_string = _python_line_kinds(completion)
     offset = 0
     seen_code = False
     after_decorator = False
-    for line in completion.splitlines(keepends=True):
+    for row, line in enumerate(completion.splitlines(keepends=True), start=1):
         first_word = re.match(r"\w*", line).group()
         decorator = line.startswith("@")
-        starts_unit = decorator or (line[:1].strip() and not line.startswith(PYTHON_CONTINUATION_MARKS)
-                                    and first_word not in PYTHON_CONTINUATION_WORDS)
+        column_zero = bool(line[:1].strip()) and row not in in_string
+        opens_statement = row in logical_starts or first_word in PYTHON_UNIT_KEYWORDS
+        starts_unit = column_zero and opens_statement and (
+            decorator or (not line.startswith(PYTHON_CONTINUATION_MARKS) and first_word not in PYTHON_CONTINUATION_WORDS))
         if starts_unit and seen_code and not after_decorator:
             return completion[:offset]
-        if line.strip():
+        if line.strip() and not line.lstrip().startswith("#"):
             seen_code = True
             after_decorator = decorator or (after_decorator and not starts_unit)
         offset += len(line)
@@ -170,7 +210,10 @@ def check_python(prefix: str, completion: str) -> str:
 def check_tree_sitter(prefix: str, completion: str, parser) -> str:
     prefix_bytes = len(prefix.encode("utf-8"))
     root = parser.parse((prefix + completion).encode("utf-8")).root_node
-    generated = [child for child in root.children if child.end_byte > prefix_bytes]
+    # Comments (extras in every grammar; an ERROR node may be one too, and counts) are not units: a doc comment must
+    # not stand in for the code it precedes.
+    generated = [child for child in root.children
+                 if child.end_byte > prefix_bytes and not (child.is_extra and not child.is_error)]
     if not generated:
         return "unfinished"
     # A first unit that starts inside the real text is one the completion merged into: judge the merged unit.

@@ -511,7 +511,9 @@ def with_epoch_times(plans, epoch_tokens, calibration=None) -> tuple[TierPlan, .
         rate = estimated_tokens_per_s(plan)
         source = "estimate"
         if calibration is not None:
-            if plan.tier.number == calibration.tier:
+            # The probe's rate stands for its tier's row where the row trains the probed window; a run's own
+            # window (an override) makes the row another configuration, estimated and calibrated like the rest.
+            if plan.tier.number == calibration.tier and calibration.window_tokens in (0, plan.setup.seq_tokens):
                 rate, source = calibration.measured_tokens_per_s, "probe"
             else:
                 rate, source = rate * calibration.ratio, "calibrated"

@@ -110,7 +110,7 @@ class ProbeResult:
 
     def calibration(self) -> RateCalibration:
         return RateCalibration(tier=self.tier, measured_tokens_per_s=self.tokens_per_s,
-                               estimated_tokens_per_s=self.estimated_tokens_per_s)
+                               estimated_tokens_per_s=self.estimated_tokens_per_s, window_tokens=self.window_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from elite_core import protocol
 from elite_core.config import RunConfig
-from elite_core.runs import read_events
+from elite_core.runs import last_session_steps, read_events, surviving_steps
 from elite_core.units import format_bytes, format_duration
 
 REPORT_FILE = "report.md"
@@ -49,7 +50,7 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
     events = read_events(run_dir)
     if finished is None:
         finished = next((e for e in reversed(events) if isinstance(e, protocol.Finished)), None)
-    steps = [e for e in events if isinstance(e, protocol.StepMetrics)]
+    steps = surviving_steps(events)  # after a resume from an older checkpoint, the steps trained again count
     evals = [e for e in events if isinstance(e, protocol.EvalMetrics)]
     saved = [e for e in events if isinstance(e, protocol.CheckpointSaved)]
     started = next((e for e in events if isinstance(e, protocol.Started)), None)
@@ -64,7 +65,9 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
         lines += [f"Run {state} after {finished.step} steps in {finished.elapsed_s:.0f} s.", ""]
     lines += ["## Results", ""]
     if steps:
-        rate = sum(s.tokens_per_s for s in steps) / len(steps)
+        # Tokens over time: the harmonic mean of the step rates (their plain mean overweights the fast steps).
+        timed = [s for s in steps if s.tokens_per_s > 0]
+        rate = len(timed) / sum(1.0 / s.tokens_per_s for s in timed) if timed else 0.0
         lines += [_training_loss_line(steps), f"- mean throughput: {rate:,.0f} tokens/s"]
         lines += probe_lines(run_dir, rate)
     if evals:
@@ -76,7 +79,7 @@ def render_report(run_dir: Path, finished: protocol.Finished | None = None) -> s
         where = "GPU" if started and started.device == "cuda" else "process RAM"
         lines.append(f"- peak memory ({where}): predicted {format_bytes(predicted)}, measured {format_bytes(measured)} ({error:+.1f} %)")
     lines.append("")
-    lines += _estimates_section(steps, evals, started)
+    lines += _estimates_section(steps, evals, started, last_session_steps(events))
     lines += _evaluation_section(run_dir)
     plots = write_plots(run_dir, steps, evals, plan, started)
     if plots:
@@ -172,10 +175,17 @@ def _training_loss_line(steps: list[protocol.StepMetrics]) -> str:
     """First and last tenth of the steps, each a mean: one step's loss says mostly which window it drew."""
     from elite_core.estimates import smoothed_final_loss, tail_count
 
+    finite = [s for s in steps if math.isfinite(s.loss)]
+    if not finite:
+        return f"- training loss: not finite at any of the {len(steps)} steps (the training diverged)"
+    left_out = len(steps) - len(finite)
+    diverged = (f"; {left_out} step{'s' if left_out > 1 else ''} with a non-finite loss (inf or NaN) left out"
+                if left_out else "")
+    steps = finite
     count = tail_count(len(steps))
     first = sum(s.loss for s in steps[:count]) / count
     last = smoothed_final_loss([s.loss for s in steps])
-    change = _change(first, last)
+    change = _change(first, last) + diverged
     if count == 1:
         return f"- training loss: {first:.4f} at step {steps[0].step} -> {last:.4f} at step {steps[-1].step}{change}"
     return (f"- training loss (mean of each tenth of the steps): {first:.4f} in steps "
@@ -210,14 +220,16 @@ def projection_check(steps: list[protocol.StepMetrics], fraction: float = PROJEC
 
 
 def _estimates_section(steps: list[protocol.StepMetrics], evals: list[protocol.EvalMetrics],
-                       started: protocol.Started | None) -> list[str]:
+                       started: protocol.Started | None,
+                       session_steps: list[protocol.StepMetrics] | None = None) -> list[str]:
+    """`session_steps`: the steps of the last start (default: all), whose clock the ETA check reads."""
     if not steps or started is None:
         return []
     from elite_core.estimates import MIN_FIT_POINTS, fit_steady_fall, steady_fall_points
 
     lines = []
     total = steps[-1].step
-    eta = eta_check(steps, total)
+    eta = eta_check(steps if session_steps is None else session_steps, total)
     if eta is not None:
         at_s, predicted_s, actual_s = eta
         error = (predicted_s - actual_s) / actual_s * 100 if actual_s > 0 else 0.0

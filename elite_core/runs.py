@@ -46,6 +46,24 @@ def read_events(run_dir: Path) -> list[protocol.Event]:
     return events
 
 
+def surviving_steps(events) -> list[protocol.StepMetrics]:
+    """The steps of the run's surviving history, in order. A resume from a checkpoint older than the last step (the
+    newer one was torn by a kill, or never written) trains those steps again, and their new records replace the old."""
+    kept: list[protocol.StepMetrics] = []
+    for event in events:
+        if isinstance(event, protocol.StepMetrics):
+            while kept and kept[-1].step >= event.step:
+                kept.pop()
+            kept.append(event)
+    return kept
+
+
+def last_session_steps(events) -> list[protocol.StepMetrics]:
+    """The steps since the last start (the last resume): one process's clock, for rates and the ETA."""
+    starts = [index for index, event in enumerate(events) if isinstance(event, protocol.Started)]
+    return surviving_steps(events[starts[-1]:] if starts else events)
+
+
 def run_info(run_dir: Path) -> RunInfo:
     run_dir = Path(run_dir)
     events = read_events(run_dir)

@@ -327,6 +327,8 @@ class TrainingEngine:
         self.stop_requested = False
         self.stop_reason = "stop"
         self.rank = distributed.RankInfo()  # distributed: set by setup() from the launcher's environment
+        self.run_started = time.monotonic()  # run() sets it again; probes and sweeps call the steps directly
+        self.elapsed_before_s = 0.0
 
     # Signal handlers and the command reader call these; the loop acts on them between optimizer steps.
     def request_checkpoint(self) -> None:
@@ -423,6 +425,8 @@ class TrainingEngine:
             self.model, lambda model, ids, labels: model_loss(model, ids, labels, self.loss_mode), self.rank,
             self.device, config, self.optimizer, self.scheduler, self.setup_choice.compute_dtype)
         self.step = 0
+        self.elapsed_before_s = 0.0
+        """The run's time up to the checkpoint it resumed from: elapsed_s counts the whole run, not this process."""
         self.position = DataPosition()
         self.step_windows: list[int] = []
         """The windows _next_windows handed out since the step began (the step's StepMetrics.windows)."""
@@ -449,6 +453,7 @@ class TrainingEngine:
             self.emit(protocol.Warning(message="no usable checkpoint found: starting from step 0"))
             return
         self.step = state["step"]
+        self.elapsed_before_s = float(state.get("elapsed_s", 0.0))
         self.position = DataPosition(**state["position"])
         self.losses = list(state.get("losses", []))
         self.emit(protocol.Warning(message=f"resumed from {state['path']} at step {self.step}"))
@@ -556,7 +561,8 @@ class TrainingEngine:
         """Save. A failed save (disk full, permissions) leaves the previous checkpoint intact and is reported; then the
         config's on_save_failure decides: train on, pause (retry the save until it lands or a stop comes), or stop."""
         started = time.monotonic()
-        state = {"step": self.step, "position": vars(self.position).copy(), "losses": self.losses[-10000:]}
+        state = {"step": self.step, "position": vars(self.position).copy(), "losses": self.losses[-10000:],
+                 "elapsed_s": self.elapsed_s()}
         policy = self.config.on_save_failure
         paused = False
         while True:
@@ -600,8 +606,12 @@ class TrainingEngine:
             self._drain_commands()
             time.sleep(0.2)
 
+    def elapsed_s(self) -> float:
+        """Seconds of the run so far: this process's since its start, after the resumed checkpoint's."""
+        return self.elapsed_before_s + time.monotonic() - self.run_started
+
     def run(self) -> protocol.Finished:
-        started = time.monotonic()
+        started = self.run_started = time.monotonic()
         self.setup()
         config = self.config
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -648,7 +658,7 @@ class TrainingEngine:
                 self.emit(protocol.StepMetrics(
                     step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss,
                     lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens / max(seconds, 1e-9),
-                    memory_bytes=meter.step_peak_bytes(), elapsed_s=time.monotonic() - started, grad_norm=grad_norm,
+                    memory_bytes=meter.step_peak_bytes(), elapsed_s=self.elapsed_s(), grad_norm=grad_norm,
                     windows=tuple(self.step_windows),
                 ))
             if self.probe_steps:
@@ -669,7 +679,8 @@ class TrainingEngine:
             return self._finish(started, stopped_early, adapter_path="", report_path="")
         if stopped_early:
             self.save_checkpoint(self.stop_reason)
-            return self._finish(started, stopped_early, adapter_path="", report_path="")
+            # A report closes a stopped run too (what it trained so far); the adapter is written when it finishes.
+            return self._finish(started, stopped_early, adapter_path="", report_path=str(self.run_dir / "report.md"))
         self._emit_eval()
         adapter_dir = self.run_dir / "adapter"
         if self.rank.is_main:  # distributed: one writer
@@ -689,7 +700,7 @@ class TrainingEngine:
         final_loss = self.losses[-1] if self.losses else float("nan")
         finished = protocol.Finished(step=self.step, final_loss=final_loss, adapter_path=adapter_path,
                                      report_path=report_path, stopped_early=stopped_early,
-                                     elapsed_s=time.monotonic() - started)
+                                     elapsed_s=self.elapsed_s())
         return finished
 
 

@@ -631,7 +631,9 @@ def _follow(process, other_node: bool = False, owns_the_run: bool = False) -> in
                 state = "stopped" if event.stopped_early else "finished"
                 print(f"{state} at step {event.step}, final loss {event.final_loss:.4f}")
                 if event.adapter_path:
-                    print(f"adapter: {event.adapter_path}\nreport: {event.report_path}")
+                    print(f"adapter: {event.adapter_path}")
+                if event.report_path:
+                    print(f"report: {event.report_path}")
                 if getattr(process, "run_dir", None) is not None and not other_node:
                     run_dir = shlex.quote(str(process.run_dir))
                     print(f"continue it: elite-tui resume {run_dir}" if event.stopped_early

@@ -15,6 +15,14 @@ PREFIX = "import os\n\n\ndef first():\n    return 1\n\n\n"
     ("def second(x):\n    values = [1,\n", "unfinished"),
     ("def second(x):\n    return x\n", "parses"),
     ("@decorator\ndef second():\n    pass\nelse_value = 1\n", "parses"),
+    # A comment before the unit is not the unit: the broken function after it is judged
+    ("# Add one.\ndef second(x):\n    return x +\n\n\ndef third():\n    pass\n", "syntax error"),
+    # Column-0 lines inside a string, a bracket or after a backslash do not start a unit
+    ('USAGE = """\nusage: tool [options]\ndef not_code\n"""\n\n\ndef third(', "parses"),
+    ('def second():\n    return f"""\nselect {1}\nfrom t\n"""\n\n\ndef third(', "parses"),
+    ('NAMES = [\n"a",\n"b",\n]\n\n\ndef third(', "parses"),
+    ('TOTAL = 1 + \\\n2\n\n\ndef third(', "parses"),
+    ('DOC = """\nstill open\n', "unfinished"),
 ])
 def test_python_completions_are_judged_in_their_file(completion, verdict):
     assert check_completion(PREFIX, completion, "Python") == verdict
@@ -29,6 +37,10 @@ def test_tree_sitter_judges_other_languages():
     assert check_completion(prefix, "function g(x) { return x", "JavaScript") == "unfinished"
     rust = "fn a() -> i32 { 1 }\n"
     assert check_completion(rust, "fn b() -> i32 { 2 }\nfn c(", "Rust") == "parses"
+    # A doc comment before a broken function does not pass for it
+    assert check_completion(prefix, "/** Doc. */\nfunction g(x) { return x + ; }\nfunction h() {}\n",
+                            "JavaScript") == "syntax error"
+    assert check_completion(rust, "/// Doc.\nfn b() -> i32 { 2 + }\nfn c() {}\n", "Rust") == "syntax error"
 
 
 def test_a_file_that_does_not_parse_gives_no_prompt():

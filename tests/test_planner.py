@@ -392,3 +392,21 @@ def test_a_cpu_run_names_the_gpu_options_it_trains_without(demo_shape):
     assert zero.setup.deepspeed == "off"
     for plan, option in ((bitsandbytes, "QLoRA"), (bitsandbytes, "8-bit AdamW"), (zero, "DeepSpeed")):
         assert f"{option} needs a CUDA GPU: training without it" in plan.note
+
+
+def test_the_probed_rate_stands_for_its_tier_row_only_at_the_probed_window():
+    """A run probed at its own 256-token window (an override) says nothing direct about tier 1's 4,608-token row:
+    that row is estimated and scaled by measured/estimated, as the others are."""
+    from elite_core.estimates import EpochTokens, RateCalibration
+    from elite_core.planner import with_epoch_times
+
+    shape = shape_from_hf_config(demo_model_config(), name="demo")
+    plans = plan_tiers(shape, fake_profile("cpu"), default_config("demo", ".", "runs"))
+    epoch = EpochTokens(train_tokens=100_000, estimated=False)
+    row_window = plans[0].setup.seq_tokens
+    at_the_row = with_epoch_times(plans, epoch, RateCalibration(1, 5000.0, 2500.0, window_tokens=row_window))
+    elsewhere = with_epoch_times(plans, epoch, RateCalibration(1, 5000.0, 2500.0, window_tokens=256))
+    assert (at_the_row[0].rate_source, at_the_row[0].tokens_per_s) == ("probe", 5000.0)
+    assert elsewhere[0].rate_source == "calibrated"
+    estimated = with_epoch_times(plans, epoch)[0].tokens_per_s
+    assert elsewhere[0].tokens_per_s == pytest.approx(2.0 * estimated)  # measured / estimated = 2

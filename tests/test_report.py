@@ -101,3 +101,38 @@ def test_the_recommended_epochs_say_when_the_held_out_loss_rose():
     section = "\n".join(_estimates_section(steps, evals, started))
     assert ("- recommended epochs: 2 (the held-out loss was lowest at step 80 and rose after it: later steps overfit)"
             in section), section
+
+
+def test_a_resumed_run_reports_its_surviving_steps_on_one_clock_and_a_diverged_step_does_not_break_it(tmp_path):
+    """Steps 1-10, a kill after the step-7 checkpoint, then a resume that trains 8-50 again (their records replace the
+    first 8-10), its clock going on from the checkpoint's; step 6 diverged to inf. Steps alternate 1,000 and 3,000
+    tokens/s: 2,000 tokens a step, 1 s each on average... so tokens over time is their harmonic mean, 1,500."""
+    from elite_core.report import render_report
+
+    config = default_config("demo", str(tmp_path), str(tmp_path / "runs"), run_name="resumed", max_steps=50)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True)
+    config.save(run_dir / "config.yaml")
+
+    def step(number, elapsed):
+        loss = float("inf") if number == 6 else 2.0 * number ** -0.2
+        return protocol.StepMetrics(step=number, epoch=number / 100, loss=loss, lr=1e-3,
+                                    tokens_per_s=1000.0 if number % 2 else 3000.0, memory_bytes=2**30,
+                                    elapsed_s=elapsed, windows=(number,))
+
+    def started(start_step):
+        return protocol.Started(run_dir=str(run_dir), pid=1, device="cpu", total_steps=50, tokens_per_step=1000,
+                                trainable_params=1, total_params=2, predicted_peak_bytes=2**30, start_step=start_step)
+
+    events = [started(0), *(step(n, float(n)) for n in range(1, 11)),
+              started(7), *(step(n, 12.0 + n - 7) for n in range(8, 51)),
+              protocol.Finished(step=50, final_loss=1.0, adapter_path="", report_path="", stopped_early=False,
+                                elapsed_s=55.0)]
+    (run_dir / "events.jsonl").write_text("".join(protocol.encode(e) + "\n" for e in events), encoding="utf-8")
+
+    report = render_report(run_dir)
+    assert "Run finished after 50 steps in 55 s." in report
+    assert "- mean throughput: 1,500 tokens/s" in report
+    assert "in steps 46-50" in report and "1 step with a non-finite loss (inf or NaN) left out" in report
+    # the ETA at 30 s into the last start, from that start's steps: 1 s a step, 12 steps left
+    assert "- time: at 43 s the ETA said 12.0 s to go; the rest took 12.0 s (+0.0 %)" in report

@@ -90,6 +90,8 @@ def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path,
     first = collect(TrainingProcess.start(interrupted), stop_at_three)
     assert isinstance(first[-1], protocol.Finished) and first[-1].stopped_early
     assert any(isinstance(e, protocol.CheckpointSaved) and e.reason == "stop" for e in first)
+    # A report closes the stopped run too
+    assert f"Run stopped early after {first[-1].step} steps" in Path(first[-1].report_path).read_text(encoding="utf-8")
     assert list_runs(tmp_path / "runs")[0].resumable
 
     # The repository is edited before the resume, as it usually is: the run goes on with its own windows.
@@ -99,6 +101,9 @@ def test_stop_checkpoints_then_ends_and_resume_repeats_the_same_losses(tmp_path,
                for e in second)
     losses = {e.step: e.loss for e in first + second if isinstance(e, protocol.StepMetrics)}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    # One clock for the run: the resumed steps' elapsed time goes on from the first session's
+    elapsed = {e.step: e.elapsed_s for e in first + second if isinstance(e, protocol.StepMetrics)}
+    assert elapsed[4] > elapsed[3] and second[-1].elapsed_s > elapsed[6]
     assert [losses[s] for s in range(1, 7)] == pytest.approx(reference, rel=1e-5)
     windows = {e.step: e.windows for e in first + second if isinstance(e, protocol.StepMetrics)}
     assert [windows[s] for s in range(1, 7)] == [e.windows for e in reference_steps]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from typing import Any, Sequence
@@ -56,6 +57,8 @@ class MonitorScreen(WizardScreen):
         self.memory_bytes: list[int] = []
         self.elapsed_s: list[float] = []
         self.lrs: list[float] = []
+        self.session_start = 0
+        """Where the steps of the latest start (a resume) begin in the lists above: the ETA reads one process's clock."""
         self.steps_per_epoch: int | None = None
         self.projection: Any = None
         self.epoch_advice: Any = None
@@ -101,6 +104,7 @@ class MonitorScreen(WizardScreen):
     def handle_event(self, event: Any) -> None:
         if isinstance(event, protocol.Started):
             self.started = event
+            self.session_start = len(self.steps)
             where = "RAM" if event.device == "cpu" else "VRAM"
             self.query_one(MemoryPlot).memory_name = where
             resumed = f", resumed at step {event.start_step}" if event.start_step else ""
@@ -109,6 +113,12 @@ class MonitorScreen(WizardScreen):
             self.query_one("#stats", Static).update(f"step {event.start_step}/{event.total_steps}")
         elif isinstance(event, protocol.StepMetrics):
             self.state.last_step = event
+            if self.steps and event.step <= self.steps[-1]:
+                # Resumed from an older checkpoint: the steps trained again replace the ones a kill cut off.
+                cut = bisect.bisect_left(self.steps, event.step)
+                for series in (self.steps, self.losses, self.memory_bytes, self.elapsed_s, self.lrs):
+                    del series[cut:]
+                self.session_start = min(self.session_start, cut)
             self.steps.append(event.step)
             self.losses.append(event.loss)
             self.memory_bytes.append(event.memory_bytes)
@@ -169,7 +179,7 @@ class MonitorScreen(WizardScreen):
 
         if not total_steps:
             return None
-        eta = estimate_eta(self.steps, self.elapsed_s, total_steps)
+        eta = estimate_eta(self.steps[self.session_start:], self.elapsed_s[self.session_start:], total_steps)
         return eta.remaining_s if eta is not None else None
 
     def update_projection(self) -> None:

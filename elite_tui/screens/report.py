@@ -17,7 +17,7 @@ from elite_tui.screens.base import WizardScreen
 def artefact_lines(run_dir: Path, finished) -> list[tuple[str, str]]:
     rows = [("run directory", str(run_dir))]
     if finished is not None:
-        rows.append(("adapter", finished.adapter_path))
+        rows.append(("adapter", finished.adapter_path or f"none yet: the run stopped early (elite-tui resume {run_dir})"))
         rows.append(("report", finished.report_path))
     rows += [
         ("config", str(run_dir / "config.yaml")),
@@ -59,7 +59,9 @@ class ReportScreen(WizardScreen):
 
     def report_text(self) -> str:
         finished = self.state.finished
-        path = Path(finished.report_path) if finished is not None else self.state.config.run_dir / "report.md"
+        # A run's report is RUN_DIR/report.md; a Finished event without one (a probe, an older run) points there too.
+        path = (Path(finished.report_path) if finished is not None and finished.report_path
+                else self.state.config.run_dir / "report.md")
         try:
             return path.read_text(encoding="utf-8")
         except OSError as exc:
