@@ -293,6 +293,17 @@ class AttachedRun:
         self._signal(signal.SIGKILL)
 
 
+_child_jobs: set["TrainingProcess"] = set()
+"""The probe and sweep children run_child_job waits on now, for end_child_jobs."""
+
+
+def end_child_jobs() -> None:
+    """Kill every probe or sweep child this process waits on: the screen that wanted its result is closing, and the
+    job's thread (which cannot be stopped) then returns at once instead of holding the exit for up to its timeout."""
+    for process in list(_child_jobs):
+        process.kill()
+
+
 def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_args: Sequence[str], result_file: str,
                   *, what: str, oom_hint: str, failure: type[protocol.ChildJobFailed], timeout_s: float = 600.0,
                   on_event=None) -> Path:
@@ -320,6 +331,7 @@ def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_arg
     timer.daemon = True
     timer.start()
     finished = None
+    _child_jobs.add(process)
     try:
         for event in process.events():
             if on_event is not None:
@@ -331,6 +343,7 @@ def run_child_job(config: RunConfig, job_dir: Path, dataset_dir: Path, child_arg
                     raise failure(f"the {what} took longer than {timeout_s:.0f} s and was stopped", log_hint, "timeout")
                 raise failure(event.message, oom_hint if event.kind == "oom" else log_hint, event.kind)
     finally:
+        _child_jobs.discard(process)
         timer.cancel()
         if process.is_alive():
             process.kill()

@@ -5,8 +5,12 @@ Tests pass a subclass to slow a call down (a real call that waits on an event), 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+_BUILD_LOCKS: dict[str, threading.Lock] = {}
+_BUILD_LOCKS_GUARD = threading.Lock()
 
 
 def is_loopback(address: str) -> bool:
@@ -126,6 +130,15 @@ class Engine:
         return config.run_dir / "dataset"
 
     def build_dataset(self, config: Any, progress: Callable[[Any], None]) -> Any:
+        """Build the run's training set. A build already running into the same directory (a screen left and entered
+        again: its thread cannot be stopped) is waited for, and the second build then finds it done."""
+        dataset_dir = str(self.dataset_dir(config))
+        with _BUILD_LOCKS_GUARD:
+            lock = _BUILD_LOCKS.setdefault(dataset_dir, threading.Lock())
+        with lock:
+            return self._build_dataset(config, progress)
+
+    def _build_dataset(self, config: Any, progress: Callable[[Any], None]) -> Any:
         from elite_core.dataset import build_dataset
 
         return build_dataset(
@@ -149,6 +162,12 @@ class Engine:
         from elite_core.preflight import run_preflight
 
         return run_preflight(config, profile, summary, shape)
+
+    def end_child_jobs(self) -> None:
+        """Kill the probe or learning-rate sweep running for a screen that is closing (runner.end_child_jobs)."""
+        from elite_core.runner import end_child_jobs
+
+        end_child_jobs()
 
     def start_training(self, config: Any, resume: bool = False, launch: Any = None) -> Any:
         """Start (or resume) the run. `launch` (distributed.LaunchSettings) is written to RUN_DIR/launch.json, which

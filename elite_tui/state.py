@@ -34,3 +34,16 @@ class WizardState:
     """True when the user picked a resumable run on the setup screen."""
     attach: bool = False
     """True when the monitor follows a child that is already training (elite-tui attach, or a live run on Setup)."""
+
+    def take_config(self, config: RunConfig) -> None:
+        """Set the config from Setup (a new run or a resumed one), dropping what was read or built for another: the
+        model's shape and the tier plans when the model changes, the dataset and the pre-flight results when the
+        repository, model or run directory changes."""
+        old = self.config
+        if (config.model, config.trust_remote_code) != (old.model, old.trust_remote_code):
+            self.shape, self.plans = None, ()
+        if (config.repo, config.model, config.run_dir, config.eval_fraction, config.seed) != (
+                old.repo, old.model, old.run_dir, old.eval_fraction, old.seed):
+            self.summary = None
+            self.preflight_results, self.preflight_config = [], None
+        self.config = config

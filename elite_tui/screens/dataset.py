@@ -82,7 +82,8 @@ class DatasetScreen(WizardScreen):
 
     def compose(self) -> ComposeResult:
         yield self.step_title()
-        yield Static(f"Building the training set from {self.state.config.repo} ...", id="dataset-status")
+        # Text, not markup: a path may hold brackets ("[WIP] app")
+        yield Static(Text(f"Building the training set from {self.state.config.repo} ..."), id="dataset-status")
         yield ProgressBar(total=1.0, show_eta=False, id="dataset-progress")
         with VerticalScroll(id="dataset-scroll"):
             yield Static("", id="dataset-summary")
@@ -90,15 +91,30 @@ class DatasetScreen(WizardScreen):
         yield self.footer()
 
     def on_mount(self) -> None:
+        self.building = False
         if self.state.summary is not None:
             self.show_summary(self.state.summary)
         else:
-            self.build()
+            self.start_build()
+
+    def start_build(self) -> None:
+        self.building = True
+        self.refresh_bindings()
+        self.build()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="dataset", name="building the dataset")
     def build(self) -> None:
         summary = self.engine.build_dataset(self.state.config, lambda progress: self.post_message(DatasetProgress(progress)))
         self.post_message(DatasetReady(summary))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # One build at a time (a thread cannot be stopped: a second one beside it broke both); the preview once
+        # there is a training set to show.
+        if action == "rebuild":
+            return None if self.building else True
+        if action == "preview":
+            return True if self.state.summary is not None and not self.building else None
+        return super().check_action(action, parameters)
 
     def action_preview(self) -> None:
         if self.state.summary is not None:
@@ -118,27 +134,33 @@ class DatasetScreen(WizardScreen):
 
     @on(DatasetReady)
     def dataset_ready(self, message: DatasetReady) -> None:
+        self.building = False
         self.state.summary = message.summary
         self.state.preflight_results = []
         self.show_summary(message.summary)
         self.refresh_bindings()
 
     def show_summary(self, summary: Any) -> None:
-        self.query_one("#dataset-status", Static).update(f"Training set built from {self.state.config.repo}.")
+        self.query_one("#dataset-status", Static).update(Text(f"Training set built from {self.state.config.repo}."))
         self.query_one(ProgressBar).update(progress=1.0)
         self.query_one("#dataset-summary", Static).update(summary_renderable(summary, self.state.config.window_tokens))
 
     def worker_failed(self, worker: Worker, error: BaseException) -> None:
+        if worker.group == "dataset":
+            self.building = False
+            self.refresh_bindings()
         self.query_one("#dataset-status", Static).update(
             "The build failed; fix the repository (Esc goes back) or press r to retry."
         )
 
     def action_rebuild(self) -> None:
+        if self.building:
+            return
         self.clear_error()
         self.state.summary = None
         self.query_one(ProgressBar).update(progress=0.0)
         self.query_one("#dataset-summary", Static).update("")
-        self.build()
+        self.start_build()
 
     def can_advance(self) -> bool:
         summary = self.state.summary

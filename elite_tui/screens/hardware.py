@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -93,7 +94,7 @@ def profile_renderable(profile: Any) -> Group:
 def shape_text(shape: Any) -> str:
     billions = shape.total_params / 1e9
     size = f"{billions:.2f}B" if billions >= 0.1 else f"{shape.total_params / 1e6:.1f}M"
-    return (f"Model: {shape.name or 'model'} ({shape.architecture}), {size} parameters, {shape.layers} layers, "
+    return (f"Model: {escape(shape.name or 'model')} ({escape(shape.architecture)}), {size} parameters, {shape.layers} layers, "
             f"hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, vocabulary {shape.vocab:,}")
 
 
@@ -117,13 +118,15 @@ class HardwareScreen(WizardScreen):
         else:
             self.show_profile(self.state.profile)
         if self.state.shape is None:
-            self.query_one("#shape", Static).update(f"Reading the config of {self.state.config.model}...")
+            self.query_one("#shape", Static).update(f"Reading the config of {escape(self.state.config.model)}...")
             self.read_shape(self.state.config.model, self.state.config.trust_remote_code)
         else:
             self.query_one("#shape", Static).update(shape_text(self.state.shape))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="profile", name="hardware profile")
     def profile_machine(self, use_cache: bool) -> None:
+        self.app.call_from_thread(self.refresh_bindings)  # "Profile again" waits until this measurement ends
+
         def progress(text: str, fraction: float) -> None:
             self.post_message(ProfileProgress(text, fraction))
 
@@ -164,7 +167,19 @@ class HardwareScreen(WizardScreen):
         else:
             self.query_one("#shape", Static).update("Cannot read the model; go back (Esc) and pick another.")
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Two measurements at once would time each other: one profile at a time.
+        if action == "reprofile":
+            return None if self.profiling else True
+        return super().check_action(action, parameters)
+
+    @property
+    def profiling(self) -> bool:
+        return any(worker.group == "profile" and worker.is_running for worker in self.workers)
+
     def action_reprofile(self) -> None:
+        if self.profiling:
+            return
         self.clear_error()
         self.state.profile = None
         self.query_one(ProgressBar).update(progress=0.0)

@@ -7,6 +7,7 @@ import shlex
 import sys
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -72,6 +73,8 @@ class OverridesScreen(WizardScreen):
         margin: 0 1 1 1;
     }
     """
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (80, "-wide")]
+    """Under 80 columns the prediction goes below the form (elite.tcss): beside it, a field's message had no room."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -200,10 +203,10 @@ class OverridesScreen(WizardScreen):
         self.candidate = candidate
         self.launch = launch
         for name, *_ in (*TEXT_FIELDS, *CHOICE_FIELDS):
-            self.query_one(f"#message-{name}", Static).update(errors.get(name, ""))
+            self.query_one(f"#message-{name}", Static).update(escape(errors.get(name, "")))
             self.query_one(f"#field-{name}").set_class(name in errors, "-invalid")
         for name in LAUNCH_FIELDS:
-            self.query_one(f"#launch-message-{name}", Static).update(launch_errors.get(name, ""))
+            self.query_one(f"#launch-message-{name}", Static).update(escape(launch_errors.get(name, "")))
             self.query_one(f"#launch-{name}").set_class(name in launch_errors, "-invalid")
         plan = self.show_prediction(candidate)
         self.show_launch(candidate, launch, plan)
@@ -277,8 +280,9 @@ class OverridesScreen(WizardScreen):
         super().advance()
 
     def action_back(self) -> None:
-        # The tier table behind this screen plans each GPU's share: it follows the GPU count and ZeRO chosen here.
+        # What was typed is kept (the tier table behind plans with it: each GPU's share follows the GPU count and ZeRO
+        # chosen here), so coming back here, or picking a tier again, shows it; only a valid set of fields is kept.
         if self.candidate is not None and self.launch is not None:
-            self.state.config = self.state.config.replace(gpus=self.candidate.gpus, deepspeed=self.candidate.deepspeed)
+            self.state.config = self.candidate
             self.state.launch = self.launch
         super().action_back()

@@ -111,15 +111,22 @@ class PreflightScreen(WizardScreen):
         yield self.footer()
 
     def on_mount(self) -> None:
-        # Results stay valid only for the config they checked; any change on an earlier screen reruns them.
+        # Results stay valid only for the config they checked, and only once every check ran (preflight_config is
+        # set when they finish); any change on an earlier screen, or checks left half-way, reruns them.
         if self.state.preflight_results and self.state.preflight_config == self.state.config:
             self.show_results(finished=True)
         else:
             self.start_checks()
 
+    def on_unmount(self) -> None:
+        # Left (Esc) or quit while a probe or a sweep trains: its result is thrown away, so end it now rather than
+        # let it train beside the next child, or hold the exit until it ends.
+        if self.running or self.finding_lr:
+            self.engine.end_child_jobs()
+
     def start_checks(self) -> None:
         self.state.preflight_results = []
-        self.state.preflight_config = self.state.config
+        self.state.preflight_config = None
         self.running = True
         self.show_results(finished=False)
         self.run_checks()
@@ -139,6 +146,7 @@ class PreflightScreen(WizardScreen):
     @on(ChecksFinished)
     def checks_finished(self) -> None:
         self.running = False
+        self.state.preflight_config = self.state.config
         self.show_results(finished=True)
         self.refresh_bindings()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -51,7 +52,9 @@ class ReportScreen(WizardScreen):
         yield Static(summary, id="report-summary")
         rows = artefact_lines(run_dir, finished)
         width = max(len(name) for name, _ in rows) + 1
-        yield Static("\n".join(f"[b]{name:<{width}}[/b]{path}" for name, path in rows), id="artefacts")
+        # Text, not markup: a path may hold brackets
+        yield Static(Text("\n").join(Text.assemble((f"{name:<{width}}", "bold"), path) for name, path in rows),
+                     id="artefacts")
         with VerticalScroll(id="report-scroll"):
             yield Markdown(self.report_text(), id="report")
         yield self.error_panel()

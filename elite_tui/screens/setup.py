@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -129,7 +130,7 @@ class SetupScreen(WizardScreen):
 
     def set_message(self, name: str, text: str) -> None:
         message = self.query_one(f"#message-{name}", Static)
-        message.update(text)
+        message.update(escape(text))  # it may quote what was typed: "[/b]" in a path is text, not markup
         message.display = bool(text)
 
     def list_runs_in(self, output_dir: str) -> None:
@@ -178,7 +179,7 @@ class SetupScreen(WizardScreen):
             self.set_message("output_dir", f"cannot create it: {exc.strerror or exc}")
             return
         self.clear_error()
-        self.state.config = config
+        self.state.take_config(config)
         self.state.resume = False
         super().advance()
 
@@ -192,7 +193,7 @@ class SetupScreen(WizardScreen):
         except (OSError, ConfigError) as exc:
             self.show_error("Cannot resume", f"{run.run_dir}/config.yaml: {exc}")
             return
-        self.state.config = config
+        self.state.take_config(config)
         if run.live:
             # Still training (its controller went away): follow it on the monitor instead of starting anything.
             from elite_tui.screens.monitor import MonitorScreen

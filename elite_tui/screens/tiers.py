@@ -139,11 +139,15 @@ class TiersScreen(WizardScreen):
     def on_mount(self) -> None:
         self.refresh_plans()
 
-    def on_screen_resume(self) -> None:
-        # Coming back from the overrides screen: the plans depend on the config, so redraw.
-        self.refresh_plans()
+    picked = False
+    """Whether the user chose a tier here and went on: coming back, the cursor returns to that tier."""
 
-    def refresh_plans(self) -> None:
+    def on_screen_resume(self) -> None:
+        # Coming back from the overrides screen: the plans depend on the config, so redraw, the cursor on the tier the
+        # user picked (the preselected one may be another).
+        self.refresh_plans(cursor_tier=self.state.config.tier if self.picked else None)
+
+    def refresh_plans(self, cursor_tier: int | None = None) -> None:
         state = self.state
         try:
             plans = self.engine.plan_tiers(state.shape, state.profile, state.config)
@@ -153,7 +157,7 @@ class TiersScreen(WizardScreen):
             return
         self.selected = selected or 1
         state.plans = self.timed(plans)
-        self.show_plans(cursor_tier=self.selected)
+        self.show_plans(cursor_tier=cursor_tier or self.selected)
         self.find_epoch_basis()
 
     def timed(self, plans: Any) -> tuple[Any, ...]:
@@ -239,4 +243,5 @@ class TiersScreen(WizardScreen):
         if not plan.fits:
             self.notify(f"Tier {plan.tier.number} is predicted not to fit; pre-flight will check it.", severity="warning")
         self.state.config = self.engine.config_for_plan(self.state.config, plan)
+        self.picked = True
         super().advance()

@@ -1,0 +1,108 @@
+"""Going back and forth in the wizard: what is kept, what a change drops, one job at a time, text shown as typed."""
+
+from __future__ import annotations
+
+import threading
+
+from elite_core.config import default_config
+from elite_core.hardware import fake_profile
+from elite_core.model_loading import load_model_shape
+from elite_tui.app import EliteApp
+from elite_tui.engine import Engine
+from elite_tui.state import WizardState
+from tui_helpers import run_pilot, screen_name, wait_until
+
+
+def test_back_from_overrides_keeps_the_picked_tier_and_what_was_typed(tiny_repo, tmp_path):
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), device="cuda")
+    state = WizardState(config=config, profile=fake_profile("h100"), shape=load_model_shape("demo"))
+    app = EliteApp(config, state=state, start_at="tiers")
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: bool(app.state.plans), 10, "the tier table")
+            table = app.screen.query_one("#tiers")
+            preselected = app.state.plans[table.cursor_row].tier.number
+            await pilot.press("up", "enter")  # one tier below the preselected one
+            await wait_until(pilot, lambda: screen_name(pilot) == "OverridesScreen", 10, "overrides")
+            picked = app.state.config.tier
+            app.screen.query_one("#field-learning_rate").value = "0.0005"
+            app.screen.query_one("#field-max_steps").value = "7"
+            await pilot.pause()
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: screen_name(pilot) == "TiersScreen", 10, "tiers")
+            await pilot.pause()
+            on_tier = app.state.plans[app.screen.query_one("#tiers").cursor_row].tier.number
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: screen_name(pilot) == "OverridesScreen", 10, "overrides again")
+            return (preselected, picked, on_tier, app.screen.query_one("#field-learning_rate").value,
+                    app.screen.query_one("#field-max_steps").value)
+
+    preselected, picked, on_tier, rate, steps = run_pilot(scenario(), timeout_s=120)
+    assert picked == preselected - 1 and on_tier == picked
+    assert (rate, steps) == ("0.0005", "7")
+
+
+def test_a_changed_model_or_repository_drops_what_was_read_or_built_for_the_old_one(tiny_repo, tmp_path):
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"))
+    state = WizardState(config=config, profile=fake_profile("cpu"), shape="demo's shape", plans=("plan",),
+                        summary="repo A's dataset", preflight_results=["passed"], preflight_config=config)
+    state.take_config(config.replace(learning_rate=1e-4))  # neither model nor data: all is kept
+    assert (state.shape, state.summary, state.preflight_results) == ("demo's shape", "repo A's dataset", ["passed"])
+    state.take_config(state.config.replace(repo=str(tmp_path / "other-repo")))
+    assert state.summary is None and state.preflight_results == [] and state.preflight_config is None
+    assert state.shape == "demo's shape"
+    state.take_config(state.config.replace(model=str(tmp_path / "other-model")))
+    assert state.shape is None and state.plans == ()
+
+
+def test_text_that_looks_like_markup_is_shown_as_typed_and_a_narrow_screen_still_shows_why(tmp_path):
+    """"[/]" typed into a field crashed the app (its message quoted it as markup); at 60 columns the prediction beside
+    the form left a field's message no room."""
+    config = default_config("demo", ".", str(tmp_path / "runs")).with_tier(1)
+    state = WizardState(config=config, profile=fake_profile("cpu"), shape=load_model_shape("demo"))
+    app = EliteApp(config, state=state, start_at="overrides")
+
+    async def scenario():
+        async with app.run_test(size=(60, 20)) as pilot:
+            await pilot.pause()
+            app.screen.query_one("#field-lora_rank").value = "[/]"
+            await pilot.pause(0.3)
+            message = app.screen.query_one("#message-lora_rank")
+            return str(message.render()), message.region.width, message.region.height
+
+    text, width, height = run_pilot(scenario(), timeout_s=60)
+    assert text == "'[/]' is not a whole number"
+    assert width >= 15 and height >= 1
+
+
+class SlowBuild(Engine):
+    """The real build, held until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def build_dataset(self, config, progress):
+        self.release.wait(60)
+        return super().build_dataset(config, progress)
+
+
+def test_rebuild_and_preview_wait_for_the_running_build(tiny_repo, tmp_path):
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"))
+    engine = SlowBuild()
+    app = EliteApp(config, state=WizardState(config=config, profile=fake_profile("cpu")), start_at="dataset",
+                   engine=engine)
+
+    async def scenario():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            screen = app.screen
+            while_building = (screen.check_action("rebuild", ()), screen.check_action("preview", ()))
+            await pilot.press("r")  # refused: a second build beside the first broke both
+            engine.release.set()
+            await wait_until(pilot, lambda: app.state.summary is not None, 60, "the build")
+            await pilot.pause()
+            return while_building, (screen.check_action("rebuild", ()), screen.check_action("preview", ()))
+
+    while_building, after = run_pilot(scenario(), timeout_s=120)
+    assert while_building == (None, None) and after == (True, True)
