@@ -153,7 +153,9 @@ def _budget(profile: HardwareProfile, processes: int = 1) -> int:
     """One process's memory: its GPU's, or on a CPU its share of the RAM that all the machine's processes hold
     their own copy of the model in."""
     if profile.has_gpu:
-        return int(profile.memory_budget_bytes)
+        # One process a GPU: the run fits where its smallest (or busiest) GPU does, not where GPU 0 does.
+        used = profile.gpus[:max(1, min(processes, len(profile.gpus)))]
+        return int(min(gpu.usable_bytes for gpu in used))
     return int(profile.memory_budget_bytes // max(1, processes))
 
 
@@ -256,7 +258,7 @@ def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunCon
     if ENGINE_HAS_TILED_MLP and last.checkpointing != "off":
         last = dataclasses.replace(last, tiled_mlp=True)
         ladder.append(last)
-    if on_gpu and profile.can("bitsandbytes"):
+    if on_gpu and profile.can("bitsandbytes") and base.deepspeed == "off":  # ZeRO shards neither (config refuses both)
         if not last.adamw_8bit:
             last = dataclasses.replace(last, adamw_8bit=True)
             ladder.append(last)

@@ -409,7 +409,8 @@ def _run(args) -> int:
         config = config.replace(gpus=per_node * args.nnodes)
         profile = _profile_hardware(args.output, args.reprofile)
         shape = _load_shape(config.model, config.trust_remote_code)
-        tier = args.tier or select_tier(plan_tiers(shape, profile, config))
+        # The tier is chosen by a plan with the overrides (as `plan --set` marks it), and they win over its defaults.
+        tier = args.tier or select_tier(plan_tiers(shape, profile, config.replace(**sets)))
         config = config.with_tier(tier)
         if args.max_steps is not None:
             config = config.replace(max_steps=args.max_steps)
@@ -513,9 +514,10 @@ def _lr_find(args) -> int:
                             run_name=args.run_name or new_run_name())
     profile = _profile_hardware(args.output, args.reprofile)
     shape = _load_shape(config.model, config.trust_remote_code)
-    config = config.with_tier(args.tier or select_tier(plan_tiers(shape, profile, config)))
-    if args.set:
-        config = config.replace(**_parse_sets(args.set))
+    sets = _parse_sets(args.set) if args.set else {}
+    config = config.with_tier(args.tier or select_tier(plan_tiers(shape, profile, config.replace(**sets))))
+    if sets:
+        config = config.replace(**sets)
     if not Path(config.repo).is_dir():
         raise CliError(f"repository not found: {config.repo}")
     _refuse_a_started_run(config.run_dir)  # its dataset would be rebuilt under it from this repository

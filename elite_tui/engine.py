@@ -69,6 +69,9 @@ def check_launch(config: Any, profile: Any, *, nproc: int, nnodes: int = 1, node
         errors["hostfile"] = f"{hostfile} is not a file"
     if errors:
         return None, errors
+    # The file checked is the file launched: "~" and a relative path would reach DeepSpeed's runner literally (it then
+    # trains on this node alone), and a resume from another directory would miss it.
+    hostfile = str(Path(hostfile).expanduser().resolve()) if hostfile else ""
     settings = LaunchSettings(nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr.strip(),
                               master_port=master_port, hostfile=hostfile, launcher=launcher)
     try:

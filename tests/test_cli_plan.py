@@ -58,3 +58,30 @@ def test_a_tier_outside_the_table_is_refused_by_the_arguments(command, tmp_path,
     assert exit_info.value.code == 2
     assert "argument --tier: invalid choice: 9 (choose from 1, 2, 3, 4, 5, 6, 7)" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_run_picks_the_tier_that_plan_marks_with_the_same_overrides(tiny_repo, tmp_path, monkeypatch, capsys):
+    """An 8B model on an H100 (a fake profile: no GPU here): 4 windows a micro-batch fit a lower tier than 1, and
+    `run --set micro_batch=4` must train the tier `plan --set micro_batch=4` marks, not the one planned without it
+    (tier 7 at 363 GiB of 78)."""
+    from elite_core.config import RunConfig
+    from elite_core.hardware import fake_profile
+    from elite_core.memory_model import ModelShape
+    from elite_tui import cli
+
+    llama_8b = ModelShape(name="Llama-3.1-8B", architecture="llama", hidden=4096, intermediate=14336, layers=32,
+                          heads=32, kv_heads=8, head_dim=128, vocab=128256, tied_embeddings=False,
+                          max_position_embeddings=131072, total_params=8030261248, known=True)
+    monkeypatch.setattr(cli, "_profile_hardware", lambda output, reprofile: fake_profile("h100"))
+    monkeypatch.setattr(cli, "_load_shape", lambda model, trust_remote_code: llama_8b)
+    where = ["--repo", str(tiny_repo), "--output", str(tmp_path / "runs")]
+
+    def marked(*sets: str) -> int:
+        assert main(["plan", *where, *sets]) == 0
+        return next(int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line.startswith(">"))
+
+    assert marked("--set", "micro_batch=4") < marked()
+    assert main(["run", *where, "--run-name", "four", "--set", "micro_batch=4", "--set", "device=cuda",
+                 "--print-launch"]) == 0
+    capsys.readouterr()
+    assert RunConfig.load(tmp_path / "runs" / "four" / "config.yaml").tier == marked("--set", "micro_batch=4")

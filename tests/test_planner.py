@@ -410,3 +410,31 @@ def test_the_probed_rate_stands_for_its_tier_row_only_at_the_probed_window():
     assert elsewhere[0].rate_source == "calibrated"
     estimated = with_epoch_times(plans, epoch)[0].tokens_per_s
     assert elsewhere[0].tokens_per_s == pytest.approx(2.0 * estimated)  # measured / estimated = 2
+
+
+def _with_capabilities(profile, *names):
+    capabilities = tuple(dataclasses.replace(c, available=True) if c.name in names else c for c in profile.capabilities)
+    return dataclasses.replace(profile, capabilities=capabilities)
+
+
+def test_a_run_over_several_gpus_fits_where_its_smallest_gpu_does():
+    """GPU 1 has half of GPU 0's memory free: every process needs its own share, so GPU 1 decides."""
+    h100 = fake_profile("h100")
+    busy = dataclasses.replace(h100.gpus[0], index=1, usable_bytes=h100.gpus[0].usable_bytes // 2)
+    two = dataclasses.replace(h100, gpus=(h100.gpus[0], busy))
+    config = default_config("demo", ".", "runs", gpus=2, device="cuda")
+    fitting = [plan for plan in plan_tiers(LLAMA_8B, two, config) if plan.fits]
+    assert fitting and all(plan.breakdown.total_bytes <= busy.usable_bytes for plan in fitting)
+    # planned against GPU 0 alone, some of these tiers need more than GPU 1 has
+    assert any(plan.fits and plan.breakdown.total_bytes > busy.usable_bytes
+               for plan in plan_tiers(LLAMA_8B, dataclasses.replace(h100, gpus=(h100.gpus[0],) * 2), config))
+
+
+def test_a_zero_run_is_never_planned_with_qlora_or_8bit_adam():
+    """ZeRO shards neither 4-bit weights nor 8-bit optimizer states, and the config refuses both beside it."""
+    profile = _with_capabilities(fake_profile("h100"), "bitsandbytes", "deepspeed")
+    small = dataclasses.replace(profile, gpus=(dataclasses.replace(profile.gpus[0], usable_bytes=20 * GIB),))
+    config = default_config("demo", ".", "runs", gpus=2, device="cuda", deepspeed="zero2")
+    for plan in plan_tiers(LLAMA_8B, small, config):
+        assert not plan.setup.adamw_8bit and plan.setup.weight_dtype != "nf4", plan.options
+        config_for_plan(config, plan)  # no ConfigError: what the table shows, the run can be
