@@ -29,6 +29,15 @@ DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.516}
 """Bytes per weight: NF4 is 4 bits + absmax with double quantisation (QLoRA); int8 adds one fp32 scale per row, ignored."""
 
 
+LEARNED_POSITION_ARCHITECTURES = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt"})
+"""Model types whose positions are a learned table, not rotary: no window past their max_position_embeddings."""
+
+
+def uses_plain_logits(hf_config) -> bool:
+    """Models that post-process logits (soft-capping, scaling) keep the model's own loss so the math stays the same."""
+    return bool(getattr(hf_config, "final_logit_softcapping", None) or getattr(hf_config, "logit_scale", None))
+
+
 @dataclass(frozen=True)
 class ModelShape:
     name: str
@@ -49,6 +58,11 @@ class ModelShape:
     gated_mlp: bool = True
     experts: int = 1
     experts_per_token: int = 1
+    plain_logits: bool = False
+    """The model post-processes its logits (soft-capping, scaling): training keeps its own full-vocabulary loss."""
+    rotary: bool = True
+    """Positions are rotary, so a window past max_position_embeddings trains with RoPE scaled; False for learned
+    absolute positions (GPT-2, StarCoder 1), which cannot go past them."""
 
     def layer_linears(self) -> tuple[tuple[str, int, int], ...]:
         """(name, in_features, out_features) of every linear layer in one decoder layer: what "all-linear" LoRA targets."""
@@ -141,6 +155,8 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         gated_mlp=architecture not in _UNGATED_MLP_ARCHITECTURES,
         experts=experts,
         experts_per_token=min(experts_per_token, experts),
+        plain_logits=uses_plain_logits(config),
+        rotary=architecture not in LEARNED_POSITION_ARCHITECTURES,
     )
     from dataclasses import replace
 

@@ -127,7 +127,7 @@ def resolve_precision(profile: HardwareProfile, requested: str) -> str:
 
 def rope_scaling_factor(shape: ModelShape, window_tokens: int) -> float:
     """A power-of-two RoPE factor when the window is longer than the model's native context, else 1."""
-    if window_tokens <= shape.max_position_embeddings or shape.max_position_embeddings <= 0:
+    if window_tokens <= shape.max_position_embeddings or shape.max_position_embeddings <= 0 or not shape.rotary:
         return 1.0
     return float(2 ** math.ceil(math.log2(window_tokens / shape.max_position_embeddings)))
 
@@ -226,7 +226,7 @@ def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, 
         compute_dtype=precision,
         checkpointing="on",
         adamw_8bit=config.adamw_8bit and device == "cuda",
-        loss="chunked",
+        loss="full" if shape.plain_logits else "chunked",  # as training computes it: the model's own loss then
         attention=attention_for(profile),
         tiled_mlp=False,
         deepspeed=config.deepspeed if device == "cuda" else "off",
@@ -328,7 +328,9 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
         if _fits(candidate, budget, profile):
             chosen, breakdown = setup, candidate
             break
-    fits = _fits(breakdown, budget, profile)
+    # Learned positions end at max_position_embeddings: a longer window cannot load, whatever the memory.
+    too_long = not shape.rotary and 0 < shape.max_position_embeddings < window
+    fits = _fits(breakdown, budget, profile) and not too_long
     grad_accum = config.grad_accum or grad_accum_for(window, chosen.micro_batch * config.gpus)
     step_time = estimate_step_time_s(shape, chosen, profile, grad_accum)
     notes = []
@@ -336,7 +338,10 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
         notes.append(f"{shape.architecture} is not a checked architecture: memory is an estimate")
     if chosen.rope_scaling_factor > 1:
         notes.append(f"window exceeds the model's {shape.max_position_embeddings:,} positions: RoPE scaled x{int(chosen.rope_scaling_factor)}")
-    if not fits:
+    if too_long:
+        notes.append(f"window exceeds the model's {shape.max_position_embeddings:,} learned positions (not RoPE: "
+                     "they cannot be scaled)")
+    elif not fits:
         where = "GPU memory" if profile.has_gpu else "RAM"
         notes.append(f"needs more {where} than the budget even with every memory option on")
     elif profile.device == "cpu" and step_time > CPU_MAX_STEP_S:

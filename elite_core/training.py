@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from elite_core import checkpoints, distributed, protocol, schedule
 from elite_core.config import ConfigError, RunConfig, zero_offload
 from elite_core.lean_layers import offload_saved_tensors, share_adapter_inputs, use_lean_norms
-from elite_core.memory_model import TrainingSetup
+from elite_core.memory_model import TrainingSetup, uses_plain_logits
 from elite_core.model_loading import load_causal_lm
 from elite_core.report import write_plan
 
@@ -94,11 +94,6 @@ def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss_mode: 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state
     return chunked_target_loss(base.get_output_embeddings(), hidden, labels)
-
-
-def uses_plain_logits(hf_config) -> bool:
-    """Models that post-process logits (soft-capping, scaling) keep the model's own loss so the math stays the same."""
-    return bool(getattr(hf_config, "final_logit_softcapping", None) or getattr(hf_config, "logit_scale", None))
 
 
 def enable_checkpointing(model) -> None:

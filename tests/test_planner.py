@@ -438,3 +438,23 @@ def test_a_zero_run_is_never_planned_with_qlora_or_8bit_adam():
     for plan in plan_tiers(LLAMA_8B, small, config):
         assert not plan.setup.adamw_8bit and plan.setup.weight_dtype != "nf4", plan.options
         config_for_plan(config, plan)  # no ConfigError: what the table shows, the run can be
+
+
+def test_soft_capped_logits_are_planned_with_the_full_loss_and_learned_positions_are_not_scaled():
+    """Gemma 2 post-processes its logits, so training uses the model's own full-vocabulary loss (planned as chunked,
+    its tiers 3-7 were marked "fits" at 95-1,170 GiB of real need); GPT-2's positions are a learned table of 1,024,
+    which no RoPE factor stretches, so a longer window is no tier that fits."""
+    from transformers import Gemma2Config, GPT2Config
+
+    config = default_config("demo", ".", "runs", device="cuda")
+    gemma = shape_from_hf_config(Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                              num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                              vocab_size=256000), name="gemma-2-9b")
+    plans = plan_tiers(gemma, fake_profile("h100"), config)
+    assert all(plan.setup.loss == "full" for plan in plans)
+    assert [plan.fits for plan in plans][2:] == [False] * 5
+
+    gpt2 = shape_from_hf_config(GPT2Config(), name="gpt2")
+    plans = plan_tiers(gpt2, fake_profile("h100"), config)
+    assert not any(plan.fits for plan in plans) and all(plan.setup.rope_scaling_factor == 1.0 for plan in plans)
+    assert "1,024 learned positions" in plans[0].note
