@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -57,13 +58,67 @@ def available() -> bool:
     return _init()
 
 
-def device_count() -> int:
-    if not _init():
-        return 0
+def _physical_count() -> int:
     try:
         import pynvml
 
         return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return 0
+
+
+def visible_physical_indices() -> list[int]:
+    """NVML's index of each GPU CUDA numbers 0, 1, ...: all of them in NVML's order, or as CUDA_VISIBLE_DEVICES lists
+    them (indices or UUID prefixes; CUDA stops at the first entry that names no GPU). Every index this module takes
+    is CUDA's, as torch's cuda:N is: on a server shared through CUDA_VISIBLE_DEVICES, cuda:0 is not NVML's GPU 0.
+    (Integer entries follow CUDA's device order, which is NVML's PCI order with CUDA_DEVICE_ORDER=PCI_BUS_ID and on
+    machines of one GPU model.)"""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cached = _visible_cache.get(raw)
+    if cached is None:
+        cached = _visible_cache[raw] = _visible_physical_indices(raw)
+    return list(cached)
+
+
+_visible_cache: dict[str | None, list[int]] = {}
+
+
+def _visible_physical_indices(raw: str | None) -> list[int]:
+    count = _physical_count()
+    if raw is None:
+        return list(range(count))
+    import pynvml
+
+    uuids = [_safe(lambda i=i: _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))), "")
+             for i in range(count)]
+    entries = [part.strip() for part in raw.split(",")] if raw.strip() else []
+    if not any(uuids) and any(not entry.lstrip("-").isdigit() for entry in entries):
+        return list(range(count))  # UUIDs named but NVML gives none to match them: all GPUs, as before, not none
+    visible: list[int] = []
+    for entry in entries:
+        if entry.lstrip("-").isdigit():
+            index = int(entry)
+        else:
+            index = next((i for i, uuid in enumerate(uuids) if uuid and uuid.startswith(entry)), -1)
+        if not 0 <= index < count or index in visible:
+            break
+        visible.append(index)
+    return visible
+
+
+def _handle(index: int):
+    """The NVML handle of CUDA's device `index`."""
+    import pynvml
+
+    return pynvml.nvmlDeviceGetHandleByIndex(visible_physical_indices()[index])
+
+
+def device_count() -> int:
+    """GPUs CUDA sees (CUDA_VISIBLE_DEVICES applied)."""
+    if not _init():
+        return 0
+    try:
+        return len(visible_physical_indices())
     except Exception:
         return 0
 
@@ -87,7 +142,7 @@ def devices() -> tuple[NvmlDevice, ...]:
     found = []
     for index in range(device_count()):
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = _handle(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             found.append(
                 NvmlDevice(
@@ -127,7 +182,7 @@ def memory_now(index: int = 0) -> NvmlMemory | None:
     try:
         import pynvml
 
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        info = pynvml.nvmlDeviceGetMemoryInfo(_handle(index))
         snapshot = NvmlMemory(int(info.total), int(info.free), int(info.used))
     except Exception:
         return None
@@ -142,7 +197,7 @@ def process_used_bytes(pid: int, index: int = 0) -> int | None:
     try:
         import pynvml
 
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _handle(index)
         for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if process.pid == pid and process.usedGpuMemory is not None:
                 return int(process.usedGpuMemory)
