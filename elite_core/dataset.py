@@ -637,6 +637,14 @@ def complete_build(dataset_dir: str | Path) -> dict | None:
     return manifest if manifest is not None and _split_files_intact(Path(dataset_dir), manifest) else None
 
 
+def complete_build_summary(dataset_dir: str | Path) -> DatasetSummary | None:
+    """The summary of a finished build in dataset_dir (complete_build), as it was built; None without one."""
+    manifest = complete_build(dataset_dir)
+    if manifest is None or "summary" not in manifest:
+        return None
+    return DatasetSummary.from_dict({**manifest["summary"], "rebuilt": False, "files_tokenized": 0})
+
+
 def repository_changed_since(repo: str | Path, dataset_dir: str | Path, output_dir: str | Path | None = None) -> bool:
     """Whether the repository's files (names, sizes, mtimes, name rules) differ from what the build in dataset_dir
     read, or the repository is gone; a walk only, nothing is read or tokenised."""

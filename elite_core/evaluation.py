@@ -136,8 +136,9 @@ PYTHON_UNIT_KEYWORDS = ("def", "class", "async")
 completion left the bracket open and moved on (a syntax error), rather than going on inside it."""
 
 
-def _python_line_kinds(completion: str) -> tuple[set[int], set[int]]:
-    """(rows that begin a logical line, rows inside a multi-line string), 1-based, from Python's own tokenizer: a
+def _python_line_kinds(completion: str) -> tuple[set[int], set[int], int | None]:
+    """(rows that begin a logical line, rows inside a multi-line string, the row of an inconsistent dedent or None),
+    1-based, from Python's own tokenizer: a
     column-0 line inside a string, a bracket or after a backslash does not start a unit. Unfinished text (an open
     bracket or string at the end) is read as far as it goes."""
     import io
@@ -145,6 +146,7 @@ def _python_line_kinds(completion: str) -> tuple[set[int], set[int]]:
 
     starts: set[int] = set()
     in_string: set[int] = set()
+    bad_dedent = None
     at_start = True
     try:
         for token in tokenize.generate_tokens(io.StringIO(completion).readline):
@@ -162,15 +164,15 @@ def _python_line_kinds(completion: str) -> tuple[set[int], set[int]]:
         message, (row, _) = error.args
         if "string" in message:  # everything after an unterminated string's first line is inside it
             in_string.update(range(row + 1, completion.count("\n") + 2))
-    except (IndentationError, SyntaxError):
-        pass  # an inconsistent dedent: the lines read so far decide, ast then judges the unit
-    return starts, in_string
+    except (IndentationError, SyntaxError) as error:
+        bad_dedent = error.lineno  # the unit ends with that line, and ast then calls it the syntax error it is
+    return starts, in_string, bad_dedent
 
 
 def _first_python_unit(completion: str) -> str | None:
     """The completion up to where its second top-level unit starts; None if it never gets that far. Comments and
     blank lines before the first unit are not a unit of their own."""
-    logical_starts, in_string = _python_line_kinds(completion)
+    logical_starts, in_string, bad_dedent = _python_line_kinds(completion)
     offset = 0
     seen_code = False
     after_decorator = False
@@ -183,6 +185,8 @@ def _first_python_unit(completion: str) -> str | None:
             decorator or (not line.startswith(PYTHON_CONTINUATION_MARKS) and first_word not in PYTHON_CONTINUATION_WORDS))
         if starts_unit and seen_code and not after_decorator:
             return completion[:offset]
+        if bad_dedent is not None and row >= bad_dedent:
+            return completion[:offset + len(line)]
         if line.strip() and not line.lstrip().startswith("#"):
             seen_code = True
             after_decorator = decorator or (after_decorator and not starts_unit)

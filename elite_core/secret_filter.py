@@ -151,8 +151,8 @@ def _names_a_handle(key: str | None) -> bool:
     if key is None or not key.lower().endswith("token"):
         return False
     words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", key[:-len("token")])
-    lowered = [word.lower() for word in words]
-    return bool(lowered) and (lowered[-1] in _HANDLE_TOKEN_WORDS or "public" in lowered)
+    # Any word of the name: nextForwardToken, CopyProductToken, LifecycleActionToken are handles too.
+    return any(word.lower() in _HANDLE_TOKEN_WORDS for word in words)
 
 
 # Where "password = hX9k2LmQ7vRt4ZpW" without quotes is the value itself, not an expression.
@@ -287,9 +287,21 @@ def _token_assignment(text: str, lowered: str, bare_values: bool) -> SecretFindi
             if not match.group(0).startswith("bearer") and _names_a_handle(_key_before(text, match.start(),
                                                                                          match.group(0))):
                 continue
-            if looks_like_credential(value):
+            if looks_like_credential(value) and not _names_a_place(value):
                 return SecretFinding(rule="secret keyword (token)", line_number=text.count("\n", 0, match.start()) + 1)
     return None
+
+
+_PATH_LIKE = re.compile(r"[a-z0-9_.-]{1,24}(?:/[a-z0-9_.-]{1,24})+", re.IGNORECASE)
+
+
+def _names_a_place(value: str) -> bool:
+    """A path or a URL route, not a token: "/app/keys/service-account-1.json" (GOOGLE_APPLICATION_CREDENTIALS names a
+    file), "oauth2/v1/token". Tokens with "/" are base64: long runs, not short lower-case segments."""
+    if value.startswith(("/", "./", "../", "~/")) or re.search(r"\.[a-z]{2,5}$", value):
+        return True
+    return bool(_PATH_LIKE.fullmatch(value)) and all(part.islower() or part.isdigit() or not part.isalpha()
+                                                     for part in value.split("/")) and value == value.lower()
 
 
 def _key_before(text: str, start: int, matched: str) -> str:

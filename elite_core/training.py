@@ -389,6 +389,11 @@ class TrainingEngine:
                         message=f"{Path(config.repo).resolve()} changed since this run's dataset was built: the "
                                 "resumed run goes on with the dataset it started with (a new run trains on the changes)"))
             elif self.rank.local_rank == 0:
+                if self.resume and self.rank.is_main and checkpoints.latest_valid(self.run_dir) is not None:
+                    self.emit(protocol.Warning(
+                        message=f"this run's dataset ({dataset_dir}) is gone or incomplete: rebuilt from "
+                                f"{Path(config.repo).resolve()} as it is now, so the resumed steps draw other windows "
+                                "than the run would have"))
                 # The node's other ranks read what its first rank built: scanning again, they rebuilt it side by
                 # side wherever the repository had changed since (3 CPU ranks on a busy directory: a rename race).
                 build_dataset(config.repo, dataset_dir, tokenizer_source=config.model,
@@ -700,6 +705,8 @@ class TrainingEngine:
 
 
 def describe_exception(exc: BaseException) -> protocol.Error:
+    if isinstance(exc, ConfigError):  # a setting to change, said in full: no traceback to read
+        return protocol.Error(message=f"invalid settings: {exc}", kind="config")
     kind = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "exception"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if kind == "oom":

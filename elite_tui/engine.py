@@ -141,6 +141,12 @@ class Engine:
         with lock:
             return self._build_dataset(config, progress)
 
+    def existing_dataset(self, config: Any) -> Any:
+        """The run's own finished training set (DatasetSummary), which a resumed run keeps; None without one."""
+        from elite_core.dataset import complete_build_summary
+
+        return complete_build_summary(self.dataset_dir(config))
+
     def _build_dataset(self, config: Any, progress: Callable[[Any], None]) -> Any:
         from elite_core.dataset import build_dataset
 

@@ -192,6 +192,12 @@ def test_secrets_that_need_the_file_type_or_a_rule_of_our_own(relative, text):
     ("setup.cfg", "password = ${DB_PASSWORD}\n"),
     ("docs/arn.md", '"ARN": "arn:aws:secretsmanager:us-west-2:123456789012:secret:MyTestSecret-a1b2c3"\n'),
     ("docs/keys.md", '"SecurityToken": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n'),
+    # a credentials variable that names a file, a route, handles named in camelCase
+    ("Dockerfile", "ENV GOOGLE_APPLICATION_CREDENTIALS=/app/keys/service-account-1.json\n"),
+    ("deploy.yaml", "token: /run/secrets/api-token-1\n"),
+    ("client.py", 'DEFAULT_TOKEN = "oauth2/v1/token"\n'),
+    ("logs.json", '{"nextForwardToken": "f/31961209122447488583055879464742346735121166569214640130"}\n'),
+    ("catalog.json", '{"CopyProductToken": "copyproduct-abc5defgjkdji"}\n'),
 ])
 def test_code_handles_and_placeholders_are_not_secrets(relative, text):
     assert SecretScanner().scan(text, relative) is None, relative

@@ -106,3 +106,34 @@ def test_rebuild_and_preview_wait_for_the_running_build(tiny_repo, tmp_path):
 
     while_building, after = run_pilot(scenario(), timeout_s=120)
     assert while_building == (None, None) and after == (True, True)
+
+
+def test_a_resumed_run_keeps_its_settings_and_its_own_training_set(tiny_repo, tmp_path):
+    """Resumed from the Setup list, the wizard walks the screens again: Enter on the Tiers screen must not swap in the
+    tier's default windows and rank (the checkpoint holds this adapter), and the Dataset screen shows the run's own
+    set, not one rebuilt from the repository as edited since."""
+    from elite_core.dataset import build_dataset
+
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"), run_name="resumed").with_tier(1).replace(
+        context_tokens=192, target_tokens=64, lora_rank=8, lora_alpha=16)  # the run's own window, not tier 1's
+    built = build_dataset(tiny_repo, config.run_dir / "dataset", workers=1, eval_fraction=config.eval_fraction,
+                          seed=config.seed)
+    (tiny_repo / "added_since.py").write_text("def later():\n    return 1\n" * 50, encoding="utf-8")
+    state = WizardState(config=config, profile=fake_profile("cpu"), shape=load_model_shape("demo"), resume=True)
+    app = EliteApp(config, state=state, start_at="tiers")
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: bool(app.state.plans), 10, "the tier table")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: screen_name(pilot) == "OverridesScreen", 10, "overrides")
+            after_tiers = app.state.config
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda: screen_name(pilot) == "DatasetScreen", 10, "dataset")
+            await wait_until(pilot, lambda: app.state.summary is not None, 30, "the summary")
+            return after_tiers, app.state.summary, app.screen.check_action("rebuild", ())
+
+    after_tiers, summary, rebuild = run_pilot(scenario(), timeout_s=120)
+    assert (after_tiers.context_tokens, after_tiers.target_tokens, after_tiers.lora_rank) == (192, 64, 8)
+    assert summary.files == built.files and summary.train_tokens == built.train_tokens
+    assert rebuild is None

@@ -92,6 +92,10 @@ class DatasetScreen(WizardScreen):
 
     def on_mount(self) -> None:
         self.building = False
+        if self.state.summary is None and self.state.resume:
+            # A resumed run goes on with the windows it trained on (its saved data position indexes them): its own
+            # training set, not one rebuilt from the repository as it is now.
+            self.state.summary = self.engine.existing_dataset(self.state.config)
         if self.state.summary is not None:
             self.show_summary(self.state.summary)
         else:
@@ -110,8 +114,8 @@ class DatasetScreen(WizardScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # One build at a time (a thread cannot be stopped: a second one beside it broke both); the preview once
         # there is a training set to show.
-        if action == "rebuild":
-            return None if self.building else True
+        if action == "rebuild":  # a resumed run keeps its own set: a rebuild would hand it other windows
+            return None if self.building or self.state.resume else True
         if action == "preview":
             return True if self.state.summary is not None and not self.building else None
         return super().check_action(action, parameters)
@@ -141,7 +145,8 @@ class DatasetScreen(WizardScreen):
         self.refresh_bindings()
 
     def show_summary(self, summary: Any) -> None:
-        self.query_one("#dataset-status", Static).update(Text(f"Training set built from {self.state.config.repo}."))
+        kept = " (the resumed run's own; later changes to the repository are not in it)" if self.state.resume else ""
+        self.query_one("#dataset-status", Static).update(Text(f"Training set built from {self.state.config.repo}{kept}."))
         self.query_one(ProgressBar).update(progress=1.0)
         self.query_one("#dataset-summary", Static).update(summary_renderable(summary, self.state.config.window_tokens))
 

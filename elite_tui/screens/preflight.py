@@ -97,6 +97,8 @@ class PreflightScreen(WizardScreen):
         super().__init__()
         self.running = False
         self.finding_lr = False
+        self.closed = False
+        """Left or quit: the checks' thread (which cannot be stopped) runs no further check, the probe included."""
         self.lr_result: Any = None
         """The last sweep's lr_finder.LrFindResult on this screen."""
 
@@ -121,6 +123,7 @@ class PreflightScreen(WizardScreen):
     def on_unmount(self) -> None:
         # Left (Esc) or quit while a probe or a sweep trains: its result is thrown away, so end it now rather than
         # let it train beside the next child, or hold the exit until it ends.
+        self.closed = True
         if self.running or self.finding_lr:
             self.engine.end_child_jobs()
 
@@ -135,6 +138,8 @@ class PreflightScreen(WizardScreen):
     def run_checks(self) -> None:
         state = self.state
         for result in self.engine.run_preflight(state.config, state.profile, state.summary, state.shape):
+            if self.closed:  # the checks run one by one: a probe not started yet never starts
+                return
             self.post_message(CheckDone(result))
         self.post_message(ChecksFinished())
 

@@ -137,7 +137,8 @@ class TiersScreen(WizardScreen):
         yield self.footer()
 
     def on_mount(self) -> None:
-        self.refresh_plans()
+        # A resumed run's cursor starts on its own tier: Enter there keeps the run's settings as they are.
+        self.refresh_plans(cursor_tier=self.state.config.tier if self.state.resume else None)
 
     picked = False
     """Whether the user chose a tier here and went on: coming back, the cursor returns to that tier."""
@@ -145,7 +146,7 @@ class TiersScreen(WizardScreen):
     def on_screen_resume(self) -> None:
         # Coming back from the overrides screen: the plans depend on the config, so redraw, the cursor on the tier the
         # user picked (the preselected one may be another).
-        self.refresh_plans(cursor_tier=self.state.config.tier if self.picked else None)
+        self.refresh_plans(cursor_tier=self.state.config.tier if self.picked or self.state.resume else None)
 
     def refresh_plans(self, cursor_tier: int | None = None) -> None:
         state = self.state
@@ -242,6 +243,13 @@ class TiersScreen(WizardScreen):
         plan = self.state.plans[row]
         if not plan.fits:
             self.notify(f"Tier {plan.tier.number} is predicted not to fit; pre-flight will check it.", severity="warning")
-        self.state.config = self.engine.config_for_plan(self.state.config, plan)
+        config = self.state.config
+        if not self.state.resume:
+            self.state.config = self.engine.config_for_plan(config, plan)
+        elif plan.tier.number != config.tier:
+            # Another tier for a resumed run: its windows and memory options, the adapter's shape kept (the checkpoint
+            # holds that adapter).
+            self.state.config = self.engine.config_for_plan(config, plan).replace(
+                lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_target_modules=config.lora_target_modules)
         self.picked = True
         super().advance()
