@@ -387,11 +387,11 @@ def _refresh_volatile(profile: HardwareProfile, devices: tuple[nvml.NvmlDevice, 
         if current is None:
             gpus.append(gpu)
             continue
-        # Another process may hold memory now that the probe saw free.
-        taken_since = max(0, gpu.free_bytes - current.free_bytes)
-        gpus.append(
-            dataclasses.replace(gpu, free_bytes=current.free_bytes, usable_bytes=max(0, gpu.usable_bytes - taken_since))
-        )
+        # Another process may hold memory now that the probe saw free, or have let go of what it held then: the
+        # budget moves with the free memory (it never rose, so a profile made beside another job stayed that small).
+        usable = gpu.usable_bytes + current.free_bytes - gpu.free_bytes
+        gpus.append(dataclasses.replace(gpu, free_bytes=current.free_bytes,
+                                        usable_bytes=int(max(0, min(usable, current.free_bytes, gpu.total_bytes)))))
     ram_total, ram_available = _ram()
     return dataclasses.replace(
         profile,

@@ -152,3 +152,25 @@ def test_a_cached_profile_sees_the_libraries_installed_since(tmp_path, monkeypat
     refreshed = _refresh_volatile(cached, (), tmp_path)
     assert refreshed.can("bitsandbytes") and refreshed.from_cache
     assert refreshed.gpus == cached.gpus
+
+
+def test_a_cached_profile_budget_follows_the_free_memory_both_ways(tmp_path):
+    """Profiled beside another job holding 40 GiB, the budget must grow back once it is gone (it only ever shrank),
+    and shrink when another process takes memory."""
+    import dataclasses
+
+    from elite_core.hardware import _refresh_volatile
+    from elite_core.nvml import NvmlDevice
+
+    gib = 1024**3
+    gpu = fake_profile("h100").gpus[0]
+    busy = dataclasses.replace(gpu, free_bytes=39 * gib, usable_bytes=38 * gib)
+    cached = dataclasses.replace(fake_profile("h100"), gpus=(busy,))
+
+    def now(free):
+        return (NvmlDevice(index=0, name=gpu.name, uuid=gpu.uuid, compute_capability=(9, 0), total_bytes=gpu.total_bytes,
+                           free_bytes=free, used_bytes=gpu.total_bytes - free, driver="", cuda_driver_version="",
+                           memory_bus_width_bits=0, max_memory_clock_mhz=0),)
+
+    assert _refresh_volatile(cached, now(79 * gib), tmp_path).gpus[0].usable_bytes == 78 * gib
+    assert _refresh_volatile(cached, now(19 * gib), tmp_path).gpus[0].usable_bytes == 18 * gib
