@@ -220,6 +220,11 @@ def _ignore_files_above(root: Path) -> tuple[_IgnoreFile, ...]:
         lines = _read_ignore_lines(folder / ".gitignore")
         if lines:
             found.append(_IgnoreFile("", _ignore_spec(lines), resolved.relative_to(folder).as_posix() + "/"))
+    # A root that those rules ignore was chosen for its content: a folder under a home directory kept in git with
+    # "*" ignored, or a virtualenv inside pyenv's checkout (which ignores /versions/). Git would show nothing there;
+    # the user asked for it, so only the ignore files inside the root apply.
+    if found and _is_ignored("", False, tuple(found)):  # the prefix ends in "/": the root as a directory
+        return ()
     return tuple(found)
 
 

@@ -70,6 +70,18 @@ def test_a_folder_inside_a_work_tree_follows_the_ignore_files_above_it(tmp_path)
     assert reasons == {"NOTES.md": "gitignored", "build/": "gitignored", "models.generated.py": "gitignored"}
 
 
+def test_a_root_the_outer_ignore_files_ignore_is_walked_by_its_own_rules_alone(tmp_path):
+    """A project folder under a home directory kept in git with "*" ignored (or a virtualenv inside pyenv's checkout,
+    which ignores /versions/): git would show nothing, but the user chose that folder for its content."""
+    write(tmp_path, ".git/config", "[core]\n")
+    write(tmp_path, ".gitignore", "*\n!.gitignore\n")
+    write(tmp_path, "projects/tool/main.py")
+    write(tmp_path, "projects/tool/.gitignore", "*.log\n")
+    write(tmp_path, "projects/tool/debug.log", "log\n")
+    kept, reasons = kept_and_reasons(tmp_path / "projects" / "tool")
+    assert kept == {"main.py", ".gitignore"} and reasons == {"debug.log": "gitignored"}
+
+
 def test_ignore_files_git_reads_differently_from_a_plain_parser(tmp_path):
     """A byte order mark before the first pattern, and lines that are not valid patterns, which git skips."""
     write(tmp_path, ".gitignore", "\ufeffprod_dump.sql\n")
