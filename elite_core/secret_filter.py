@@ -137,7 +137,7 @@ _TOKEN_ASSIGNMENTS_QUOTED = tuple(re.compile(pattern) for pattern in (
     "token" + _ASSIGNED, "credentials?" + _ASSIGNED, r"bearer\s+(?P<value>" + _TOKEN_VALUE + ")"))
 _TOKEN_ASSIGNMENTS_BARE = tuple(re.compile(pattern) for pattern in ("token" + _ASSIGNED_BARE,
                                                                     "credentials?" + _ASSIGNED_BARE))
-# Tokens that are not credentials, by the word before "token": API handles for paging, locking, idempotency and
+# Tokens that are not credentials, by a word of the key's name: API handles for paging, locking, idempotency and
 # change sets (AWS's NextToken, ClientRequestToken, ChangeToken ...), a public key's token, and a tokenizer's
 # special tokens.
 _HANDLE_TOKEN_WORDS = frozenset({
@@ -147,8 +147,8 @@ _HANDLE_TOKEN_WORDS = frozenset({
 })
 
 
-def _names_a_handle(key: str | None) -> bool:
-    if key is None or not key.lower().endswith("token"):
+def _names_a_handle(key: str) -> bool:
+    if not key.lower().endswith("token"):
         return False
     words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", key[:-len("token")])
     # Any word of the name: nextForwardToken, CopyProductToken, LifecycleActionToken are handles too.
@@ -204,7 +204,6 @@ def _shannon_entropy_bits(value: str) -> float:
 
 def looks_like_credential(value: str) -> bool:
     value = value.strip()
-    lowered = value.lower()
     if len(value) < _MIN_KEYWORD_VALUE_CHARS or any(ch.isspace() for ch in value):
         return False
     if _PLACEHOLDER.search(value):
@@ -300,8 +299,7 @@ def _names_a_place(value: str) -> bool:
     file), "oauth2/v1/token". Tokens with "/" are base64: long runs, not short lower-case segments."""
     if value.startswith(("/", "./", "../", "~/")) or re.search(r"\.[a-z]{2,5}$", value):
         return True
-    return bool(_PATH_LIKE.fullmatch(value)) and all(part.islower() or part.isdigit() or not part.isalpha()
-                                                     for part in value.split("/")) and value == value.lower()
+    return value == value.lower() and bool(_PATH_LIKE.fullmatch(value))
 
 
 def _key_before(text: str, start: int, matched: str) -> str:

@@ -324,6 +324,7 @@ class TrainingEngine:
         self.rank = distributed.RankInfo()  # distributed: set by setup() from the launcher's environment
         self.run_started = time.monotonic()  # run() sets it again; probes and sweeps call the steps directly
         self.elapsed_before_s = 0.0
+        """The run's time up to the checkpoint it resumed from: elapsed_s counts the whole run, not this process."""
 
     # Signal handlers and the command reader call these; the loop acts on them between optimizer steps.
     def request_checkpoint(self) -> None:
@@ -389,7 +390,7 @@ class TrainingEngine:
                         message=f"{Path(config.repo).resolve()} changed since this run's dataset was built: the "
                                 "resumed run goes on with the dataset it started with (a new run trains on the changes)"))
             elif self.rank.local_rank == 0:
-                if self.resume and self.rank.is_main and checkpoints.latest_valid(self.run_dir) is not None:
+                if self.resume and self.rank.is_main and checkpoints.list_checkpoints(self.run_dir):
                     self.emit(protocol.Warning(
                         message=f"this run's dataset ({dataset_dir}) is gone or incomplete: rebuilt from "
                                 f"{Path(config.repo).resolve()} as it is now, so the resumed steps draw other windows "
@@ -425,8 +426,6 @@ class TrainingEngine:
             self.model, lambda model, ids, labels: model_loss(model, ids, labels, self.loss_mode), self.rank,
             self.device, config, self.optimizer, self.scheduler, self.setup_choice.compute_dtype)
         self.step = 0
-        self.elapsed_before_s = 0.0
-        """The run's time up to the checkpoint it resumed from: elapsed_s counts the whole run, not this process."""
         self.position = DataPosition()
         self.step_windows: list[int] = []
         """The windows _next_windows handed out since the step began (the step's StepMetrics.windows)."""
@@ -435,8 +434,10 @@ class TrainingEngine:
             self._restore()
 
     def _refuse_a_changed_adapter(self, config: RunConfig) -> None:
-        """Before the model loads: a config edited since the last checkpoint must still fit its adapter's shape."""
-        latest = checkpoints.latest_valid(self.run_dir)
+        """Before the model loads: a config edited since the last checkpoint must still fit its adapter's shape. The
+        newest checkpoint's config, unverified: loading verifies (hashes) the checkpoint once, later."""
+        saved_ones = checkpoints.list_checkpoints(self.run_dir)
+        latest = saved_ones[-1] if saved_ones else None
         saved = checkpoints.saved_config(latest) if latest is not None else None
         if saved is None:
             return

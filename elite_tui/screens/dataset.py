@@ -90,12 +90,10 @@ class DatasetScreen(WizardScreen):
         yield self.error_panel()
         yield self.footer()
 
+    building = False
+    """A build (or a resumed run's read of its own set) is under way in the worker."""
+
     def on_mount(self) -> None:
-        self.building = False
-        if self.state.summary is None and self.state.resume:
-            # A resumed run goes on with the windows it trained on (its saved data position indexes them): its own
-            # training set, not one rebuilt from the repository as it is now.
-            self.state.summary = self.engine.existing_dataset(self.state.config)
         if self.state.summary is not None:
             self.show_summary(self.state.summary)
         else:
@@ -108,7 +106,12 @@ class DatasetScreen(WizardScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="dataset", name="building the dataset")
     def build(self) -> None:
-        summary = self.engine.build_dataset(self.state.config, lambda progress: self.post_message(DatasetProgress(progress)))
+        # A resumed run goes on with the windows it trained on (its saved data position indexes them): its own
+        # training set, not one rebuilt from the repository as it is now (built only if that one is gone).
+        summary = self.engine.existing_dataset(self.state.config) if self.state.resume else None
+        if summary is None:
+            summary = self.engine.build_dataset(self.state.config,
+                                                lambda progress: self.post_message(DatasetProgress(progress)))
         self.post_message(DatasetReady(summary))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
