@@ -57,6 +57,8 @@ class Point:
     gpu_checkpoint_layers: int = 0
     deepspeed: str = "off"
     """A DeepSpeed ZeRO mode (elite_core.config.DEEPSPEED_MODES): the step runs through deepspeed.initialize."""
+    lora_targets: str = "all-linear"
+    """LoRA's target modules, joined by commas (RunConfig.lora_target_modules)."""
 
     @property
     def target(self) -> int:
@@ -69,6 +71,8 @@ class Point:
             names.insert(0, f"tier-{self.tier}")
         if self.lora_dropout:
             names.append(f"dropout-{self.lora_dropout:g}")
+        if self.lora_targets != "all-linear":
+            names.append(f"lora-{self.lora_targets.replace('_proj', '')}")
         if self.micro_batch > 1:
             names.append(f"batch-{self.micro_batch}")
         if self.tiled_mlp:
@@ -230,7 +234,7 @@ def setup_for(point: Point):
                          checkpointing=point.checkpointing, lora_dropout=point.lora_dropout,
                          tiled_mlp=point.tiled_mlp, adamw_8bit=point.adamw_8bit, compiled=point.compiled,
                          gpu_checkpoint_layers=point.gpu_checkpoint_layers, weight_dtype=point.weight,
-                         deepspeed=point.deepspeed,
+                         deepspeed=point.deepspeed, lora_targets=point.lora_targets,
                          rope_scaling_factor=_rope_factor(point))
 
 
@@ -347,7 +351,7 @@ def record(point: Point, gpu: str, measured: dict | None, error: str = "") -> di
         "options": point.options, "gpu": gpu, "tier": point.tier, "tiled_mlp": point.tiled_mlp,
         "weight": point.weight, "adamw_8bit": point.adamw_8bit, "compiled": point.compiled,
         "gpu_checkpoint_layers": point.gpu_checkpoint_layers, "deepspeed": point.deepspeed,
-        "predicted_cpu_gib": round(breakdown.cpu_offload_bytes / GIB, 3),
+        "lora_targets": point.lora_targets, "predicted_cpu_gib": round(breakdown.cpu_offload_bytes / GIB, 3),
         "predicted_gib": round(breakdown.total_bytes / GIB, 3),
         "predicted_components": dict(breakdown.components()),
         "ok": measured is not None, "error": error,

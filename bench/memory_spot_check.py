@@ -1,7 +1,8 @@
 """Four memory-model points in one short process (Qwen2.5-Coder-1.5B, rank 16, 4K and 16K, checkpointing on/off):
 a check of the memory model on a GPU it was not fitted on, in well under a minute. Same method as memory_accuracy.
+--targets: the same points with LoRA on some linears only (q,v; attention; MLP), which the model was not fitted on.
 
-    PYTHONPATH=. python3 bench/memory_spot_check.py OUT.jsonl
+    PYTHONPATH=. python3 bench/memory_spot_check.py OUT.jsonl [--targets]
 """
 
 import gc
@@ -18,21 +19,25 @@ from elite_core import training  # noqa: E402
 from elite_core.config import RunConfig  # noqa: E402
 
 POINTS = [(4096, "on"), (4096, "off"), (16384, "on"), (16384, "off")]
+TARGET_SETS = ["q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj,down_proj"]
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, targets: bool = False) -> None:
     training.load_causal_lm = bench._from_config_loader(bench.hf_config)
     measurer = bench.Measurer()  # before the CUDA context exists
     with open(out_path, "w") as out:
-        for seq, checkpointing in POINTS:
-            point = bench.Point("Qwen2.5-Coder-1.5B", seq, 16, checkpointing)
-            config = RunConfig(model=point.model, lora_rank=point.rank, lora_alpha=2 * point.rank)
+        points = [bench.Point("Qwen2.5-Coder-1.5B", seq, 16, checkpointing, lora_targets=names)
+                  for names in (TARGET_SETS if targets else ["all-linear"]) for seq, checkpointing in POINTS]
+        for point in points:
+            seq, checkpointing = point.seq, point.checkpointing
+            config = RunConfig(model=point.model, lora_rank=point.rank, lora_alpha=2 * point.rank,
+                               lora_target_modules=tuple(point.lora_targets.split(",")))
             model = training.build_lora_model(config, bench.setup_for(point), "cuda")
             optimizer = training.make_optimizer(model, config, bench.setup_for(point), "cuda")
             measured = bench.run_point(point, model, optimizer, measurer, steps=2)
             row = bench.record(point, torch.cuda.get_device_name(), measured)
             out.write(json.dumps(row) + "\n")
-            print(f"{seq:>6} ckpt {checkpointing:<3} predicted {row['predicted_gib']:7.3f} GiB  "
+            print(f"{point.lora_targets:<28} {seq:>6} ckpt {checkpointing:<3} predicted {row['predicted_gib']:7.3f} GiB  "
                   f"measured {row['measured_gib']:7.3f} GiB  error {row['error_pct']:+6.2f} %", flush=True)
             del model, optimizer
             gc.collect()
@@ -40,4 +45,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], targets="--targets" in sys.argv[2:])

@@ -84,6 +84,16 @@ class ModelShape:
             mlp = (("up_proj", self.hidden, self.intermediate), ("down_proj", self.intermediate, self.hidden))
         return attention + mlp * max(1, self.experts)
 
+    def adapted_linears(self, targets: str = "all-linear") -> tuple[tuple[str, int, int], ...]:
+        """The layer's linears LoRA adapts: `targets` is "all-linear" or module names joined by commas (peft matches a
+        name against a module's last part). A name this shape does not model (another architecture's, lm_head) counts
+        as all-linear: the prediction errs high, never low."""
+        names = {name.strip() for name in targets.split(",") if name.strip()}
+        linears = self.layer_linears()
+        if not names or not names <= {name for name, _, _ in linears}:
+            return linears
+        return tuple(linear for linear in linears if linear[0] in names)
+
     @property
     def layer_linear_params(self) -> int:
         weights = sum(fan_in * fan_out for _, fan_in, fan_out in self.layer_linears())
@@ -318,8 +328,8 @@ def _compute_bytes(setup: TrainingSetup) -> float:
     return DTYPE_BYTES.get(setup.compute_dtype, 2.0)
 
 
-def lora_param_count(shape: ModelShape, rank: int) -> int:
-    per_layer = sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in shape.layer_linears())
+def lora_param_count(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    per_layer = sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in shape.adapted_linears(targets))
     return shape.layers * per_layer
 
 
@@ -401,8 +411,12 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
 
     norms = 2 * norm_saved_bytes(shape, setup) * h  # the layer input and the attention residual sum, normed
 
-    attention_inputs = 3 * h + q_width  # q, k, v read the normed input; o reads the attention output
-    mlp_inputs = (2 * h + intermediate) if shape.gated_mlp else (h + intermediate)
+    # A frozen linear keeps nothing for backward (its input gradient needs only the weight): only adapted ones do.
+    adapted = {name for name, _, _ in shape.adapted_linears(setup.lora_targets)}
+    input_width = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q_width, "gate_proj": h, "up_proj": h,
+                   "down_proj": intermediate}
+    attention_inputs = sum(input_width[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj") if name in adapted)
+    mlp_inputs = sum(input_width[name] for name in ("gate_proj", "up_proj", "down_proj") if name in adapted)
     if separate_copies:
         per_input = copy_bytes + (1.0 if dropout else 0.0)
         attention_lora = per_input * attention_inputs
@@ -415,10 +429,11 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         # Shared inputs: q/k/v share the normed input and gate/up theirs; o reads the attention output SDPA keeps
         # anyway (counted below); down reads the SwiGLU product, which nothing else keeps.
-        attention_lora = e * h
-        mlp_lora = e * (h + intermediate)
-    # lora_B keeps lora_A's r-wide output, one per targeted module.
-    lora_b_inputs = len(shape.layer_linears()) * rank * copy_bytes
+        attention_lora = e * h if adapted & {"q_proj", "k_proj", "v_proj"} else 0.0
+        mlp_lora = (e * h if adapted & {"gate_proj", "up_proj"} else 0.0) + (
+            e * intermediate if "down_proj" in adapted else 0.0)
+    # lora_B keeps lora_A's r-wide output, one per adapted module.
+    lora_b_inputs = len(shape.adapted_linears(setup.lora_targets)) * rank * copy_bytes
 
     if setup.attention == "eager":
         # Keys and values repeated to every query head; fp32 softmax output plus its 16-bit copy, s per head.
@@ -484,7 +499,7 @@ def predict_memory(
 
     weights = weight_bytes(shape, setup)
     cpu_offload = 0.0
-    lora_params = lora_param_count(shape, setup.lora_rank)
+    lora_params = lora_param_count(shape, setup.lora_rank, setup.lora_targets)
     extra_params = extra_trainable_param_count(shape, setup.extra_trainable)
     extra_bytes_per_param = 4.0 if on_cpu else e
     adapter_bytes = 4.0  # peft keeps adapters in fp32 (autocast_adapter_dtype)
@@ -603,7 +618,7 @@ def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     linear_params = shape.layers * sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
     if shape.experts > 1:
         linear_params = linear_params * shape.experts_per_token // shape.experts
-    lora_params = lora_param_count(shape, setup.lora_rank)
+    lora_params = lora_param_count(shape, setup.lora_rank, setup.lora_targets)
     passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
     linear = 2.0 * (linear_params + lora_params) * tokens * passes + 2.0 * lora_params * tokens
     head_rows = setup.micro_batch * setup.target_tokens if setup.loss == "chunked" else tokens

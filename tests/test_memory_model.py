@@ -197,33 +197,72 @@ def test_config_without_sizes_is_a_clear_error():
         shape_from_hf_config(PretrainedConfig())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_activation_formula_matches_what_autograd_saves_on_cpu(dropout):
-    """Sum the bytes autograd really keeps for the demo model's decoder (fp32, LoRA on all linears) and compare."""
+TARGET_SETS = [("all-linear",), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("o_proj", "down_proj"),
+               ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize(("targets", "dropout", "dtype"), [
+    *[(targets, dropout, dtype) for targets in TARGET_SETS for dtype in ("fp32", "bf16") for dropout in (0.0, 0.05)]])
+def test_activation_formula_matches_what_autograd_saves_on_cpu(targets, dropout, dtype):
+    """The bytes autograd really keeps for one more decoder layer of the demo model (3 layers less 2: the first layer
+    keeps less where nothing before its first adapter needs a gradient), LoRA on the named linears; bf16 runs as the
+    engine runs it, under autocast with the adapters sharing their module's input."""
+    import contextlib
+
     import torch
+    from transformers import AutoModelForCausalLM
 
     from elite_core import training
     from elite_core.config import default_config
     from elite_core.demo_model import demo_model_config
 
-    shape = shape_from_hf_config(demo_model_config())
     seq = 512
-    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype="fp32",
-                          compute_dtype="fp32", checkpointing="off", lora_dropout=dropout)
-    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_dropout=dropout)
-    model = training.build_lora_model(config, setup, "cpu")
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
+                          compute_dtype=dtype, checkpointing="off", lora_dropout=dropout, lora_targets=",".join(targets))
+    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_dropout=dropout, lora_target_modules=targets)
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    def saved_bytes(layers: int) -> int:
+        model_config = demo_model_config()
+        model_config.num_hidden_layers = layers
+        model = AutoModelForCausalLM.from_config(model_config, dtype=training.torch_dtype(dtype),
+                                                 attn_implementation="sdpa")
+        model = training.add_lora(model, config, setup)
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
 
-    input_ids = torch.randint(0, shape.vocab, (1, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.get_base_model().model(input_ids=input_ids, use_cache=False)
-    measured_per_layer = sum(saved.values()) / shape.layers
-    predicted_per_layer = layer_activation_bytes_per_token(shape, setup) * seq
-    assert measured_per_layer == pytest.approx(predicted_per_layer, rel=0.05)
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        input_ids = torch.randint(0, model_config.vocab_size, (1, seq))
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+        with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.get_base_model().model(input_ids=input_ids, use_cache=False)
+        return sum(saved.values())
+
+    measured_layer = saved_bytes(3) - saved_bytes(2)
+    predicted_layer = layer_activation_bytes_per_token(shape_from_hf_config(demo_model_config()), setup) * seq
+    assert measured_layer == pytest.approx(predicted_layer, rel=0.05)
+
+
+@pytest.mark.parametrize("targets", TARGET_SETS)
+def test_lora_count_matches_peft_for_each_target_set(targets):
+    from peft import LoraConfig, get_peft_model
+
+    from elite_core.demo_model import demo_model, demo_model_config
+
+    shape = shape_from_hf_config(demo_model_config(), name="demo")
+    lora = LoraConfig(r=8, target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(demo_model(), lora)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == lora_param_count(shape, 8, ",".join(targets))
+
+
+def test_names_the_shape_does_not_model_count_as_all_linear():
+    """GPT-2's c_attn, or lm_head: the prediction must not fall below what training adapts."""
+    assert SMALL.adapted_linears("c_attn,c_proj") == SMALL.layer_linears()
+    assert SMALL.adapted_linears("q_proj,lm_head") == SMALL.layer_linears()
+    assert [name for name, _, _ in SMALL.adapted_linears("q_proj, v_proj")] == ["q_proj", "v_proj"]
