@@ -50,6 +50,10 @@ class DatasetError(Exception):
     """A problem the user must fix, in one line: repository missing or unreadable, nothing trainable, ..."""
 
 
+class BuildCancelled(Exception):
+    """The caller's `cancelled` said stop (the app quits or leaves the screen): the previous build is left as it was."""
+
+
 @dataclass(frozen=True)
 class SkippedFile:
     path: str
@@ -514,6 +518,7 @@ def build_dataset(
     progress: Callable[[BuildProgress], None] | None = None,
     max_file_bytes: int = repo_scan.DEFAULT_MAX_FILE_BYTES,
     output_dir: str | Path | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> DatasetSummary:
     """Build (or reuse) the token files for `repo` in `dataset_dir`. The runs' `output_dir` and `dataset_dir` are left
     out of the walk where they lie inside the repository (the default `elite-runs` does): the runs' logs and
@@ -521,8 +526,12 @@ def build_dataset(
 
     An unchanged repository (same files, sizes and mtimes, same settings) is not rebuilt; a changed one re-reads only
     the files whose size or mtime changed and re-tokenises only those whose content hash is new.
+
+    `cancelled` is asked after the walk and after each chunk of files; once it says True the build raises
+    BuildCancelled, its worker processes end, and the dataset directory keeps the build before this one.
     """
     started = time.monotonic()
+    stop_if_cancelled = _cancel_check(cancelled)
     repo = Path(repo).expanduser()
     dataset_dir = Path(dataset_dir).expanduser()
     _check_repository(repo)
@@ -532,6 +541,7 @@ def build_dataset(
     settings = _settings(tokenizer, max_file_bytes)
 
     scan = _scan(repo, dataset_dir, output_dir, max_file_bytes)
+    stop_if_cancelled()
     fingerprint = _walk_fingerprint(scan)
     previous = read_manifest(dataset_dir)
     if previous is not None and (previous.get("settings") != settings or not _split_files_intact(dataset_dir, previous)):
@@ -587,7 +597,8 @@ def build_dataset(
     shard_dir.mkdir()
     try:
         read_results = _process_files(repo, shard_dir, tokenizer, max_file_bytes, frozenset(previous_by_verdict_key),
-                                      to_read, workers, progress, state)
+                                      to_read, workers, progress, state, stop_if_cancelled)
+        stop_if_cancelled()
         for result in read_results:
             if result["status"] == "cached":
                 entries.append(_reuse(previous_by_verdict_key[_verdict_key(result["sha256"], result["path"])],
@@ -600,6 +611,14 @@ def build_dataset(
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
     return summary
+
+
+def _cancel_check(cancelled: Callable[[], bool] | None) -> Callable[[], None]:
+    def stop_if_cancelled() -> None:
+        if cancelled is not None and cancelled():
+            raise BuildCancelled("the dataset build was cancelled")
+
+    return stop_if_cancelled
 
 
 def _verdict_key(digest: str, relative_path: str) -> str:
@@ -682,7 +701,8 @@ def _chunks(candidates: list[tuple[str, int, int]]) -> list[list[tuple[str, int,
     return chunks
 
 
-def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_verdicts, to_read, workers, progress, state):
+def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_verdicts, to_read, workers, progress, state,
+                   stop_if_cancelled):
     results: list[dict] = []
     if not to_read:
         return results
@@ -697,6 +717,7 @@ def _process_files(repo, shard_dir, tokenizer, max_file_bytes, known_verdicts, t
             state["files_done"] += 1
             state["bytes_done"] += result["size"]
         _emit_progress(progress, state)
+        stop_if_cancelled()  # leaving the pool's block terminates its workers
 
     _check_worker_imports()
     if workers <= 1 or sum(size for _, size, _ in to_read) < MIN_BYTES_FOR_WORKER_PROCESSES:

@@ -132,14 +132,16 @@ class Engine:
     def dataset_dir(self, config: Any) -> Path:
         return config.run_dir / "dataset"
 
-    def build_dataset(self, config: Any, progress: Callable[[Any], None]) -> Any:
-        """Build the run's training set. A build already running into the same directory (a screen left and entered
-        again: its thread cannot be stopped) is waited for, and the second build then finds it done."""
+    def build_dataset(self, config: Any, progress: Callable[[Any], None],
+                      cancelled: Callable[[], bool] | None = None) -> Any:
+        """Build the run's training set; `cancelled` (the worker's flag) stops it at the next chunk of files with
+        elite_core.dataset.BuildCancelled. A build still running into the same directory (a screen left and entered
+        again: a thread ends only at its next cancel point) is waited for."""
         dataset_dir = str(self.dataset_dir(config))
         with _BUILD_LOCKS_GUARD:
             lock = _BUILD_LOCKS.setdefault(dataset_dir, threading.Lock())
         with lock:
-            return self._build_dataset(config, progress)
+            return self._build_dataset(config, progress, cancelled)
 
     def existing_dataset(self, config: Any) -> Any:
         """The run's own finished training set (DatasetSummary), which a resumed run keeps; None without one."""
@@ -147,7 +149,7 @@ class Engine:
 
         return complete_build_summary(self.dataset_dir(config))
 
-    def _build_dataset(self, config: Any, progress: Callable[[Any], None]) -> Any:
+    def _build_dataset(self, config: Any, progress: Callable[[Any], None], cancelled: Callable[[], bool] | None) -> Any:
         from elite_core.dataset import build_dataset
 
         return build_dataset(
@@ -159,6 +161,7 @@ class Engine:
             seed=config.seed,
             progress=progress,
             output_dir=config.output_dir,
+            cancelled=cancelled,
         )
 
     def preview_text(self, config: Any, max_files: int) -> str:

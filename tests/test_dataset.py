@@ -257,6 +257,33 @@ def test_worker_processes_give_the_same_files(tmp_path, monkeypatch):
     assert not (tmp_path / "parallel" / "shards.partial").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_cancelled_build_stops_early_and_keeps_the_previous_one(tmp_path, monkeypatch, workers):
+    """Quitting the app mid-build cancels it: it stops after the chunk in hand (worker processes ended), and the
+    dataset directory still holds the build before it, whole."""
+    repo = make_repo(tmp_path / "repo", files=30)
+    first = build_dataset(repo, tmp_path / "data", workers=1)
+    manifest_before = (tmp_path / "data" / "manifest.json").read_bytes()
+    for index in range(30):
+        write(repo, f"pkg/mod_{index:02d}.py", f"def changed_{index}():\n    return {index}\n")
+    monkeypatch.setattr(dataset, "MIN_BYTES_FOR_WORKER_PROCESSES", 0)
+    monkeypatch.setattr(dataset, "TASK_CHUNK_FILES", 2)
+    asked: list[bool] = []
+
+    def cancelled() -> bool:  # asked after the walk, then after each chunk of 2 files: says stop after the third
+        asked.append(len(asked) >= 3)
+        return asked[-1]
+
+    with pytest.raises(dataset.BuildCancelled):
+        build_dataset(repo, tmp_path / "data", workers=workers, cancelled=cancelled)
+    assert asked == [False, False, False, True]  # 3 of the 15 chunks done, then no more
+    assert (tmp_path / "data" / "manifest.json").read_bytes() == manifest_before
+    assert not (tmp_path / "data" / "shards.partial").exists()
+    assert dataset.complete_build_summary(tmp_path / "data").files == first.files
+    rebuilt = build_dataset(repo, tmp_path / "data", workers=1)
+    assert rebuilt.rebuilt and rebuilt.files == first.files
+
+
 def test_byte_table_matches_the_tokenizer():
     tokenizer = demo_tokenizer()
     encoder = TokenEncoder(tokenizer.backend_tokenizer.to_str())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from elite_core.config import default_config
+from elite_core.dataset import BuildCancelled
 from elite_core.hardware import fake_profile
 from elite_core.model_loading import load_model_shape
 from elite_tui.app import EliteApp
@@ -82,9 +84,9 @@ class SlowBuild(Engine):
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def build_dataset(self, config, progress):
+    def build_dataset(self, config, progress, cancelled=None):
         self.release.wait(60)
-        return super().build_dataset(config, progress)
+        return super().build_dataset(config, progress, cancelled)
 
 
 def test_rebuild_and_preview_wait_for_the_running_build(tiny_repo, tmp_path):
@@ -106,6 +108,50 @@ def test_rebuild_and_preview_wait_for_the_running_build(tiny_repo, tmp_path):
 
     while_building, after = run_pilot(scenario(), timeout_s=120)
     assert while_building == (None, None) and after == (True, True)
+
+
+class BuildHeldUntilCancelled(Engine):
+    """The real build, held after its walk until the app cancels its worker; records how the build ended."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.outcome = ""
+
+    def build_dataset(self, config, progress, cancelled=None):
+        def held(update):
+            progress(update)
+            self.started.set()
+            deadline = time.monotonic() + 30
+            while not cancelled() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        try:
+            result = super().build_dataset(config, held, cancelled)
+            self.outcome = "finished"
+            return result
+        except BuildCancelled:
+            self.outcome = "cancelled"
+            raise
+        finally:
+            self.done.set()
+
+
+def test_quitting_during_a_build_cancels_it(tiny_repo, tmp_path):
+    """ctrl+q mid-build: the build stops at its next chunk of files (before, the app waited for the whole build)."""
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs"))
+    engine = BuildHeldUntilCancelled()
+    app = EliteApp(config, state=WizardState(config=config, profile=fake_profile("cpu")), start_at="dataset",
+                   engine=engine)
+
+    async def scenario():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, engine.started.is_set, 30, "the build's walk")
+            await pilot.press("ctrl+q")
+
+    run_pilot(scenario(), timeout_s=60)
+    assert engine.done.wait(30) and engine.outcome == "cancelled"
+    assert not (config.run_dir / "dataset" / "manifest.json").exists()
 
 
 def test_a_resumed_run_keeps_its_settings_and_its_own_training_set(tiny_repo, tmp_path):

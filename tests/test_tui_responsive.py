@@ -26,14 +26,14 @@ class HeldEngine(Engine):
         self.release.wait(30)
         return super().profile_hardware(output_dir, progress, use_cache)
 
-    def build_dataset(self, config, progress):
+    def build_dataset(self, config, progress, cancelled=None):
         def held_progress(update):
             progress(update)
             if not self.entered.is_set():
                 self.entered.set()
                 self.release.wait(30)
 
-        return super().build_dataset(config, held_progress)
+        return super().build_dataset(config, held_progress, cancelled)
 
 
 def test_keys_work_while_profiling(tiny_repo, tmp_path, monkeypatch):

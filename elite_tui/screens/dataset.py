@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import ProgressBar, Static
-from textual.worker import Worker
+from textual.worker import Worker, get_current_worker
 
 from elite_tui.format import format_bytes, format_count
 from elite_tui.screens.base import WizardScreen
@@ -110,8 +110,17 @@ class DatasetScreen(WizardScreen):
         # training set, not one rebuilt from the repository as it is now (built only if that one is gone).
         summary = self.engine.existing_dataset(self.state.config) if self.state.resume else None
         if summary is None:
-            summary = self.engine.build_dataset(self.state.config,
-                                                lambda progress: self.post_message(DatasetProgress(progress)))
+            # Quitting or leaving the screen cancels the worker: the build stops at its next chunk of files, not
+            # after the whole repository.
+            from elite_core.dataset import BuildCancelled
+
+            worker = get_current_worker()
+            try:
+                summary = self.engine.build_dataset(self.state.config,
+                                                    lambda progress: self.post_message(DatasetProgress(progress)),
+                                                    cancelled=lambda: worker.is_cancelled)
+            except BuildCancelled:
+                return
         self.post_message(DatasetReady(summary))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
