@@ -24,16 +24,32 @@ REFERENCE_MODELS = {
     "Qwen2.5-Coder-14B": dict(kind="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
                               num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                               tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6),
+    # Architectures the memory model learned from autograd on CPU only (q/k norms; mixtures of experts).
+    "Qwen3-8B": dict(kind="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                     max_position_embeddings=40960, rope_theta=1e6),
+    "Qwen1.5-MoE-A2.7B": dict(kind="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                              tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=1e6),
+    # Qwen3-Coder-30B-A3B at half its 48 layers: the whole one (61 GB of bf16 weights, 1 G adapter parameters at rank
+    # 16) leaves an 80 GB GPU nothing to measure.
+    "Qwen3-Coder-30B-A3B-24-layers": dict(kind="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                          moe_intermediate_size=768, num_hidden_layers=24, num_attention_heads=32,
+                                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                          tie_word_embeddings=False, max_position_embeddings=262144, rope_theta=1e7),
 }
 
 
 def reference_config(name: str, values: dict | None = None):
     """A transformers config for a reference model (or for `values` in the same form), with the KV cache off."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     values = dict(values if values is not None else REFERENCE_MODELS[name])
     kind = values.pop("kind")
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**values, use_cache=False)
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen2_moe": Qwen2MoeConfig,
+               "qwen3_moe": Qwen3MoeConfig}
+    return classes[kind](**values, use_cache=False)
 
 
 def saved_random_model(name: str, config) -> Path:

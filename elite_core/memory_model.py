@@ -29,6 +29,11 @@ DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.516}
 """Bytes per weight: NF4 is 4 bits + absmax with double quantisation (QLoRA); int8 adds one fp32 scale per row, ignored."""
 
 
+QK_NORM_ARCHITECTURES = frozenset({"qwen3", "qwen3_moe", "olmo2", "olmo3", "gemma3_text"})
+"""Model types that RMS-normalise queries and keys before attention: the norms keep their inputs too."""
+FOUR_NORM_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
+"""Model types with a norm before and after both attention and MLP (4 a layer, not 2)."""
+
 LEARNED_POSITION_ARCHITECTURES = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt"})
 """Model types whose positions are a learned table, not rotary: no window past their max_position_embeddings."""
 
@@ -63,6 +68,15 @@ class ModelShape:
     rotary: bool = True
     """Positions are rotary, so a window past max_position_embeddings trains with RoPE scaled; False for learned
     absolute positions (GPT-2, StarCoder 1), which cannot go past them."""
+    qk_norm: bool = False
+    """Queries and keys are RMS-normalised (Qwen3, OLMo 2, Gemma 3)."""
+    norms_per_layer: int = 2
+    shared_expert_intermediate: int = 0
+    """Mixture of experts: the width of the dense expert every token also passes (Qwen2-MoE, DeepSeek); 0 for none."""
+    lora_params_per_rank: int = 0
+    """All-linear LoRA parameters per unit of rank as the installed peft adapts this model, counted on a meta-device
+    copy (model_loading.count_on_meta_device): for mixtures of experts, whose fused expert weights and router peft
+    adapts in ways of its own. 0: counted from layer_linears."""
 
     def layer_linears(self) -> tuple[tuple[str, int, int], ...]:
         """(name, in_features, out_features) of every linear layer in one decoder layer: what "all-linear" LoRA targets."""
@@ -82,7 +96,15 @@ class ModelShape:
             )
         else:
             mlp = (("up_proj", self.hidden, self.intermediate), ("down_proj", self.intermediate, self.hidden))
-        return attention + mlp * max(1, self.experts)
+        if self.experts <= 1:
+            return attention + mlp
+        router = (("gate", self.hidden, self.experts),)
+        shared: tuple[tuple[str, int, int], ...] = ()
+        if self.shared_expert_intermediate:
+            width = self.shared_expert_intermediate
+            shared = (("gate_proj", self.hidden, width), ("up_proj", self.hidden, width),
+                      ("down_proj", width, self.hidden), ("shared_expert_gate", self.hidden, 1))
+        return attention + mlp * self.experts + router + shared
 
     def adapted_linears(self, targets: str = "all-linear") -> tuple[tuple[str, int, int], ...]:
         """The layer's linears LoRA adapts: `targets` is "all-linear" or module names joined by commas (peft matches a
@@ -90,8 +112,8 @@ class ModelShape:
         as all-linear: the prediction errs high, never low."""
         names = {name.strip() for name in targets.split(",") if name.strip()}
         linears = self.layer_linears()
-        if not names or not names <= {name for name, _, _ in linears}:
-            return linears
+        if self.experts > 1 or not names or not names <= {name for name, _, _ in linears}:
+            return linears  # a mixture of experts too: its expert names are peft's, not these
         return tuple(linear for linear in linears if linear[0] in names)
 
     @property
@@ -108,7 +130,10 @@ class ModelShape:
     def other_params(self) -> int:
         """Parameters outside the decoder layers' linears: embeddings, output head, norms."""
         head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        norms = (2 * self.layers + 1) * self.hidden
+        norms = (self.norms_per_layer * self.layers + 1) * self.hidden
+        if self.qk_norm:  # per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+            per_head = self.architecture != "olmo2" and self.architecture != "olmo3"
+            norms += self.layers * (2 * self.head_dim if per_head else (self.heads + self.kv_heads) * self.head_dim)
         return self.embedding_params + head + norms
 
 
@@ -146,6 +171,9 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
     )
     experts = int(_config_value(config, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
     experts_per_token = int(_config_value(config, "num_experts_per_tok", "moe_topk", default=1) or 1)
+    shared_width = int(_config_value(config, "shared_expert_intermediate_size", default=0) or 0)
+    if not shared_width and experts > 1:
+        shared_width = int(_config_value(config, "n_shared_experts", default=0) or 0) * intermediate
     tied = bool(getattr(config, "tie_word_embeddings", False))
     shape = ModelShape(
         name=name or str(getattr(config, "_name_or_path", "") or architecture),
@@ -167,6 +195,9 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         experts_per_token=min(experts_per_token, experts),
         plain_logits=uses_plain_logits(config),
         rotary=architecture not in LEARNED_POSITION_ARCHITECTURES,
+        shared_expert_intermediate=shared_width if experts > 1 else 0,
+        qk_norm=architecture in QK_NORM_ARCHITECTURES,
+        norms_per_layer=4 if architecture in FOUR_NORM_ARCHITECTURES else 2,
     )
     from dataclasses import replace
 
@@ -329,6 +360,8 @@ def _compute_bytes(setup: TrainingSetup) -> float:
 
 
 def lora_param_count(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    if shape.lora_params_per_rank:
+        return rank * shape.lora_params_per_rank  # all-linear, what peft counted: never below a subset's
     per_layer = sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in shape.adapted_linears(targets))
     return shape.layers * per_layer
 
@@ -349,8 +382,10 @@ def extra_trainable_param_count(shape: ModelShape, modules: tuple[str, ...]) -> 
 def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
     linear = shape.layers * shape.layer_linear_params
     if setup.weight_dtype in ("nf4", "int8"):
-        # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised.
-        return int(linear * DTYPE_BYTES[setup.weight_dtype] + shape.other_params * _compute_bytes(setup))
+        # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised. A mixture
+        # of experts' fused expert weights are not nn.Linear modules, which bitsandbytes replaces: counted unquantised.
+        experts = shape.layers * moe_expert_weight_bytes(shape, setup) / _compute_bytes(setup)
+        return int((linear - experts) * DTYPE_BYTES[setup.weight_dtype] + (shape.other_params + experts) * _compute_bytes(setup))
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
 
@@ -409,7 +444,10 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     copy_bytes = e if setup.autocast else 4.0
     dropout = setup.lora_dropout > 0.0
 
-    norms = 2 * norm_saved_bytes(shape, setup) * h  # the layer input and the attention residual sum, normed
+    # the layer input and the attention residual sum, normed (Gemma 2/3 also norm each block's output)
+    norms = shape.norms_per_layer * norm_saved_bytes(shape, setup) * h
+    if shape.qk_norm:  # each keeps its input, and its fp32 reciprocal RMS per head
+        norms += norm_saved_bytes(shape, setup) * (q_width + kv_width) + 4.0 * (shape.heads + shape.kv_heads)
 
     # A frozen linear keeps nothing for backward (its input gradient needs only the weight): only adapted ones do.
     adapted = {name for name, _, _ in shape.adapted_linears(setup.lora_targets)}
@@ -433,7 +471,10 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
         mlp_lora = (e * h if adapted & {"gate_proj", "up_proj"} else 0.0) + (
             e * intermediate if "down_proj" in adapted else 0.0)
     # lora_B keeps lora_A's r-wide output, one per adapted module.
-    lora_b_inputs = len(shape.adapted_linears(setup.lora_targets)) * rank * copy_bytes
+    adapters = len(shape.adapted_linears(setup.lora_targets))
+    if shape.experts > 1:  # the fused experts: two adapters (gate_up, down) per routed token instead of 3 per expert
+        adapters += 2 * shape.experts_per_token - (3 if shape.gated_mlp else 2) * shape.experts
+    lora_b_inputs = adapters * rank * copy_bytes
 
     if setup.attention == "eager":
         # Keys and values repeated to every query head; fp32 softmax output plus its 16-bit copy, s per head.
@@ -447,11 +488,43 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         mlp_core = e * intermediate
     mlp = (mlp_core + mlp_lora) / max(1, mlp_shards)
+    if shape.experts > 1:
+        mlp = moe_mlp_bytes_per_token(shape, setup) / max(1, mlp_shards)
     total = norms + attention_lora + lora_b_inputs + attention_core + mlp
     if not setup.compiled:
         return total
     long_window = setup.seq_tokens > COMPILED_MAX_WINDOW_TOKENS
     return total * (COMPILED_ACTIVATION_SHARE_LONG if long_window else COMPILED_ACTIVATION_SHARE)
+
+
+def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
+    """A mixture-of-experts block under LoRA on all linears, as transformers' grouped experts and peft keep it: the
+    normed input (router and shared expert adapters); per routed token its gathered copy, the gate and up halves,
+    SiLU's output, the product and the expert's output (weighted by the router after); the router's fp32 softmax;
+    the shared expert as a dense MLP. Read off what autograd keeps on CPU (tests/test_memory_model.py)."""
+    e = _compute_bytes(setup)
+    h, width = shape.hidden, shape.intermediate
+    routed = shape.experts_per_token * e * (2 * h + 4 * width)
+    shared = 4 * e * shape.shared_expert_intermediate + e if shape.shared_expert_intermediate else 0.0
+    return e * h + routed + 4.0 * shape.experts + shared
+
+
+def moe_expert_weight_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """peft adapts the fused expert weights by adding the adapters' product to them: each layer's forward makes the
+    merged weights (all experts) and keeps them for backward, and backward makes their gradient."""
+    if shape.experts <= 1:
+        return 0.0
+    matrices = 3 if shape.gated_mlp else 2
+    return matrices * shape.experts * shape.intermediate * shape.hidden * _compute_bytes(setup)
+
+
+def layer_fixed_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """What one decoder layer keeps for backward whatever the tokens: the merged expert weights of a mixture of experts,
+    and under autocast the 16-bit copy of each fp32 adapter weight its matmul made."""
+    adapter_copies = 0.0
+    if setup.autocast and _compute_bytes(setup) < 4.0:
+        adapter_copies = lora_param_count(shape, setup.lora_rank, setup.lora_targets) / shape.layers * _compute_bytes(setup)
+    return moe_expert_weight_bytes(shape, setup) + adapter_copies
 
 
 def backward_transient_bytes_per_token(
@@ -516,11 +589,15 @@ def predict_memory(
     if shards > 1:
         layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
     layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
+    fixed = layer_fixed_activation_bytes(shape, setup)
+    layer_tokens += fixed
+    layer_full += fixed
     layer_input = layer_input_bytes(shape, setup)
     # What the final norm keeps and the embedding output live until the loss is done; offloaded with the checkpoints.
     offloading = setup.checkpointing == "offload" and not on_cpu
     outside_layers = 0.0 if offloading else (norm_saved_bytes(shape, setup) + e) * shape.hidden * tokens
     backward_transient = backward_transient_bytes_per_token(shape, setup, constants, shards) * tokens
+    backward_transient += moe_expert_weight_bytes(shape, setup)  # the merged expert weights' gradient
     if setup.checkpointing == "off":
         stored = shape.layers * layer_full
         layer_peak = backward_transient

@@ -55,7 +55,30 @@ def load_model_shape(source: str, trust_remote_code: bool = False):
     """The model's shape for the memory model, from its config alone (no weights are read)."""
     from elite_core.memory_model import shape_from_hf_config
 
-    return shape_from_hf_config(load_hf_config(source, trust_remote_code), name=source)
+    hf_config = load_hf_config(source, trust_remote_code)
+    shape = shape_from_hf_config(hf_config, name=source)
+    return count_adapters_on_meta_device(shape, hf_config, trust_remote_code) if shape.experts > 1 else shape
+
+
+def count_adapters_on_meta_device(shape, hf_config, trust_remote_code: bool = False):
+    """A mixture of experts' all-linear LoRA size as the installed peft makes it (it adapts the fused expert weights
+    and the router its own way, which changes between releases): the model built on the meta device (no memory, a
+    few seconds for 30B), adapted at rank 8, counted. The shape unchanged where that fails."""
+    import dataclasses
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rank = 8
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        adapted = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
+        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    except Exception:
+        return shape
+    return dataclasses.replace(shape, lora_params_per_rank=trainable // rank)
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

@@ -11,9 +11,11 @@ from elite_core.memory_model import (
     TrainingSetup,
     count_params,
     layer_activation_bytes_per_token,
+    layer_fixed_activation_bytes,
     lora_param_count,
     predict_memory,
     shape_from_hf_config,
+    weight_bytes,
 )
 
 MIB = 1024**2
@@ -71,13 +73,14 @@ def test_breakdown_without_checkpointing_by_hand():
     assert breakdown.optimizer_bytes == 16384 * 8
     # one chunk of 64 target rows x 100 logits x 12 B, plus the target rows and their gradient 2*2*64*64
     assert breakdown.logits_bytes == 64 * 100 * 12 + 16384 == 93184
-    # stored 2 layers * 2048 * 256; the final norm's bf16 input + embedding output 4*64*256; backward transient
-    # 2*(3*128 + 4*64)*256 exceeds the loss peak by 327,680 - 93,184
-    assert breakdown.activations_bytes == 2 * 2048 * 256 + 65536 + (327680 - 93184) == 1348608
-    allocated = 173696 + 65536 + 32768 + 131072 + 1348608 + 93184
+    # stored 2 layers * (2048 * 256 + the bf16 copies autocast makes of a layer's 8,192 adapter weights); the final
+    # norm's bf16 input + embedding output 4*64*256; backward transient 2*(3*128 + 4*64)*256 exceeds the loss peak by
+    # 327,680 - 93,184
+    assert breakdown.activations_bytes == 2 * (2048 * 256 + 2 * 8192) + 65536 + (327680 - 93184) == 1381376
+    allocated = 173696 + 65536 + 32768 + 131072 + 1381376 + 93184
     # outside torch + the allocator's floor (a quarter of so small an allocation, not 165 MiB), and the slack its large
     # loss and activation blocks leave
-    assert breakdown.overhead_bytes == int(785 * MIB + 0.25 * allocated + 0.16 * 93184 + 0.03 * 1348608)
+    assert breakdown.overhead_bytes == int(785 * MIB + 0.25 * allocated + 0.16 * 93184 + 0.03 * 1381376)
     assert breakdown.total_bytes == allocated + breakdown.overhead_bytes
     assert breakdown.cpu_offload_bytes == 0
     assert [name for name, _ in breakdown.components()] == [
@@ -86,8 +89,9 @@ def test_breakdown_without_checkpointing_by_hand():
 
 def test_breakdown_with_checkpointing_by_hand():
     breakdown = predict_memory(SMALL, replace(SETUP, checkpointing="on"), CONSTANTS)
-    # stored layer inputs 2*2*64*256; one layer recomputed 2048*256 plus the backward transient 327,680
-    assert breakdown.activations_bytes == 65536 + 65536 + (2048 * 256 + 327680 - 93184) == 889856
+    # stored layer inputs 2*2*64*256; one layer recomputed 2048*256 + its adapters' bf16 copies 2*8192, plus the
+    # backward transient 327,680
+    assert breakdown.activations_bytes == 65536 + 65536 + (2048 * 256 + 2 * 8192 + 327680 - 93184) == 906240
     offloaded = predict_memory(SMALL, replace(SETUP, checkpointing="offload"), CONSTANTS)
     assert offloaded.cpu_offload_bytes == 2 * 2 * 64 * 256
     # two layer inputs stay on the GPU in flight, so offloading pays off from three layers up; the final norm's input
@@ -243,8 +247,96 @@ def test_activation_formula_matches_what_autograd_saves_on_cpu(targets, dropout,
         return sum(saved.values())
 
     measured_layer = saved_bytes(3) - saved_bytes(2)
-    predicted_layer = layer_activation_bytes_per_token(shape_from_hf_config(demo_model_config()), setup) * seq
+    shape = shape_from_hf_config(demo_model_config())
+    predicted_layer = layer_activation_bytes_per_token(shape, setup) * seq + layer_fixed_activation_bytes(shape, setup)
     assert measured_layer == pytest.approx(predicted_layer, rel=0.05)
+
+
+def _small_config(architecture: str, layers: int):
+    """A small model of each architecture: 128 wide, 4 heads of 32 (2 key/value heads), vocabulary 300."""
+    import transformers
+
+    common = dict(vocab_size=300, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+    moe = dict(intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+    return {
+        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=384),
+        "qwen3": lambda: transformers.Qwen3Config(**common, intermediate_size=384),
+        "olmo2": lambda: transformers.Olmo2Config(**common, intermediate_size=384, eos_token_id=None, pad_token_id=1),
+        "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
+        "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=256, num_local_experts=8,
+                                                     num_experts_per_tok=2),
+    }[architecture]()
+
+
+def _shape_of(hf_config):
+    from elite_core.model_loading import count_adapters_on_meta_device
+
+    shape = shape_from_hf_config(hf_config)
+    return count_adapters_on_meta_device(shape, hf_config) if shape.experts > 1 else shape
+
+
+ARCHITECTURES = ["llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_parameter_and_adapter_counts_match_each_architecture(architecture):
+    """Routers, shared experts, q/k norms and Gemma's four norms a layer counted; a mixture of experts' adapters as
+    the installed peft makes them (it adapts the fused experts its own way)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf_config = _small_config(architecture, 2)
+    shape = _shape_of(hf_config)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    adapted = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    assert lora_param_count(shape, 16) == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if a != "gemma2"])  # gemma2: eager attention
+def test_activations_match_what_autograd_saves_for_each_architecture(architecture, dtype):
+    """One more decoder layer's saved bytes (3 layers less 2), LoRA on all linears, as the engine trains it: q/k
+    norms, four norms a layer, and mixtures of experts (grouped experts, the merged expert weights peft keeps)."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elite_core import training
+    from elite_core.config import default_config
+
+    seq = 256
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
+                          compute_dtype=dtype, checkpointing="off")
+    config = default_config().replace(lora_rank=16, lora_alpha=32)
+
+    def saved_bytes(layers: int) -> int:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_small_config(architecture, layers), dtype=training.torch_dtype(dtype),
+                                                 attn_implementation="sdpa")
+        model = training.add_lora(model, config, setup)
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        input_ids = torch.randint(0, 300, (1, seq), generator=torch.Generator().manual_seed(1))
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+        with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.get_base_model().model(input_ids=input_ids, use_cache=False)
+        return sum(saved.values())
+
+    shape = _shape_of(_small_config(architecture, 2))
+    predicted = layer_activation_bytes_per_token(shape, setup) * seq + layer_fixed_activation_bytes(shape, setup)
+    assert saved_bytes(3) - saved_bytes(2) == pytest.approx(predicted, rel=0.05)
 
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
@@ -266,3 +358,12 @@ def test_names_the_shape_does_not_model_count_as_all_linear():
     assert SMALL.adapted_linears("c_attn,c_proj") == SMALL.layer_linears()
     assert SMALL.adapted_linears("q_proj,lm_head") == SMALL.layer_linears()
     assert [name for name, _, _ in SMALL.adapted_linears("q_proj, v_proj")] == ["q_proj", "v_proj"]
+
+
+def test_qlora_counts_a_mixture_of_experts_fused_experts_unquantised():
+    """bitsandbytes replaces nn.Linear modules; transformers' fused expert weights are not ones."""
+    shape = _shape_of(_small_config("qwen3_moe", 2))
+    experts = 2 * 8 * 3 * 64 * 128  # layers x experts x (gate, up, down) x 64 x 128
+    quantised = weight_bytes(shape, replace(SETUP, weight_dtype="nf4"))
+    rest = shape.total_params - experts - shape.other_params
+    assert quantised == int(rest * 0.516 + (shape.other_params + experts) * 2)
