@@ -34,6 +34,19 @@ QK_NORM_ARCHITECTURES = frozenset({"qwen3", "qwen3_moe", "olmo2", "olmo3", "gemm
 FOUR_NORM_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
 """Model types with a norm before and after both attention and MLP (4 a layer, not 2)."""
 
+FUSED_QKV_ARCHITECTURES = frozenset({"phi3"})
+
+
+def supports_sdpa(hf_config) -> bool:
+    """Whether transformers' causal-LM class for this config runs SDPA attention (unknown classes: assumed so)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)], "_supports_sdpa", True))
+    except Exception:
+        return True
+
+
 LEARNED_POSITION_ARCHITECTURES = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt"})
 """Model types whose positions are a learned table, not rotary: no window past their max_position_embeddings."""
 
@@ -70,6 +83,12 @@ class ModelShape:
     absolute positions (GPT-2, StarCoder 1), which cannot go past them."""
     qk_norm: bool = False
     """Queries and keys are RMS-normalised (Qwen3, OLMo 2, Gemma 3)."""
+    fused_qkv: bool = False
+    """One linear makes q, k and v (Phi-3): the attention keeps the whole output alive through v's view of it."""
+    sdpa: bool = True
+    """transformers runs this model's attention through torch's SDPA; False (Gemma 2): eager, or flash-attn."""
+    attention_softcap: bool = False
+    """Attention scores are soft-capped with tanh (Gemma 2): eager attention keeps the capped scores too."""
     norms_per_layer: int = 2
     shared_expert_intermediate: int = 0
     """Mixture of experts: the width of the dense expert every token also passes (Qwen2-MoE, DeepSeek); 0 for none."""
@@ -82,6 +101,9 @@ class ModelShape:
         """(name, in_features, out_features) of every linear layer in one decoder layer: what "all-linear" LoRA targets."""
         q_out = self.heads * self.head_dim
         kv_out = self.kv_heads * self.head_dim
+        if self.fused_qkv:  # Phi-3's names and shapes
+            return (("qkv_proj", self.hidden, q_out + 2 * kv_out), ("o_proj", q_out, self.hidden),
+                    ("gate_up_proj", self.hidden, 2 * self.intermediate), ("down_proj", self.intermediate, self.hidden))
         attention = (
             ("q_proj", self.hidden, q_out),
             ("k_proj", self.hidden, kv_out),
@@ -198,6 +220,9 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         shared_expert_intermediate=shared_width if experts > 1 else 0,
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
         norms_per_layer=4 if architecture in FOUR_NORM_ARCHITECTURES else 2,
+        fused_qkv=architecture in FUSED_QKV_ARCHITECTURES,
+        sdpa=supports_sdpa(config),
+        attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
     )
     from dataclasses import replace
 
@@ -451,10 +476,12 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
 
     # A frozen linear keeps nothing for backward (its input gradient needs only the weight): only adapted ones do.
     adapted = {name for name, _, _ in shape.adapted_linears(setup.lora_targets)}
-    input_width = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q_width, "gate_proj": h, "up_proj": h,
-                   "down_proj": intermediate}
-    attention_inputs = sum(input_width[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj") if name in adapted)
-    mlp_inputs = sum(input_width[name] for name in ("gate_proj", "up_proj", "down_proj") if name in adapted)
+    input_width = {"q_proj": h, "k_proj": h, "v_proj": h, "qkv_proj": h, "o_proj": q_width, "gate_proj": h,
+                   "up_proj": h, "gate_up_proj": h, "down_proj": intermediate}
+    attention_inputs = sum(input_width[name] for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+                           if name in adapted)
+    mlp_inputs = sum(input_width[name] for name in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+                     if name in adapted)
     if separate_copies:
         per_input = copy_bytes + (1.0 if dropout else 0.0)
         attention_lora = per_input * attention_inputs
@@ -467,8 +494,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         # Shared inputs: q/k/v share the normed input and gate/up theirs; o reads the attention output SDPA keeps
         # anyway (counted below); down reads the SwiGLU product, which nothing else keeps.
-        attention_lora = e * h if adapted & {"q_proj", "k_proj", "v_proj"} else 0.0
-        mlp_lora = (e * h if adapted & {"gate_proj", "up_proj"} else 0.0) + (
+        attention_lora = e * h if adapted & {"q_proj", "k_proj", "v_proj", "qkv_proj"} else 0.0
+        mlp_lora = (e * h if adapted & {"gate_proj", "up_proj", "gate_up_proj"} else 0.0) + (
             e * intermediate if "down_proj" in adapted else 0.0)
     # lora_B keeps lora_A's r-wide output, one per adapted module.
     adapters = len(shape.adapted_linears(setup.lora_targets))
@@ -477,11 +504,17 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     lora_b_inputs = adapters * rank * copy_bytes
 
     if setup.attention == "eager":
-        # Keys and values repeated to every query head; fp32 softmax output plus its 16-bit copy, s per head.
-        attention_core = e * 3 * q_width + (4.0 + e) * shape.heads * setup.seq_tokens + e * q_width
+        # Keys and values repeated to every query head; s scores per head: the fp32 softmax output, its 16-bit copy
+        # for the matmul with v (none in fp32), and with soft-capping the capped scores (tanh keeps its output).
+        per_score = 4.0 + (e if e < 4.0 else 0.0) + (e if shape.attention_softcap else 0.0)
+        attention_core = e * 3 * q_width + per_score * shape.heads * setup.seq_tokens + e * q_width
     else:
         # SDPA / flash keep q, k, v, the output and an fp32 log-sum-exp; grouped-query k/v stay at kv width.
         attention_core = e * (2 * q_width + 2 * kv_width) + 4.0 * shape.heads
+    if shape.fused_qkv:
+        # q and k are views of the fused output, whose storage v keeps alive for attention; and the attention output
+        # (from those strided views) reaches o_proj as a copy (read off autograd on CPU)
+        attention_core += e * (2 * q_width + kv_width)
 
     if shape.gated_mlp:
         mlp_core = 3 * e * intermediate  # SiLU keeps the gate output; the product keeps SiLU's output and up's

@@ -120,8 +120,12 @@ def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool =
     import torch
     from transformers import AutoModelForCausalLM
 
+    from elite_core.memory_model import supports_sdpa
+
     hf_config = load_hf_config(source, trust_remote_code)
     scale_rope(hf_config, rope_scaling_factor)
+    if attn_implementation == "sdpa" and not supports_sdpa(hf_config):
+        attn_implementation = "eager"  # Gemma 2; the planner plans it so (planner.attention_for)
     if source == DEMO_MODEL:
         hf_config._attn_implementation = attn_implementation
         from elite_core.demo_model import load_demo_weights

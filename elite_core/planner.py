@@ -202,12 +202,17 @@ def estimate_step_time_s(shape: ModelShape, setup: TrainingSetup, profile: Hardw
 FLASH_ATTENTION = "flash_attention_2"
 
 
-def attention_for(profile: HardwareProfile) -> str:
+def attention_for(profile: HardwareProfile, shape: ModelShape | None = None) -> str:
     """flash-attn where it is installed, on Ampere and Ada; SDPA otherwise. On Hopper and newer torch's SDPA runs
-    cuDNN's fused attention, 1.8x faster than flash (bench/results/attention-h100.txt, sdpa-dispatch-h100.txt)."""
+    cuDNN's fused attention, 1.8x faster than flash (bench/results/attention-h100.txt, sdpa-dispatch-h100.txt).
+    A model transformers cannot run through SDPA (Gemma 2) gets flash-attn where installed, else eager attention,
+    which keeps every score: its long windows do not fit, and the table says so."""
     flash = profile.capability("flash-attn")
+    flash_ok = flash is not None and flash.available and profile.has_gpu
     hopper_or_newer = any(gpu.compute_capability[0] >= 9 for gpu in profile.gpus)
-    return FLASH_ATTENTION if flash is not None and flash.available and not hopper_or_newer else "sdpa"
+    if shape is not None and not shape.sdpa:
+        return FLASH_ATTENTION if flash_ok else "eager"
+    return FLASH_ATTENTION if flash_ok and not hopper_or_newer else "sdpa"
 
 
 def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, window: int, target: int, rank: int) -> TrainingSetup:
@@ -227,7 +232,7 @@ def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, 
         checkpointing="on",
         adamw_8bit=config.adamw_8bit and device == "cuda",
         loss="full" if shape.plain_logits else "chunked",  # as training computes it: the model's own loss then
-        attention=attention_for(profile),
+        attention=attention_for(profile, shape),
         tiled_mlp=False,
         deepspeed=config.deepspeed if device == "cuda" else "off",
         lora_dropout=config.lora_dropout,

@@ -264,6 +264,8 @@ def _small_config(architecture: str, layers: int):
         "qwen3": lambda: transformers.Qwen3Config(**common, intermediate_size=384),
         "olmo2": lambda: transformers.Olmo2Config(**common, intermediate_size=384, eos_token_id=None, pad_token_id=1),
         "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
+        "phi3": lambda: transformers.Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"},
+                                                 intermediate_size=384, pad_token_id=0),
         "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe),
         "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
@@ -279,7 +281,7 @@ def _shape_of(hf_config):
     return count_adapters_on_meta_device(shape, hf_config) if shape.experts > 1 else shape
 
 
-ARCHITECTURES = ["llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral"]
+ARCHITECTURES = ["llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3", "qwen3_moe", "qwen2_moe", "mixtral"]
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -298,10 +300,11 @@ def test_parameter_and_adapter_counts_match_each_architecture(architecture):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if a != "gemma2"])  # gemma2: eager attention
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_activations_match_what_autograd_saves_for_each_architecture(architecture, dtype):
     """One more decoder layer's saved bytes (3 layers less 2), LoRA on all linears, as the engine trains it: q/k
-    norms, four norms a layer, and mixtures of experts (grouped experts, the merged expert weights peft keeps)."""
+    norms, four norms a layer, fused q/k/v, Gemma 2's eager soft-capped attention, and mixtures of experts (grouped
+    experts, the merged expert weights peft keeps)."""
     import contextlib
 
     import torch
@@ -310,15 +313,19 @@ def test_activations_match_what_autograd_saves_for_each_architecture(architectur
     from elite_core import training
     from elite_core.config import default_config
 
+    from elite_core.hardware import fake_profile
+    from elite_core.planner import attention_for
+
     seq = 256
+    shape = _shape_of(_small_config(architecture, 2))
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
-                          compute_dtype=dtype, checkpointing="off")
+                          compute_dtype=dtype, checkpointing="off", attention=attention_for(fake_profile("cpu"), shape))
     config = default_config().replace(lora_rank=16, lora_alpha=32)
 
     def saved_bytes(layers: int) -> int:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_small_config(architecture, layers), dtype=training.torch_dtype(dtype),
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=setup.attention)
         model = training.add_lora(model, config, setup)
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved: dict[int, int] = {}
@@ -334,7 +341,6 @@ def test_activations_match_what_autograd_saves_for_each_architecture(architectur
             model.get_base_model().model(input_ids=input_ids, use_cache=False)
         return sum(saved.values())
 
-    shape = _shape_of(_small_config(architecture, 2))
     predicted = layer_activation_bytes_per_token(shape, setup) * seq + layer_fixed_activation_bytes(shape, setup)
     assert saved_bytes(3) - saved_bytes(2) == pytest.approx(predicted, rel=0.05)
 

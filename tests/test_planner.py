@@ -458,3 +458,29 @@ def test_soft_capped_logits_are_planned_with_the_full_loss_and_learned_positions
     plans = plan_tiers(gpt2, fake_profile("h100"), config)
     assert not any(plan.fits for plan in plans) and all(plan.setup.rope_scaling_factor == 1.0 for plan in plans)
     assert "1,024 learned positions" in plans[0].note
+
+
+def test_a_model_without_sdpa_is_planned_and_trained_with_eager_attention(tmp_path):
+    """transformers runs Gemma 2 with eager attention or flash-attn only: asked for SDPA, loading failed, so no Gemma 2
+    run could start. It is planned eager now (every score kept: long windows do not fit) and trains."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from elite_core import training
+    from elite_core.model_loading import load_causal_lm, load_model_shape
+
+    model_dir = tmp_path / "gemma2"
+    AutoModelForCausalLM.from_config(Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                  head_dim=32, pad_token_id=0)).save_pretrained(model_dir)
+    shape = load_model_shape(str(model_dir))
+    assert not shape.sdpa and shape.attention_softcap
+    config = default_config(str(model_dir), ".", str(tmp_path / "runs"))
+    plans = plan_tiers(shape, fake_profile("cpu"), config)
+    assert {plan.setup.attention for plan in plans} == {"eager"}
+    setup = dataclasses.replace(plans[0].setup, seq_tokens=96, target_tokens=32)
+    model = training.build_lora_model(config, setup, "cpu")
+    input_ids = torch.randint(0, 300, (1, 96))
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert load_causal_lm(str(model_dir), dtype=torch.float32, device="cpu").config._attn_implementation == "eager"
