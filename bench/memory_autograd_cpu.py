@@ -1,0 +1,151 @@
+"""What one decoder layer keeps for backward, measured against the memory model, per architecture, on CPU.
+
+The measurement: the bytes autograd saves (a saved-tensors hook, one count per storage, parameters left out) for the
+same small model with 3 layers less with 2, so the first layer's edge (nothing before its first adapter needs a
+gradient) drops out. LoRA rank 16 on all linears, no checkpointing, the engine's own layers (training.add_lora), fp32
+and bf16 under autocast as the engine trains. Beside the memory model of a baseline revision (default 780718a, the
+model before it learned these architectures), run from `git show` of that revision's memory_model.py.
+
+    PYTHONPATH=. python3 bench/memory_autograd_cpu.py [--baseline REV] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(architecture: str, layers: int):
+    """The small models of tests/test_memory_model.py: 128 wide, 4 heads of 32 (2 key/value heads), vocabulary 300."""
+    import transformers
+
+    common = dict(vocab_size=300, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+    no_head_dim = {k: v for k, v in common.items() if k != "head_dim"}
+    moe = dict(intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+    return {
+        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=384),
+        "qwen2": lambda: transformers.Qwen2Config(**common, intermediate_size=384),
+        "mistral": lambda: transformers.MistralConfig(**common, intermediate_size=384),
+        "granite": lambda: transformers.GraniteConfig(**common, intermediate_size=384),
+        "gemma": lambda: transformers.GemmaConfig(**common, intermediate_size=384),
+        "qwen3": lambda: transformers.Qwen3Config(**common, intermediate_size=384),
+        "olmo2": lambda: transformers.Olmo2Config(**common, intermediate_size=384, eos_token_id=None, pad_token_id=1),
+        "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
+        "phi3": lambda: transformers.Phi3Config(**no_head_dim, intermediate_size=384, pad_token_id=0),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
+        "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=256, num_local_experts=8,
+                                                     num_experts_per_tok=2),
+    }[architecture]()
+
+
+ARCHITECTURES = ["llama", "qwen2", "mistral", "granite", "gemma", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3",
+                 "qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+def baseline_memory_model(revision: str):
+    source = subprocess.run(["git", "show", f"{revision}:elite_core/memory_model.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_memory_model.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_memory_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention: str) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elite_core import training
+    from elite_core.config import default_config
+    from elite_core.memory_model import TrainingSetup
+
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
+                          compute_dtype=dtype, checkpointing="off", attention=attention)
+    config = default_config().replace(lora_rank=16, lora_alpha=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small_config(architecture, layers), dtype=training.torch_dtype(dtype),
+                                             attn_implementation=attention)
+    model = training.add_lora(model, config, setup)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    input_ids = torch.randint(0, 300, (1, seq), generator=torch.Generator().manual_seed(1))
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+    with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().model(input_ids=input_ids, use_cache=False)
+    return sum(saved.values())
+
+
+def predicted_bytes(module, architecture: str, dtype: str, seq: int, attention: str, counted: bool) -> float:
+    hf_config = small_config(architecture, 2)
+    shape = module.shape_from_hf_config(hf_config)
+    if counted and shape.experts > 1:
+        from elite_core.model_loading import count_adapters_on_meta_device
+
+        shape = count_adapters_on_meta_device(shape, hf_config)
+    setup = module.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
+                                 compute_dtype=dtype, checkpointing="off", attention=attention)
+    per_layer = module.layer_activation_bytes_per_token(shape, setup) * seq
+    fixed = getattr(module, "layer_fixed_activation_bytes", None)
+    return per_layer + (fixed(shape, setup) if fixed else 0.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="780718a")
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    import peft
+    from elite_core import memory_model
+    from elite_core.hardware import fake_profile
+    from elite_core.planner import attention_for
+
+    baseline = baseline_memory_model(args.baseline)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"{args.seq} tokens, rank 16, all linears; bytes one decoder layer keeps for backward")
+    print(f"{'architecture':<12} {'dtype':<5} {'attention':<9} {'measured':>10} {'baseline':>10} {'ours':>10} "
+          f"{'baseline err':>12} {'ours err':>9}")
+    worst_baseline = worst_ours = 0.0
+    for architecture in ARCHITECTURES:
+        shape = memory_model.shape_from_hf_config(small_config(architecture, 2))
+        attention = attention_for(fake_profile("cpu"), shape)
+        for dtype in ("fp32", "bf16"):
+            measured = saved_bytes(architecture, 3, dtype, args.seq, attention) - saved_bytes(
+                architecture, 2, dtype, args.seq, attention)
+            old = predicted_bytes(baseline, architecture, dtype, args.seq, attention, counted=False)
+            new = predicted_bytes(memory_model, architecture, dtype, args.seq, attention, counted=True)
+            old_error, new_error = 100 * (old / measured - 1), 100 * (new / measured - 1)
+            worst_baseline = max(worst_baseline, abs(old_error))
+            worst_ours = max(worst_ours, abs(new_error))
+            print(f"{architecture:<12} {dtype:<5} {attention:<9} {measured:>10,} {old:>10,.0f} {new:>10,.0f} "
+                  f"{old_error:>+11.1f}% {new_error:>+8.1f}%", flush=True)
+    print(f"largest error: baseline {worst_baseline:.1f} %, ours {worst_ours:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
