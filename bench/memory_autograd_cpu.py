@@ -2,7 +2,7 @@
 
 The measurement: the bytes autograd saves (a saved-tensors hook, one count per storage, parameters left out) for the
 same small model with 3 layers less with 2, so the first layer's edge (nothing before its first adapter needs a
-gradient) drops out. LoRA rank 16 on all linears, no checkpointing, the engine's own layers (training.add_lora), fp32
+gradient) drops out. LoRA rank 16 on all linears (and on some only, for two mixtures of experts), no checkpointing, the engine's own layers (training.add_lora), fp32
 and bf16 under autocast as the engine trains. Beside the memory model of a baseline revision (default 780718a, the
 model before it learned these architectures), run from `git show` of that revision's memory_model.py.
 
@@ -50,6 +50,7 @@ def small_config(architecture: str, layers: int):
     }[architecture]()
 
 
+MOE_TARGET_SETS = [("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"), ("down_proj",)]
 ARCHITECTURES = ["llama", "qwen2", "mistral", "granite", "gemma", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3",
                  "qwen3_moe", "qwen2_moe", "mixtral"]
 
@@ -66,7 +67,8 @@ def baseline_memory_model(revision: str):
     return module
 
 
-def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention: str) -> int:
+def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention: str,
+                targets: tuple[str, ...] = ("all-linear",)) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -75,8 +77,8 @@ def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention:
     from elite_core.memory_model import TrainingSetup
 
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
-                          compute_dtype=dtype, checkpointing="off", attention=attention)
-    config = default_config().replace(lora_rank=16, lora_alpha=32)
+                          compute_dtype=dtype, checkpointing="off", attention=attention, lora_targets=",".join(targets))
+    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_target_modules=targets)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(small_config(architecture, layers), dtype=training.torch_dtype(dtype),
                                              attn_implementation=attention)
@@ -96,7 +98,8 @@ def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention:
     return sum(saved.values())
 
 
-def predicted_bytes(module, architecture: str, dtype: str, seq: int, attention: str, counted: bool) -> float:
+def predicted_bytes(module, architecture: str, dtype: str, seq: int, attention: str, counted: bool,
+                    targets: tuple[str, ...] = ("all-linear",)) -> float:
     hf_config = small_config(architecture, 2)
     shape = module.shape_from_hf_config(hf_config)
     if counted and shape.experts > 1:
@@ -104,7 +107,8 @@ def predicted_bytes(module, architecture: str, dtype: str, seq: int, attention: 
 
         shape = count_adapters_on_meta_device(shape, hf_config)
     setup = module.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
-                                 compute_dtype=dtype, checkpointing="off", attention=attention)
+                                 compute_dtype=dtype, checkpointing="off", attention=attention,
+                                 lora_targets=",".join(targets))
     per_layer = module.layer_activation_bytes_per_token(shape, setup) * seq
     fixed = getattr(module, "layer_fixed_activation_bytes", None)
     return per_layer + (fixed(shape, setup) if fixed else 0.0)
@@ -130,18 +134,21 @@ def main() -> int:
     print(f"{'architecture':<12} {'dtype':<5} {'attention':<9} {'measured':>10} {'baseline':>10} {'ours':>10} "
           f"{'baseline err':>12} {'ours err':>9}")
     worst_baseline = worst_ours = 0.0
-    for architecture in ARCHITECTURES:
+    cases = [(architecture, ("all-linear",)) for architecture in ARCHITECTURES]
+    cases += [(architecture, targets) for architecture in ("qwen3_moe", "qwen2_moe") for targets in MOE_TARGET_SETS]
+    for architecture, targets in cases:
         shape = memory_model.shape_from_hf_config(small_config(architecture, 2))
         attention = attention_for(fake_profile("cpu"), shape)
+        name = architecture if targets == ("all-linear",) else f"{architecture} LoRA on {','.join(targets)}"
         for dtype in ("fp32", "bf16"):
-            measured = saved_bytes(architecture, 3, dtype, args.seq, attention) - saved_bytes(
-                architecture, 2, dtype, args.seq, attention)
-            old = predicted_bytes(baseline, architecture, dtype, args.seq, attention, counted=False)
-            new = predicted_bytes(memory_model, architecture, dtype, args.seq, attention, counted=True)
+            measured = saved_bytes(architecture, 3, dtype, args.seq, attention, targets) - saved_bytes(
+                architecture, 2, dtype, args.seq, attention, targets)
+            old = predicted_bytes(baseline, architecture, dtype, args.seq, attention, False, targets)
+            new = predicted_bytes(memory_model, architecture, dtype, args.seq, attention, True, targets)
             old_error, new_error = 100 * (old / measured - 1), 100 * (new / measured - 1)
             worst_baseline = max(worst_baseline, abs(old_error))
             worst_ours = max(worst_ours, abs(new_error))
-            print(f"{architecture:<12} {dtype:<5} {attention:<9} {measured:>10,} {old:>10,.0f} {new:>10,.0f} "
+            print(f"{name:<12} {dtype:<5} {attention:<9} {measured:>10,} {old:>10,.0f} {new:>10,.0f} "
                   f"{old_error:>+11.1f}% {new_error:>+8.1f}%", flush=True)
     print(f"largest error: baseline {worst_baseline:.1f} %, ours {worst_ours:.1f} %")
     return 0

@@ -120,23 +120,40 @@ class ModelShape:
             mlp = (("up_proj", self.hidden, self.intermediate), ("down_proj", self.intermediate, self.hidden))
         if self.experts <= 1:
             return attention + mlp
-        router = (("gate", self.hidden, self.experts),)
+        return attention + mlp * self.experts + self._moe_linears()
+
+    def _moe_linears(self) -> tuple[tuple[str, int, int], ...]:
+        """A mixture of experts' linears outside the experts: the router and a shared expert."""
         shared: tuple[tuple[str, int, int], ...] = ()
         if self.shared_expert_intermediate:
             width = self.shared_expert_intermediate
             shared = (("gate_proj", self.hidden, width), ("up_proj", self.hidden, width),
                       ("down_proj", width, self.hidden), ("shared_expert_gate", self.hidden, 1))
-        return attention + mlp * self.experts + router + shared
+        return (("gate", self.hidden, self.experts),) + shared
+
+    def adapted_names(self, targets: str = "all-linear") -> frozenset[str]:
+        """The module names LoRA adapts in a layer: `targets` is "all-linear" or names joined by commas (peft matches a
+        name against a module's last part, and maps a mixture of experts' gate_proj/up_proj/down_proj onto its fused
+        experts). A name this shape does not model (another architecture's, lm_head) counts as all-linear: the
+        prediction errs high, never low."""
+        every = frozenset(name for name, _, _ in self.layer_linears())
+        names = frozenset(name.strip() for name in targets.split(",") if name.strip())
+        return names if names and names <= every else every
+
+    def experts_adapted(self, targets: str = "all-linear") -> frozenset[str]:
+        """Which of the fused experts' matrices (gate_proj, up_proj, down_proj) a mixture of experts adapts."""
+        if self.experts <= 1:
+            return frozenset()
+        return self.adapted_names(targets) & {"gate_proj", "up_proj", "down_proj"}
 
     def adapted_linears(self, targets: str = "all-linear") -> tuple[tuple[str, int, int], ...]:
-        """The layer's linears LoRA adapts: `targets` is "all-linear" or module names joined by commas (peft matches a
-        name against a module's last part). A name this shape does not model (another architecture's, lm_head) counts
-        as all-linear: the prediction errs high, never low."""
-        names = {name.strip() for name in targets.split(",") if name.strip()}
-        linears = self.layer_linears()
-        if self.experts > 1 or not names or not names <= {name for name, _, _ in linears}:
-            return linears  # a mixture of experts too: its expert names are peft's, not these
-        return tuple(linear for linear in linears if linear[0] in names)
+        """The layer's nn.Linear modules LoRA adapts (adapted_names); a mixture of experts' fused experts are not
+        among them (experts_adapted)."""
+        names = self.adapted_names(targets)
+        if self.experts <= 1:
+            return tuple(linear for linear in self.layer_linears() if linear[0] in names)
+        attention = self.layer_linears()[:4]
+        return tuple(linear for linear in attention + self._moe_linears() if linear[0] in names)
 
     @property
     def layer_linear_params(self) -> int:
@@ -385,10 +402,26 @@ def _compute_bytes(setup: TrainingSetup) -> float:
 
 
 def lora_param_count(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    per_layer = sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears(targets))
+    experts = shape.experts_adapted(targets)
+    if experts:
+        # peft adapts a fused (experts, out, in) matrix with lora_A (rank x experts, in), lora_B (out, rank x experts):
+        # down's share so; gate and up's, what peft counted for all of them less down's (no count: the same rule)
+        down = shape.experts * (shape.intermediate + shape.hidden)
+        everything = _expert_adapters_per_rank(shape) / shape.layers
+        per_layer += (down if "down_proj" in experts else 0) + (
+            max(0.0, everything - down) if experts & {"gate_proj", "up_proj"} else 0)
+    return int(rank * shape.layers * per_layer)
+
+
+def _expert_adapters_per_rank(shape: ModelShape) -> float:
+    """A mixture of experts' fused-expert adapter parameters per unit of rank, whole model: what peft counted
+    (all-linear, on a meta device) less the linears' share, else one (experts x rank)-wide adapter per fused matrix."""
+    linears = shape.layers * sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears("all-linear"))
     if shape.lora_params_per_rank:
-        return rank * shape.lora_params_per_rank  # all-linear, what peft counted: never below a subset's
-    per_layer = sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in shape.adapted_linears(targets))
-    return shape.layers * per_layer
+        return max(0, shape.lora_params_per_rank - linears)
+    fused_gate_up = shape.hidden + (2 if shape.gated_mlp else 1) * shape.intermediate
+    return shape.layers * shape.experts * (fused_gate_up + shape.intermediate + shape.hidden)
 
 
 def extra_trainable_param_count(shape: ModelShape, modules: tuple[str, ...]) -> int:
@@ -409,7 +442,8 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
     if setup.weight_dtype in ("nf4", "int8"):
         # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised. A mixture
         # of experts' fused expert weights are not nn.Linear modules, which bitsandbytes replaces: counted unquantised.
-        experts = shape.layers * moe_expert_weight_bytes(shape, setup) / _compute_bytes(setup)
+        matrices = 3 if shape.gated_mlp else 2
+        experts = shape.layers * matrices * shape.experts * shape.intermediate * shape.hidden if shape.experts > 1 else 0
         return int((linear - experts) * DTYPE_BYTES[setup.weight_dtype] + (shape.other_params + experts) * _compute_bytes(setup))
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
@@ -499,8 +533,9 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
             e * intermediate if "down_proj" in adapted else 0.0)
     # lora_B keeps lora_A's r-wide output, one per adapted module.
     adapters = len(shape.adapted_linears(setup.lora_targets))
-    if shape.experts > 1:  # the fused experts: two adapters (gate_up, down) per routed token instead of 3 per expert
-        adapters += 2 * shape.experts_per_token - (3 if shape.gated_mlp else 2) * shape.experts
+    experts = shape.experts_adapted(setup.lora_targets)
+    if experts:  # the fused experts: one adapter for gate and up, one for down, per routed token
+        adapters += shape.experts_per_token * (bool(experts & {"gate_proj", "up_proj"}) + ("down_proj" in experts))
     lora_b_inputs = adapters * rank * copy_bytes
 
     if setup.attention == "eager":
@@ -531,23 +566,30 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
 
 
 def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
-    """A mixture-of-experts block under LoRA on all linears, as transformers' grouped experts and peft keep it: the
-    normed input (router and shared expert adapters); per routed token its gathered copy, the gate and up halves,
-    SiLU's output, the product and the expert's output (weighted by the router after); the router's fp32 softmax;
-    the shared expert as a dense MLP. Read off what autograd keeps on CPU (tests/test_memory_model.py)."""
+    """A mixture-of-experts block as transformers' grouped experts and peft keep it: the normed input (for adapters
+    of the router or shared expert); per routed token the gate and up halves, SiLU's output and the expert's output
+    (weighted by the router after), with adapted experts also the gathered input and the product; the router's fp32
+    softmax; the shared expert as a dense MLP. Read off what autograd keeps on CPU (tests/test_memory_model.py)."""
     e = _compute_bytes(setup)
     h, width = shape.hidden, shape.intermediate
-    routed = shape.experts_per_token * e * (2 * h + 4 * width)
-    shared = 4 * e * shape.shared_expert_intermediate + e if shape.shared_expert_intermediate else 0.0
-    return e * h + routed + 4.0 * shape.experts + shared
+    names = shape.adapted_names(setup.lora_targets)
+    experts = shape.experts_adapted(setup.lora_targets)
+    gate_up_adapted = bool(experts & {"gate_proj", "up_proj"})
+    routed = 3 * width + h + (h if gate_up_adapted else 0) + (width if "down_proj" in experts else 0)
+    shared_reads_normed = bool(shape.shared_expert_intermediate and names & {"gate_proj", "up_proj"})
+    normed = h if "gate" in names or "shared_expert_gate" in names or shared_reads_normed else 0
+    shared = 0.0
+    if shape.shared_expert_intermediate:
+        # gate and up outputs, SiLU's, the product if down is adapted; its output and the sigmoid gate for their product
+        shared = e * (3 + ("down_proj" in names)) * shape.shared_expert_intermediate + e * h + e
+    return e * normed + shape.experts_per_token * e * routed + 4.0 * shape.experts + shared
 
 
 def moe_expert_weight_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """peft adapts the fused expert weights by adding the adapters' product to them: each layer's forward makes the
-    merged weights (all experts) and keeps them for backward, and backward makes their gradient."""
-    if shape.experts <= 1:
-        return 0.0
-    matrices = 3 if shape.gated_mlp else 2
+    merged weights (all experts) of each adapted matrix and keeps them for backward, and backward their gradient."""
+    experts = shape.experts_adapted(setup.lora_targets)
+    matrices = (2 if experts & {"gate_proj", "up_proj"} else 0) + ("down_proj" in experts)
     return matrices * shape.experts * shape.intermediate * shape.hidden * _compute_bytes(setup)
 
 

@@ -299,9 +299,31 @@ def test_parameter_and_adapter_counts_match_each_architecture(architecture):
     assert lora_param_count(shape, 16) == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
+MOE_TARGET_SETS = [("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"), ("down_proj",),
+                   ("gate", "q_proj", "v_proj")]
+
+
+@pytest.mark.parametrize(("architecture", "targets"), [
+    *[(architecture, targets) for architecture in ("qwen3_moe", "qwen2_moe") for targets in MOE_TARGET_SETS],
+    ("mixtral", MOE_TARGET_SETS[0]), ("mixtral", MOE_TARGET_SETS[3])])  # peft knows no gate_proj in Mixtral
+def test_a_mixture_of_experts_adapter_count_follows_its_targets(architecture, targets):
+    """peft maps gate_proj/up_proj/down_proj onto the fused experts (and a shared expert's linears); the count of the
+    experts' adapters comes from its all-linear count, the rest from the linears. Never below what peft makes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf_config = _small_config(architecture, 2)
+    adapted = get_peft_model(AutoModelForCausalLM.from_config(hf_config), LoraConfig(r=16, target_modules=list(targets)))
+    real = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    predicted = lora_param_count(_shape_of(hf_config), 16, ",".join(targets))
+    assert real <= predicted <= 1.25 * real
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_activations_match_what_autograd_saves_for_each_architecture(architecture, dtype):
+@pytest.mark.parametrize(("architecture", "targets"), [
+    *[(architecture, ("all-linear",)) for architecture in ARCHITECTURES],
+    *[(architecture, targets) for architecture in ("qwen3_moe", "qwen2_moe") for targets in MOE_TARGET_SETS]])
+def test_activations_match_what_autograd_saves_for_each_architecture(architecture, targets, dtype):
     """One more decoder layer's saved bytes (3 layers less 2), LoRA on all linears, as the engine trains it: q/k
     norms, four norms a layer, fused q/k/v, Gemma 2's eager soft-capped attention, and mixtures of experts (grouped
     experts, the merged expert weights peft keeps)."""
@@ -319,8 +341,9 @@ def test_activations_match_what_autograd_saves_for_each_architecture(architectur
     seq = 256
     shape = _shape_of(_small_config(architecture, 2))
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
-                          compute_dtype=dtype, checkpointing="off", attention=attention_for(fake_profile("cpu"), shape))
-    config = default_config().replace(lora_rank=16, lora_alpha=32)
+                          compute_dtype=dtype, checkpointing="off", attention=attention_for(fake_profile("cpu"), shape),
+                          lora_targets=",".join(targets))
+    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_target_modules=targets)
 
     def saved_bytes(layers: int) -> int:
         torch.manual_seed(0)
