@@ -247,12 +247,12 @@ def _rope_factor(point: Point) -> float:
 
 def predict(point: Point):
     from elite_core.memory_model import predict_memory, shape_from_hf_config
-    from elite_core.model_loading import count_adapters_on_meta_device
+    from elite_core.model_loading import count_on_meta_device
 
     config = hf_config(point.model)
     shape = shape_from_hf_config(config, name=point.model)
     if shape.experts > 1:  # as model_loading.load_model_shape does
-        shape = count_adapters_on_meta_device(shape, config)
+        shape = count_on_meta_device(shape, config)
     return predict_memory(shape, setup_for(point))
 
 

@@ -103,9 +103,9 @@ def predicted_bytes(module, architecture: str, dtype: str, seq: int, attention: 
     hf_config = small_config(architecture, 2)
     shape = module.shape_from_hf_config(hf_config)
     if counted and shape.experts > 1:
-        from elite_core.model_loading import count_adapters_on_meta_device
+        from elite_core.model_loading import count_on_meta_device
 
-        shape = count_adapters_on_meta_device(shape, hf_config)
+        shape = count_on_meta_device(shape, hf_config)
     setup = module.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
                                  compute_dtype=dtype, checkpointing="off", attention=attention,
                                  lora_targets=",".join(targets))

@@ -92,6 +92,11 @@ class ModelShape:
     norms_per_layer: int = 2
     shared_expert_intermediate: int = 0
     """Mixture of experts: the width of the dense expert every token also passes (Qwen2-MoE, DeepSeek); 0 for none."""
+    outside_params: int = 0
+    """Parameters outside the text decoder that AutoModelForCausalLM loads too (a multimodal checkpoint's vision tower
+    and projector), counted on a meta device; training never runs them."""
+    outside_adapters_per_rank: int = 0
+    """All-linear adapters peft puts on those, per unit of rank."""
     lora_params_per_rank: int = 0
     """All-linear LoRA parameters per unit of rank as the installed peft adapts this model, counted on a meta-device
     copy (model_loading.count_on_meta_device): for mixtures of experts, whose fused expert weights and router peft
@@ -167,13 +172,13 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Parameters outside the decoder layers' linears: embeddings, output head, norms."""
+        """Parameters outside the decoder layers' linears: embeddings, output head, norms, a vision tower."""
         head = 0 if self.tied_embeddings else self.vocab * self.hidden
         norms = (self.norms_per_layer * self.layers + 1) * self.hidden
         if self.qk_norm:  # per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
             per_head = self.architecture != "olmo2" and self.architecture != "olmo3"
             norms += self.layers * (2 * self.head_dim if per_head else (self.heads + self.kv_heads) * self.head_dim)
-        return self.embedding_params + head + norms
+        return self.embedding_params + head + norms + self.outside_params
 
 
 def count_params(shape: ModelShape) -> int:
@@ -411,7 +416,7 @@ def lora_param_count(shape: ModelShape, rank: int, targets: str = "all-linear") 
         everything = _expert_adapters_per_rank(shape) / shape.layers
         per_layer += (down if "down_proj" in experts else 0) + (
             max(0.0, everything - down) if experts & {"gate_proj", "up_proj"} else 0)
-    return int(rank * shape.layers * per_layer)
+    return int(rank * (shape.layers * per_layer + shape.outside_adapters_per_rank))
 
 
 def _expert_adapters_per_rank(shape: ModelShape) -> float:
@@ -420,8 +425,10 @@ def _expert_adapters_per_rank(shape: ModelShape) -> float:
     linears = shape.layers * sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears("all-linear"))
     if shape.lora_params_per_rank:
         return max(0, shape.lora_params_per_rank - linears)
-    fused_gate_up = shape.hidden + (2 if shape.gated_mlp else 1) * shape.intermediate
-    return shape.layers * shape.experts * (fused_gate_up + shape.intermediate + shape.hidden)
+    # peft 0.22: gate_up's lora_A is (2 x rank x experts, hidden), its lora_B (2 x intermediate, 2 x rank x experts)
+    width = shape.hidden + shape.intermediate
+    gate_up = 2 * shape.experts * (shape.hidden + 2 * shape.intermediate) if shape.gated_mlp else shape.experts * width
+    return shape.layers * (gate_up + shape.experts * width)
 
 
 def extra_trainable_param_count(shape: ModelShape, modules: tuple[str, ...]) -> int:
@@ -768,8 +775,9 @@ def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     2N more when checkpointing recomputes the forward; causal attention and the target rows' output head on top."""
     tokens = setup.tokens
     linear_params = shape.layers * sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
-    if shape.experts > 1:
-        linear_params = linear_params * shape.experts_per_token // shape.experts
+    if shape.experts > 1:  # a token passes experts_per_token of the experts, and every other linear
+        expert_params = shape.layers * (3 if shape.gated_mlp else 2) * shape.experts * shape.intermediate * shape.hidden
+        linear_params -= expert_params - expert_params * shape.experts_per_token // shape.experts
     lora_params = lora_param_count(shape, setup.lora_rank, setup.lora_targets)
     passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
     linear = 2.0 * (linear_params + lora_params) * tokens * passes + 2.0 * lora_params * tokens

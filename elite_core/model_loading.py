@@ -57,28 +57,39 @@ def load_model_shape(source: str, trust_remote_code: bool = False):
 
     hf_config = load_hf_config(source, trust_remote_code)
     shape = shape_from_hf_config(hf_config, name=source)
-    return count_adapters_on_meta_device(shape, hf_config, trust_remote_code) if shape.experts > 1 else shape
+    if shape.experts > 1 or getattr(hf_config, "text_config", None) is not None:
+        return count_on_meta_device(shape, hf_config, trust_remote_code)
+    return shape
 
 
-def count_adapters_on_meta_device(shape, hf_config, trust_remote_code: bool = False):
-    """A mixture of experts' all-linear LoRA size as the installed peft makes it (it adapts the fused expert weights
-    and the router its own way, which changes between releases): the model built on the meta device (no memory, a
-    few seconds for 30B), adapted at rank 8, counted. The shape unchanged where that fails."""
+def count_on_meta_device(shape, hf_config, trust_remote_code: bool = False):
+    """What the formulas cannot know, counted as transformers and the installed peft build the model on the meta device
+    (no memory; a few seconds for 30B): a mixture of experts' all-linear adapter size (peft adapts the fused experts
+    and the router its own way, which changes between releases), and a multimodal checkpoint's parameters and
+    adapters outside the text decoder (Gemma 3's vision tower: AutoModelForCausalLM loads it, peft adapts it). The
+    shape unchanged where building fails."""
     import dataclasses
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from elite_core.memory_model import lora_param_count
+
     rank = 8
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        total = sum(p.numel() for p in model.parameters())
         adapted = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
-        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        adapters = sum(p.numel() for p in adapted.parameters() if p.requires_grad) // rank
     except Exception:
         return shape
-    return dataclasses.replace(shape, lora_params_per_rank=trainable // rank)
+    outside = max(0, total - shape.total_params)
+    shape = dataclasses.replace(shape, outside_params=outside, total_params=shape.total_params + outside)
+    if shape.experts > 1:  # the experts' share is what the linears leave (memory_model._expert_adapters_per_rank)
+        return dataclasses.replace(shape, lora_params_per_rank=adapters)
+    return dataclasses.replace(shape, outside_adapters_per_rank=max(0, adapters - lora_param_count(shape, 1)))
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
