@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from bench.memory_autograd_cpu import saved_bytes, small_config
 from elite_core.memory_model import (
     COMPILED_MAX_WINDOW_TOKENS,
     MemoryConstants,
@@ -252,28 +253,6 @@ def test_activation_formula_matches_what_autograd_saves_on_cpu(targets, dropout,
     assert measured_layer == pytest.approx(predicted_layer, rel=0.05)
 
 
-def _small_config(architecture: str, layers: int):
-    """A small model of each architecture: 128 wide, 4 heads of 32 (2 key/value heads), vocabulary 300."""
-    import transformers
-
-    common = dict(vocab_size=300, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32)
-    moe = dict(intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
-    return {
-        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=384),
-        "qwen3": lambda: transformers.Qwen3Config(**common, intermediate_size=384),
-        "olmo2": lambda: transformers.Olmo2Config(**common, intermediate_size=384, eos_token_id=None, pad_token_id=1),
-        "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
-        "phi3": lambda: transformers.Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"},
-                                                 intermediate_size=384, pad_token_id=0),
-        "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
-        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe),
-        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
-        "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=256, num_local_experts=8,
-                                                     num_experts_per_tok=2),
-    }[architecture]()
-
-
 def _shape_of(hf_config):
     from elite_core.model_loading import count_on_meta_device
 
@@ -291,7 +270,7 @@ def test_parameter_and_adapter_counts_match_each_architecture(architecture):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    hf_config = _small_config(architecture, 2)
+    hf_config = small_config(architecture, 2)
     shape = _shape_of(hf_config)
     model = AutoModelForCausalLM.from_config(hf_config)
     assert shape.total_params == sum(p.numel() for p in model.parameters())
@@ -312,7 +291,7 @@ def test_a_mixture_of_experts_adapter_count_follows_its_targets(architecture, ta
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    hf_config = _small_config(architecture, 2)
+    hf_config = small_config(architecture, 2)
     adapted = get_peft_model(AutoModelForCausalLM.from_config(hf_config), LoraConfig(r=16, target_modules=list(targets)))
     real = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     predicted = lora_param_count(_shape_of(hf_config), 16, ",".join(targets))
@@ -327,45 +306,18 @@ def test_activations_match_what_autograd_saves_for_each_architecture(architectur
     """One more decoder layer's saved bytes (3 layers less 2), LoRA on all linears, as the engine trains it: q/k
     norms, four norms a layer, fused q/k/v, Gemma 2's eager soft-capped attention, and mixtures of experts (grouped
     experts, the merged expert weights peft keeps)."""
-    import contextlib
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from elite_core import training
-    from elite_core.config import default_config
-
     from elite_core.hardware import fake_profile
     from elite_core.planner import attention_for
 
     seq = 256
-    shape = _shape_of(_small_config(architecture, 2))
+    shape = _shape_of(small_config(architecture, 2))
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
                           compute_dtype=dtype, checkpointing="off", attention=attention_for(fake_profile("cpu"), shape),
                           lora_targets=",".join(targets))
-    config = default_config().replace(lora_rank=16, lora_alpha=32, lora_target_modules=targets)
-
-    def saved_bytes(layers: int) -> int:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(_small_config(architecture, layers), dtype=training.torch_dtype(dtype),
-                                                 attn_implementation=setup.attention)
-        model = training.add_lora(model, config, setup)
-        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        input_ids = torch.randint(0, 300, (1, seq), generator=torch.Generator().manual_seed(1))
-        cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
-        with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model.get_base_model().model(input_ids=input_ids, use_cache=False)
-        return sum(saved.values())
-
+    measured = (saved_bytes(architecture, 3, dtype, seq, setup.attention, targets)
+                - saved_bytes(architecture, 2, dtype, seq, setup.attention, targets))
     predicted = layer_activation_bytes_per_token(shape, setup) * seq + layer_fixed_activation_bytes(shape, setup)
-    assert saved_bytes(3) - saved_bytes(2) == pytest.approx(predicted, rel=0.05)
+    assert measured == pytest.approx(predicted, rel=0.05)
 
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
@@ -391,7 +343,7 @@ def test_names_the_shape_does_not_model_count_as_all_linear():
 
 def test_qlora_counts_a_mixture_of_experts_fused_experts_unquantised():
     """bitsandbytes replaces nn.Linear modules; transformers' fused expert weights are not ones."""
-    shape = _shape_of(_small_config("qwen3_moe", 2))
+    shape = _shape_of(small_config("qwen3_moe", 2))
     experts = 2 * 8 * 3 * 64 * 128  # layers x experts x (gate, up, down) x 64 x 128
     quantised = weight_bytes(shape, replace(SETUP, weight_dtype="nf4"))
     rest = shape.total_params - experts - shape.other_params
@@ -405,7 +357,7 @@ def test_a_mixture_of_experts_adapters_without_the_meta_count_follow_peft(archit
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    hf_config = _small_config(architecture, 2)
+    hf_config = small_config(architecture, 2)
     adapted = get_peft_model(AutoModelForCausalLM.from_config(hf_config), LoraConfig(r=16, target_modules="all-linear"))
     assert lora_param_count(shape_from_hf_config(hf_config), 16) == sum(
         p.numel() for p in adapted.parameters() if p.requires_grad)
