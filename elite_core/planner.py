@@ -316,6 +316,8 @@ def options_of(setup: TrainingSetup) -> tuple[str, ...]:
         names.append(setup.compute_dtype)
     if setup.attention == FLASH_ATTENTION:
         names.append("flash-attn")
+    elif setup.attention == "eager":
+        names.append("eager-attn")  # the model has no SDPA path (Gemma 2): every score is kept
     if setup.rope_scaling_factor > 1:
         names.append(f"rope-x{int(setup.rope_scaling_factor)}")
     return tuple(names)

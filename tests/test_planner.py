@@ -477,7 +477,7 @@ def test_a_model_without_sdpa_is_planned_and_trained_with_eager_attention(tmp_pa
     assert not shape.sdpa and shape.attention_softcap
     config = default_config(str(model_dir), ".", str(tmp_path / "runs"))
     plans = plan_tiers(shape, fake_profile("cpu"), config)
-    assert {plan.setup.attention for plan in plans} == {"eager"}
+    assert {plan.setup.attention for plan in plans} == {"eager"} and "eager-attn" in plans[0].options
     setup = dataclasses.replace(plans[0].setup, seq_tokens=96, target_tokens=32)
     model = training.build_lora_model(config, setup, "cpu")
     input_ids = torch.randint(0, 300, (1, 96))
