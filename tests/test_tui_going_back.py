@@ -111,27 +111,30 @@ def test_rebuild_and_preview_wait_for_the_running_build(tiny_repo, tmp_path):
 
 
 class BuildHeldUntilCancelled(Engine):
-    """The real build, held after its walk until the app cancels its worker; records how the build ended."""
+    """The real build; the first one is held after its walk until the app cancels its worker. Records how each ended."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.done = threading.Event()
-        self.outcome = ""
+        self.outcomes: list[str] = []
 
     def build_dataset(self, config, progress, cancelled=None):
+        first = not self.started.is_set()
+
         def held(update):
             progress(update)
-            self.started.set()
-            deadline = time.monotonic() + 30
-            while not cancelled() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            if first:
+                self.started.set()
+                deadline = time.monotonic() + 30
+                while not cancelled() and time.monotonic() < deadline:
+                    time.sleep(0.02)
 
         try:
             result = super().build_dataset(config, held, cancelled)
-            self.outcome = "finished"
+            self.outcomes.append("finished")
             return result
         except BuildCancelled:
-            self.outcome = "cancelled"
+            self.outcomes.append("cancelled")
             raise
         finally:
             self.done.set()
@@ -150,8 +153,32 @@ def test_quitting_during_a_build_cancels_it(tiny_repo, tmp_path):
             await pilot.press("ctrl+q")
 
     run_pilot(scenario(), timeout_s=60)
-    assert engine.done.wait(30) and engine.outcome == "cancelled"
+    assert engine.done.wait(30) and engine.outcomes == ["cancelled"]
     assert not (config.run_dir / "dataset" / "manifest.json").exists()
+
+
+def test_leaving_the_dataset_screen_mid_build_cancels_it_and_coming_back_builds_again(tiny_repo, tmp_path):
+    """Esc pops the screen and cancels its worker; entering again waits for that build to stop, then builds whole."""
+    config = default_config("demo", str(tiny_repo), str(tmp_path / "runs")).with_tier(1)
+    state = WizardState(config=config, profile=fake_profile("cpu"), shape=load_model_shape("demo"))
+    engine = BuildHeldUntilCancelled()
+    app = EliteApp(config, state=state, start_at="overrides", engine=engine)
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            app.screen.action_next()
+            await wait_until(pilot, engine.started.is_set, 30, "the first build's walk")
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: screen_name(pilot) == "OverridesScreen", 10, "overrides")
+            app.screen.action_next()
+            await wait_until(pilot, lambda: app.state.summary is not None, 30, "the second build")
+            await pilot.pause(0.2)
+            return app.screen.building, app.screen.check_action("next", ())
+
+    building, can_go_on = run_pilot(scenario(), timeout_s=90)
+    assert engine.outcomes == ["cancelled", "finished"]
+    assert building is False and can_go_on is True
 
 
 def test_a_resumed_run_keeps_its_settings_and_its_own_training_set(tiny_repo, tmp_path):
