@@ -218,6 +218,8 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
     shared_width = int(_config_value(config, "shared_expert_intermediate_size", default=0) or 0)
     if not shared_width and experts > 1:
         shared_width = int(_config_value(config, "n_shared_experts", default=0) or 0) * intermediate
+    if not shared_width and experts > 1 and architecture == "llama4_text":
+        shared_width = intermediate  # Llama 4's shared expert is as wide as an expert; its config does not say so
     tied = bool(getattr(config, "tie_word_embeddings", False))
     shape = ModelShape(
         name=name or str(getattr(config, "_name_or_path", "") or architecture),

@@ -385,3 +385,16 @@ def test_a_multimodal_checkpoint_counts_its_vision_tower(tmp_path):
     adapted = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     assert lora_param_count(shape, 16) == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert weight_bytes(shape, SETUP) == 2 * shape.total_params
+
+
+def test_llama4_counts_its_shared_expert():
+    """Llama 4's shared expert is as wide as an expert, which its config does not name (Scout was 5.6 % low)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    hf_config = transformers.Llama4TextConfig(vocab_size=300, hidden_size=128, intermediate_size=64,
+                                              intermediate_size_mlp=256, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                                              num_experts_per_tok=1, interleave_moe_layer_step=1)
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+    assert real <= shape_from_hf_config(hf_config).total_params <= 1.001 * real  # a gate it lacks: 128 a layer
