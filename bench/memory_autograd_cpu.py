@@ -47,12 +47,16 @@ def small_config(architecture: str, layers: int):
         "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
         "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=256, num_local_experts=8,
                                                      num_experts_per_tok=2),
+        "deepseek_v2": lambda: transformers.DeepseekV2Config(
+            **{**no_head_dim, "num_key_value_heads": 4}, intermediate_size=384, moe_intermediate_size=64,
+            n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=32,
+            q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32),
     }[architecture]()
 
 
 MOE_TARGET_SETS = [("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"), ("down_proj",)]
 ARCHITECTURES = ["llama", "qwen2", "mistral", "granite", "gemma", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3",
-                 "qwen3_moe", "qwen2_moe", "mixtral"]
+                 "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2"]
 
 
 def baseline_memory_model(revision: str):

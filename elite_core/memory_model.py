@@ -83,6 +83,9 @@ class ModelShape:
     absolute positions (GPT-2, StarCoder 1), which cannot go past them."""
     qk_norm: bool = False
     """Queries and keys are RMS-normalised (Qwen3, OLMo 2, Gemma 3)."""
+    latent_attention: tuple[int, int, int, int, int] = ()
+    """DeepSeek's multi-head latent attention: (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+    v_head_dim); () for ordinary attention."""
     fused_qkv: bool = False
     """One linear makes q, k and v (Phi-3): the attention keeps the whole output alive through v's view of it."""
     sdpa: bool = True
@@ -109,12 +112,7 @@ class ModelShape:
         if self.fused_qkv:  # Phi-3's names and shapes
             return (("qkv_proj", self.hidden, q_out + 2 * kv_out), ("o_proj", q_out, self.hidden),
                     ("gate_up_proj", self.hidden, 2 * self.intermediate), ("down_proj", self.intermediate, self.hidden))
-        attention = (
-            ("q_proj", self.hidden, q_out),
-            ("k_proj", self.hidden, kv_out),
-            ("v_proj", self.hidden, kv_out),
-            ("o_proj", q_out, self.hidden),
-        )
+        attention = self.attention_linears()
         if self.gated_mlp:
             mlp = (
                 ("gate_proj", self.hidden, self.intermediate),
@@ -127,13 +125,28 @@ class ModelShape:
             return attention + mlp
         return attention + mlp * self.experts + self._moe_linears()
 
+    def attention_linears(self) -> tuple[tuple[str, int, int], ...]:
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        if self.latent_attention:
+            q_lora, kv_lora, nope, rope, v_dim = self.latent_attention
+            qk_out = self.heads * (nope + rope)
+            query = ((("q_a_proj", self.hidden, q_lora), ("q_b_proj", q_lora, qk_out)) if q_lora
+                     else (("q_proj", self.hidden, qk_out),))
+            return query + (("kv_a_proj_with_mqa", self.hidden, kv_lora + rope),
+                            ("kv_b_proj", kv_lora, self.heads * (nope + v_dim)), ("o_proj", self.heads * v_dim, self.hidden))
+        return (("q_proj", self.hidden, q_out), ("k_proj", self.hidden, kv_out), ("v_proj", self.hidden, kv_out),
+                ("o_proj", q_out, self.hidden))
+
     def _moe_linears(self) -> tuple[tuple[str, int, int], ...]:
         """A mixture of experts' linears outside the experts: the router and a shared expert."""
         shared: tuple[tuple[str, int, int], ...] = ()
         if self.shared_expert_intermediate:
             width = self.shared_expert_intermediate
             shared = (("gate_proj", self.hidden, width), ("up_proj", self.hidden, width),
-                      ("down_proj", width, self.hidden), ("shared_expert_gate", self.hidden, 1))
+                      ("down_proj", width, self.hidden))
+            if self.architecture == "qwen2_moe":  # a sigmoid gate on the shared expert's output
+                shared += (("shared_expert_gate", self.hidden, 1),)
         return (("gate", self.hidden, self.experts),) + shared
 
     def adapted_names(self, targets: str = "all-linear") -> frozenset[str]:
@@ -157,8 +170,7 @@ class ModelShape:
         names = self.adapted_names(targets)
         if self.experts <= 1:
             return tuple(linear for linear in self.layer_linears() if linear[0] in names)
-        attention = self.layer_linears()[:4]
-        return tuple(linear for linear in attention + self._moe_linears() if linear[0] in names)
+        return tuple(linear for linear in self.attention_linears() + self._moe_linears() if linear[0] in names)
 
     @property
     def layer_linear_params(self) -> int:
@@ -175,6 +187,8 @@ class ModelShape:
         """Parameters outside the decoder layers' linears: embeddings, output head, norms, a vision tower."""
         head = 0 if self.tied_embeddings else self.vocab * self.hidden
         norms = (self.norms_per_layer * self.layers + 1) * self.hidden
+        if self.latent_attention:  # the norms of the compressed query and key/value
+            norms += self.layers * (self.latent_attention[0] + self.latent_attention[1])
         if self.qk_norm:  # per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
             per_head = self.architecture != "olmo2" and self.architecture != "olmo3"
             norms += self.layers * (2 * self.head_dim if per_head else (self.heads + self.kv_heads) * self.head_dim)
@@ -221,6 +235,10 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
     if not shared_width and experts > 1 and architecture == "llama4_text":
         shared_width = intermediate  # Llama 4's shared expert is as wide as an expert; its config does not say so
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    latent = ()
+    if _config_value(config, "kv_lora_rank", default=None):
+        latent = (int(_config_value(config, "q_lora_rank", default=0) or 0), int(config.kv_lora_rank),
+                  int(config.qk_nope_head_dim), int(config.qk_rope_head_dim), int(config.v_head_dim))
     shape = ModelShape(
         name=name or str(getattr(config, "_name_or_path", "") or architecture),
         architecture=architecture,
@@ -245,6 +263,7 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
         norms_per_layer=4 if architecture in FOUR_NORM_ARCHITECTURES else 2,
         fused_qkv=architecture in FUSED_QKV_ARCHITECTURES,
+        latent_attention=latent,
         sdpa=supports_sdpa(config),
         attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
     )
@@ -555,6 +574,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         # SDPA / flash keep q, k, v, the output and an fp32 log-sum-exp; grouped-query k/v stay at kv width.
         attention_core = e * (2 * q_width + 2 * kv_width) + 4.0 * shape.heads
+    if shape.latent_attention:
+        attention_core = latent_attention_bytes_per_token(shape, setup)
     if shape.fused_qkv:
         # q and k are views of the fused output, whose storage v keeps alive for attention; and the attention output
         # (from those strided views) reaches o_proj as a copy (read off autograd on CPU)
@@ -574,6 +595,20 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     return total * (COMPILED_ACTIVATION_SHARE_LONG if long_window else COMPILED_ACTIVATION_SHARE)
 
 
+def latent_attention_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
+    """DeepSeek's latent attention, counted on the safe side: query and key heads are qk_nope + qk_rope wide and
+    values v_head_dim, which SDPA's fused kernels do not all take, so every score is counted as eager attention
+    keeps it (the fp32 softmax and its 16-bit copy; on CPU torch's SDPA materialised them); the compressed key/value,
+    its norm, and the adapters' inputs of the two-step projections. Read off autograd on CPU, not measured on a GPU."""
+    e = _compute_bytes(setup)
+    q_lora, kv_lora, nope, rope, v_dim = shape.latent_attention
+    qk, v = shape.heads * (nope + rope), shape.heads * v_dim
+    per_score = 4.0 + (e if e < 4.0 else 0.0)
+    heads_kept = e * (3 * qk + 2 * v)  # q, k (before and after the rope join), v and the output
+    compressed = e * (kv_lora + rope) + norm_saved_bytes(shape, setup) * (kv_lora + q_lora) + e * (kv_lora + q_lora)
+    return heads_kept + per_score * shape.heads * setup.seq_tokens + compressed
+
+
 def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
     """A mixture-of-experts block as transformers' grouped experts and peft keep it: the normed input (for adapters
     of the router or shared expert); per routed token the gate and up halves, SiLU's output and the expert's output
@@ -589,8 +624,10 @@ def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
     normed = h if "gate" in names or "shared_expert_gate" in names or shared_reads_normed else 0
     shared = 0.0
     if shape.shared_expert_intermediate:
-        # gate and up outputs, SiLU's, the product if down is adapted; its output and the sigmoid gate for their product
-        shared = e * (3 + ("down_proj" in names)) * shape.shared_expert_intermediate + e * h + e
+        # gate and up outputs, SiLU's, the product if down is adapted; Qwen2-MoE's output and sigmoid gate too
+        shared = e * (3 + ("down_proj" in names)) * shape.shared_expert_intermediate
+        if shape.architecture == "qwen2_moe":
+            shared += e * h + e
     return e * normed + shape.experts_per_token * e * routed + 4.0 * shape.experts + shared
 
 
