@@ -173,6 +173,11 @@ class ModelShape:
         return tuple(linear for linear in self.attention_linears() + self._moe_linears() if linear[0] in names)
 
     @property
+    def expert_params_per_layer(self) -> int:
+        """A mixture of experts' fused expert weights in one layer (gate, up and down of every expert); 0 if dense."""
+        return (3 if self.gated_mlp else 2) * self.experts * self.intermediate * self.hidden if self.experts > 1 else 0
+
+    @property
     def layer_linear_params(self) -> int:
         weights = sum(fan_in * fan_out for _, fan_in, fan_out in self.layer_linears())
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
@@ -470,8 +475,7 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
     if setup.weight_dtype in ("nf4", "int8"):
         # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised. A mixture
         # of experts' fused expert weights are not nn.Linear modules, which bitsandbytes replaces: counted unquantised.
-        matrices = 3 if shape.gated_mlp else 2
-        experts = shape.layers * matrices * shape.experts * shape.intermediate * shape.hidden if shape.experts > 1 else 0
+        experts = shape.layers * shape.expert_params_per_layer
         return int((linear - experts) * DTYPE_BYTES[setup.weight_dtype] + (shape.other_params + experts) * _compute_bytes(setup))
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
@@ -566,7 +570,9 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
         adapters += shape.experts_per_token * (bool(experts & {"gate_proj", "up_proj"}) + ("down_proj" in experts))
     lora_b_inputs = adapters * rank * copy_bytes
 
-    if setup.attention == "eager":
+    if shape.latent_attention:
+        attention_core = latent_attention_bytes_per_token(shape, setup)
+    elif setup.attention == "eager":
         # Keys and values repeated to every query head; s scores per head: the fp32 softmax output, its 16-bit copy
         # for the matmul with v (none in fp32), and with soft-capping the capped scores (tanh keeps its output).
         per_score = 4.0 + (e if e < 4.0 else 0.0) + (e if shape.attention_softcap else 0.0)
@@ -574,8 +580,6 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     else:
         # SDPA / flash keep q, k, v, the output and an fp32 log-sum-exp; grouped-query k/v stay at kv width.
         attention_core = e * (2 * q_width + 2 * kv_width) + 4.0 * shape.heads
-    if shape.latent_attention:
-        attention_core = latent_attention_bytes_per_token(shape, setup)
     if shape.fused_qkv:
         # q and k are views of the fused output, whose storage v keeps alive for attention; and the attention output
         # (from those strided views) reaches o_proj as a copy (read off autograd on CPU)
@@ -815,7 +819,7 @@ def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     tokens = setup.tokens
     linear_params = shape.layers * sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
     if shape.experts > 1:  # a token passes experts_per_token of the experts, and every other linear
-        expert_params = shape.layers * (3 if shape.gated_mlp else 2) * shape.experts * shape.intermediate * shape.hidden
+        expert_params = shape.layers * shape.expert_params_per_layer
         linear_params -= expert_params - expert_params * shape.experts_per_token // shape.experts
     lora_params = lora_param_count(shape, setup.lora_rank, setup.lora_targets)
     passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
