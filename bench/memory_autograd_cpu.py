@@ -24,9 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_config(architecture: str, layers: int):
-    """The small models of tests/test_memory_model.py: 128 wide, 4 heads of 32 (2 key/value heads), vocabulary 300."""
+def small_config(architecture: str, layers: int, dense: int = 0):
+    """The small models of tests/test_memory_model.py: 128 wide, 4 heads of 32 (2 key/value heads), vocabulary 300.
+    `dense`: a mixture of experts' first layers with a dense MLP instead of experts (DeepSeek, Qwen-MoE)."""
     import transformers
+
+    qwen_dense = dict(mlp_only_layers=list(range(dense)))
 
     common = dict(vocab_size=300, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32)
@@ -43,20 +46,23 @@ def small_config(architecture: str, layers: int):
         "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
         "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
         "phi3": lambda: transformers.Phi3Config(**no_head_dim, intermediate_size=384, pad_token_id=0),
-        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe),
-        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256),
+        "starcoder2": lambda: transformers.Starcoder2Config(**no_head_dim, intermediate_size=384, bos_token_id=0,
+                                                           eos_token_id=0),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe, **qwen_dense),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=256,
+                                                         **qwen_dense),
         "mixtral": lambda: transformers.MixtralConfig(**common, intermediate_size=256, num_local_experts=8,
                                                      num_experts_per_tok=2),
         "deepseek_v2": lambda: transformers.DeepseekV2Config(
             **{**no_head_dim, "num_key_value_heads": 4}, intermediate_size=384, moe_intermediate_size=64,
-            n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=32,
+            n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=dense, kv_lora_rank=32,
             q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32),
     }[architecture]()
 
 
 MOE_TARGET_SETS = [("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"), ("down_proj",)]
 ARCHITECTURES = ["llama", "qwen2", "mistral", "granite", "gemma", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3",
-                 "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2"]
+                 "starcoder2", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2"]
 
 
 def baseline_memory_model(revision: str):
@@ -72,7 +78,7 @@ def baseline_memory_model(revision: str):
 
 
 def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention: str,
-                targets: tuple[str, ...] = ("all-linear",)) -> int:
+                targets: tuple[str, ...] = ("all-linear",), dense: int = 0) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +90,7 @@ def saved_bytes(architecture: str, layers: int, dtype: str, seq: int, attention:
                           compute_dtype=dtype, checkpointing="off", attention=attention, lora_targets=",".join(targets))
     config = default_config().replace(lora_rank=16, lora_alpha=32, lora_target_modules=targets)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(small_config(architecture, layers), dtype=training.torch_dtype(dtype),
+    model = AutoModelForCausalLM.from_config(small_config(architecture, layers, dense), dtype=training.torch_dtype(dtype),
                                              attn_implementation=attention)
     model = training.add_lora(model, config, setup)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -122,6 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="780718a")
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dense-baseline", default="9a52bf4", help="the revision before dense layers were counted")
     args = parser.parse_args()
 
     import torch
@@ -155,7 +162,58 @@ def main() -> int:
             print(f"{name:<12} {dtype:<5} {attention:<9} {measured:>10,} {old:>10,.0f} {new:>10,.0f} "
                   f"{old_error:>+11.1f}% {new_error:>+8.1f}%", flush=True)
     print(f"largest error: baseline {worst_baseline:.1f} %, ours {worst_ours:.1f} %")
+    dense_layers(memory_model, args.seq, args.dense_baseline)
     return 0
+
+
+def dense_layer_shape(module, architecture: str, layers: int, dense: int):
+    from elite_core.model_loading import count_on_meta_device
+
+    hf_config = small_config(architecture, layers, dense)
+    return count_on_meta_device(module.shape_from_hf_config(hf_config), hf_config)
+
+
+def dense_layers(memory_model, seq: int, revision: str) -> None:
+    """Mixtures of experts whose first layers have a dense MLP (DeepSeek's first_k_dense_replace, Qwen-MoE's
+    mlp_only_layers): 4 layers, 2 of them dense. Parameters and all-linear adapters of the whole model, and what its
+    layers after the first keep (4 layers less a 1-layer model: the first layer's edge drops out), against the
+    memory model of `revision` (which counts every layer as an expert layer)."""
+    import transformers  # noqa: F401  (small_config)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    baseline = baseline_memory_model(revision)
+    print()
+    print(f"mixtures of experts with dense layers: 4 layers, the first 2 dense; baseline {revision}")
+    print(f"{'architecture':<12} {'what':<22} {'measured':>10} {'baseline':>10} {'ours':>10} {'baseline err':>12} "
+          f"{'ours err':>9}")
+
+    def row(name, what, measured, old, new):
+        print(f"{name:<12} {what:<22} {measured:>10,.0f} {old:>10,.0f} {new:>10,.0f} "
+              f"{100 * (old / measured - 1):>+11.1f}% {100 * (new / measured - 1):>+8.1f}%", flush=True)
+
+    for architecture in ("deepseek_v2", "qwen2_moe", "qwen3_moe"):
+        model = AutoModelForCausalLM.from_config(small_config(architecture, 4, 2))
+        real_params = sum(p.numel() for p in model.parameters())
+        adapted = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+        real_adapters = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        ours, old = dense_layer_shape(memory_model, architecture, 4, 2), dense_layer_shape(baseline, architecture, 4, 2)
+        row(architecture, "parameters", real_params, old.total_params, ours.total_params)
+        row(architecture, "adapters, rank 16", real_adapters, baseline.lora_param_count(old, 16),
+            memory_model.lora_param_count(ours, 16))
+        for dtype in ("fp32", "bf16"):
+            setup = memory_model.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16,
+                                               weight_dtype=dtype, compute_dtype=dtype, checkpointing="off")
+            old_setup = baseline.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16,
+                                               weight_dtype=dtype, compute_dtype=dtype, checkpointing="off")
+            measured = (saved_bytes(architecture, 4, dtype, seq, "sdpa", dense=2)
+                        - saved_bytes(architecture, 1, dtype, seq, "sdpa", dense=1))
+            one = dense_layer_shape(memory_model, architecture, 1, 1)
+            new = (memory_model.decoder_activation_bytes(ours, setup)
+                   - memory_model.decoder_activation_bytes(one, setup))
+            old_layer = (baseline.layer_activation_bytes_per_token(old, old_setup) * seq
+                         + baseline.layer_fixed_activation_bytes(old, old_setup))
+            row(architecture, f"layers 2-4 keep, {dtype}", measured, 3 * old_layer, new)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ a check of the memory model on a GPU it was not fitted on, in well under a minut
 --targets: the same points with LoRA on some linears only (q,v; attention; MLP), which the model was not fitted on.
 --moe: Qwen3-8B (q/k norms) and two mixtures of experts, whose terms were read off autograd on CPU only.
 
-    PYTHONPATH=. python3 bench/memory_spot_check.py OUT.jsonl [--targets | --moe]
+    PYTHONPATH=. python3 bench/memory_spot_check.py OUT.jsonl [--targets | --moe | --dense]
 """
 
 import gc
@@ -26,13 +26,16 @@ TARGET_SETS = ["q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_pro
 MOE_POINTS = [(model, seq, checkpointing)
               for model in ("Qwen3-8B", "Qwen1.5-MoE-A2.7B", "Qwen3-Coder-30B-A3B-24-layers")
               for seq, checkpointing in ((4096, "on"), (16384, "on"), (4096, "off"))]
+DENSE_LAYER_POINTS = [("DeepSeek-V2-Lite-12-layers", seq, "on") for seq in (4096, 16384)]
+"""--dense: a mixture of experts with a dense first layer and latent attention (counted high on purpose)."""
 
 
-def main(out_path: str, targets: bool = False, moe: bool = False) -> None:
+def main(out_path: str, targets: bool = False, moe: bool = False, dense: bool = False) -> None:
     training.load_causal_lm = bench._from_config_loader(bench.hf_config)
     measurer = bench.Measurer()  # before the CUDA context exists
-    if moe:
-        points = [bench.Point(model, seq, 16, checkpointing) for model, seq, checkpointing in MOE_POINTS]
+    if moe or dense:
+        points = [bench.Point(model, seq, 16, checkpointing)
+                  for model, seq, checkpointing in (MOE_POINTS if moe else DENSE_LAYER_POINTS)]
     else:
         points = [bench.Point("Qwen2.5-Coder-1.5B", seq, 16, checkpointing, lora_targets=names)
                   for names in (TARGET_SETS if targets else ["all-linear"]) for seq, checkpointing in POINTS]
@@ -60,4 +63,4 @@ def main(out_path: str, targets: bool = False, moe: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], targets="--targets" in sys.argv[2:], moe="--moe" in sys.argv[2:])
+    main(sys.argv[1], targets="--targets" in sys.argv[2:], moe="--moe" in sys.argv[2:], dense="--dense" in sys.argv[2:])

@@ -38,17 +38,24 @@ REFERENCE_MODELS = {
                                           moe_intermediate_size=768, num_hidden_layers=24, num_attention_heads=32,
                                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
                                           tie_word_embeddings=False, max_position_embeddings=262144, rope_theta=1e7),
+    # DeepSeek-V2-Lite (DeepSeek-Coder-V2-Lite's shape) at 12 of its 27 layers: latent attention, a dense first layer.
+    "DeepSeek-V2-Lite-12-layers": dict(kind="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                                       moe_intermediate_size=1408, num_hidden_layers=12, num_attention_heads=16,
+                                       num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+                                       num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+                                       q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+                                       tie_word_embeddings=False, max_position_embeddings=163840),
 }
 
 
 def reference_config(name: str, values: dict | None = None):
     """A transformers config for a reference model (or for `values` in the same form), with the KV cache off."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import DeepseekV2Config, LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     values = dict(values if values is not None else REFERENCE_MODELS[name])
     kind = values.pop("kind")
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen2_moe": Qwen2MoeConfig,
-               "qwen3_moe": Qwen3MoeConfig}
+               "qwen3_moe": Qwen3MoeConfig, "deepseek_v2": DeepseekV2Config}
     return classes[kind](**values, use_cache=False)
 
 

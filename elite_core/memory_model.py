@@ -10,7 +10,7 @@ calibrated against bench/memory_accuracy.py on an H100.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from elite_core.config import zero_offload, zero_stage
 
@@ -35,6 +35,10 @@ FOUR_NORM_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
 """Model types with a norm before and after both attention and MLP (4 a layer, not 2)."""
 
 FUSED_QKV_ARCHITECTURES = frozenset({"phi3"})
+LAYER_NORM_ARCHITECTURES = frozenset({"starcoder2"})
+"""Model types normed by nn.LayerNorm (a weight and a bias), not RMSNorm."""
+_MLP_NAME_ALIASES = {"starcoder2": {"c_fc": "up_proj", "c_proj": "down_proj"}}
+"""An ungated MLP's module names where they are not up_proj/down_proj, as LoRA targets name them."""
 
 
 def supports_sdpa(hf_config) -> bool:
@@ -93,6 +97,10 @@ class ModelShape:
     attention_softcap: bool = False
     """Attention scores are soft-capped with tanh (Gemma 2): eager attention keeps the capped scores too."""
     norms_per_layer: int = 2
+    layer_norm: bool = False
+    """Norms are nn.LayerNorm with a bias (Starcoder2), not RMSNorm."""
+    linear_bias: bool = False
+    """Every linear has a bias (Starcoder2's use_bias); attention_bias alone: q, k and v have one."""
     shared_expert_intermediate: int = 0
     """Mixture of experts: the width of the dense expert every token also passes (Qwen2-MoE, DeepSeek); 0 for none."""
     outside_params: int = 0
@@ -104,6 +112,32 @@ class ModelShape:
     """All-linear LoRA parameters per unit of rank as the installed peft adapts this model, counted on a meta-device
     copy (model_loading.count_on_meta_device): for mixtures of experts, whose fused expert weights and router peft
     adapts in ways of its own. 0: counted from layer_linears."""
+    dense_layers: int = 0
+    """Mixture of experts: how many of the layers have a dense MLP instead of experts (DeepSeek's first layers,
+    Qwen-MoE's mlp_only_layers, Llama 4's interleaving)."""
+    dense_intermediate: int = 0
+    """Those layers' MLP width."""
+
+    def layer_kinds(self) -> tuple[tuple[int, ModelShape], ...]:
+        """(count, shape) per kind of decoder layer: every per-layer formula below reads a shape whose layers are
+        alike, so a mixture of experts with dense layers is counted as two such shapes, each `count` layers deep.
+        Only the decoder layers' terms of the parts are meaningful (their other_params are not the model's)."""
+        if not self.dense_layers:
+            return ((self.layers, self),)
+        dense = replace(self, layers=self.dense_layers, experts=1, experts_per_token=1,
+                        intermediate=self.dense_intermediate, shared_expert_intermediate=0, dense_layers=0,
+                        dense_intermediate=0, lora_params_per_rank=0, outside_adapters_per_rank=0)
+        dense_adapters = dense.layers * sum(fan_in + fan_out for _, fan_in, fan_out in dense.layer_linears())
+        # peft's meta-device count covers the whole model: the experts' layers get what the dense layers leave
+        routed_adapters = max(0, self.lora_params_per_rank - dense_adapters) if self.lora_params_per_rank else 0
+        routed = replace(self, layers=self.layers - self.dense_layers, dense_layers=0, dense_intermediate=0,
+                         lora_params_per_rank=routed_adapters, outside_adapters_per_rank=0)
+        return tuple((kind.layers, kind) for kind in (routed, dense) if kind.layers)
+
+    @property
+    def decoder_linear_params(self) -> int:
+        """Weights and biases of every decoder layer's linears (and fused experts)."""
+        return sum(count * kind.layer_linear_params for count, kind in self.layer_kinds())
 
     def layer_linears(self) -> tuple[tuple[str, int, int], ...]:
         """(name, in_features, out_features) of every linear layer in one decoder layer: what "all-linear" LoRA targets."""
@@ -155,12 +189,14 @@ class ModelShape:
         experts). A name this shape does not model (another architecture's, lm_head) counts as all-linear: the
         prediction errs high, never low."""
         every = frozenset(name for name, _, _ in self.layer_linears())
-        names = frozenset(name.strip() for name in targets.split(",") if name.strip())
+        aliases = _MLP_NAME_ALIASES.get(self.architecture, {})
+        names = frozenset(aliases.get(name.strip(), name.strip()) for name in targets.split(",") if name.strip())
         return names if names and names <= every else every
 
     def experts_adapted(self, targets: str = "all-linear") -> frozenset[str]:
-        """Which of the fused experts' matrices (gate_proj, up_proj, down_proj) a mixture of experts adapts."""
-        if self.experts <= 1:
+        """Which of the fused experts' matrices (gate_proj, up_proj, down_proj) a mixture of experts adapts: none where
+        peft's count put no adapters on them (Llama 4's experts)."""
+        if self.experts <= 1 or (self.lora_params_per_rank and not _expert_adapters_per_rank(self)):
             return frozenset()
         return self.adapted_names(targets) & {"gate_proj", "up_proj", "down_proj"}
 
@@ -180,7 +216,10 @@ class ModelShape:
     @property
     def layer_linear_params(self) -> int:
         weights = sum(fan_in * fan_out for _, fan_in, fan_out in self.layer_linears())
-        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        if self.linear_bias:
+            bias = sum(fan_out for _, _, fan_out in self.layer_linears())
+        else:
+            bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         return weights + bias
 
     @property
@@ -191,7 +230,7 @@ class ModelShape:
     def other_params(self) -> int:
         """Parameters outside the decoder layers' linears: embeddings, output head, norms, a vision tower."""
         head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        norms = (self.norms_per_layer * self.layers + 1) * self.hidden
+        norms = (self.norms_per_layer * self.layers + 1) * self.hidden * (2 if self.layer_norm else 1)
         if self.latent_attention:  # the norms of the compressed query and key/value
             norms += self.layers * (self.latent_attention[0] + self.latent_attention[1])
         if self.qk_norm:  # per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
@@ -201,7 +240,7 @@ class ModelShape:
 
 
 def count_params(shape: ModelShape) -> int:
-    return shape.layers * shape.layer_linear_params + shape.other_params
+    return shape.decoder_linear_params + shape.other_params
 
 
 def _config_value(config, *names, default=None):
@@ -210,6 +249,24 @@ def _config_value(config, *names, default=None):
         if value is not None:
             return value
     return default
+
+
+def _dense_layer_count(config, layers: int) -> int:
+    """How many layers of a mixture of experts have a dense MLP, by the rule transformers builds them with: a list of
+    layer types, Llama 4's list of expert layers, DeepSeek's (and GLM's) first k layers, or Qwen-MoE's
+    mlp_only_layers and decoder_sparse_step."""
+    types = getattr(config, "mlp_layer_types", None)
+    if types:
+        return sum(1 for kind in types[:layers] if kind == "dense")
+    moe_layers = getattr(config, "moe_layers", None)
+    if isinstance(moe_layers, (list, tuple)):
+        return layers - len({index for index in moe_layers if 0 <= index < layers})
+    first_dense = getattr(config, "first_k_dense_replace", None)
+    if first_dense is not None:
+        return min(layers, max(0, int(first_dense)))
+    dense_only = set(getattr(config, "mlp_only_layers", None) or ())
+    step = int(getattr(config, "decoder_sparse_step", None) or 1)
+    return sum(1 for index in range(layers) if index in dense_only or (index + 1) % step != 0)
 
 
 def shape_from_hf_config(config, name: str = "") -> ModelShape:
@@ -239,6 +296,7 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         shared_width = int(_config_value(config, "n_shared_experts", default=0) or 0) * intermediate
     if not shared_width and experts > 1 and architecture == "llama4_text":
         shared_width = intermediate  # Llama 4's shared expert is as wide as an expert; its config does not say so
+    dense_layers = _dense_layer_count(config, layers) if experts > 1 else 0
     tied = bool(getattr(config, "tie_word_embeddings", False))
     latent = ()
     if _config_value(config, "kv_lora_rank", default=None):
@@ -267,13 +325,16 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         shared_expert_intermediate=shared_width if experts > 1 else 0,
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
         norms_per_layer=4 if architecture in FOUR_NORM_ARCHITECTURES else 2,
+        layer_norm=architecture in LAYER_NORM_ARCHITECTURES,
+        linear_bias=bool(getattr(config, "use_bias", False)) and architecture in LAYER_NORM_ARCHITECTURES,
         fused_qkv=architecture in FUSED_QKV_ARCHITECTURES,
         latent_attention=latent,
         sdpa=supports_sdpa(config),
         attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
+        dense_layers=dense_layers,
+        dense_intermediate=int(_config_value(config, "intermediate_size_mlp", "intermediate_size", default=0) or 0)
+        if dense_layers else 0,
     )
-    from dataclasses import replace
-
     return replace(shape, total_params=count_params(shape))
 
 
@@ -433,24 +494,27 @@ def _compute_bytes(setup: TrainingSetup) -> float:
 
 
 def lora_param_count(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    if shape.dense_layers:
+        decoder = sum(lora_param_count(kind, rank, targets) for _, kind in shape.layer_kinds())
+        return decoder + rank * shape.outside_adapters_per_rank
     per_layer = sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears(targets))
     experts = shape.experts_adapted(targets)
     if experts:
-        # peft adapts a fused (experts, out, in) matrix with lora_A (rank x experts, in), lora_B (out, rank x experts):
-        # down's share so; gate and up's, what peft counted for all of them less down's (no count: the same rule)
-        down = shape.experts * (shape.intermediate + shape.hidden)
+        # What peft counted on the experts, split between down and gate/up as peft 0.22 shapes them
         everything = _expert_adapters_per_rank(shape) / shape.layers
+        down = everything * shape.experts * (shape.intermediate + shape.hidden) / (
+            _expert_adapters_per_rank(shape, counted=False) / shape.layers)
         per_layer += (down if "down_proj" in experts else 0) + (
-            max(0.0, everything - down) if experts & {"gate_proj", "up_proj"} else 0)
+            everything - down if experts & {"gate_proj", "up_proj"} else 0)
     return int(rank * (shape.layers * per_layer + shape.outside_adapters_per_rank))
 
 
-def _expert_adapters_per_rank(shape: ModelShape) -> float:
-    """A mixture of experts' fused-expert adapter parameters per unit of rank, whole model: what peft counted
-    (all-linear, on a meta device) less the linears' share, else one (experts x rank)-wide adapter per fused matrix."""
-    linears = shape.layers * sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears("all-linear"))
-    if shape.lora_params_per_rank:
-        return max(0, shape.lora_params_per_rank - linears)
+def _expert_adapters_per_rank(shape: ModelShape, counted: bool = True) -> float:
+    """A mixture of experts' fused-expert adapter parameters per unit of rank, for layers alike (a layer kind): what
+    peft counted (all-linear, on a meta device) less the linears' share, else (or counted=False) peft 0.22's layout."""
+    if counted and shape.lora_params_per_rank:
+        linears = sum(fan_in + fan_out for _, fan_in, fan_out in shape.attention_linears() + shape._moe_linears())
+        return max(0, shape.lora_params_per_rank - shape.layers * linears)
     # peft 0.22: gate_up's lora_A is (2 x rank x experts, hidden), its lora_B (2 x intermediate, 2 x rank x experts)
     width = shape.hidden + shape.intermediate
     gate_up = 2 * shape.experts * (shape.hidden + 2 * shape.intermediate) if shape.gated_mlp else shape.experts * width
@@ -471,11 +535,11 @@ def extra_trainable_param_count(shape: ModelShape, modules: tuple[str, ...]) -> 
 
 
 def weight_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
-    linear = shape.layers * shape.layer_linear_params
+    linear = shape.decoder_linear_params
     if setup.weight_dtype in ("nf4", "int8"):
         # Embeddings, output head and norms stay in the compute dtype; only decoder linears are quantised. A mixture
         # of experts' fused expert weights are not nn.Linear modules, which bitsandbytes replaces: counted unquantised.
-        experts = shape.layers * shape.expert_params_per_layer
+        experts = sum(count * kind.expert_params_per_layer for count, kind in shape.layer_kinds())
         return int((linear - experts) * DTYPE_BYTES[setup.weight_dtype] + (shape.other_params + experts) * _compute_bytes(setup))
     return int((linear + shape.other_params) * DTYPE_BYTES.get(setup.weight_dtype, 2.0))
 
@@ -510,6 +574,8 @@ def norm_saved_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Bytes an RMSNorm keeps per hidden unit: the engine's lean norm keeps its 16-bit input, transformers' own keeps
     the fp32 upcast (the input itself on an fp32 model)."""
     if not setup.compiled and shape.architecture in LEAN_NORM_MODEL_TYPES:
+        return _compute_bytes(setup)
+    if shape.layer_norm and setup.device == "cpu":  # CPU autocast runs layer_norm in bf16; CUDA's in fp32
         return _compute_bytes(setup)
     return 4.0
 
@@ -652,6 +718,12 @@ def layer_fixed_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> flo
     return moe_expert_weight_bytes(shape, setup) + adapter_copies
 
 
+def decoder_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """What every decoder layer keeps for backward together, without checkpointing (each kind of layer its own)."""
+    return sum(count * (layer_activation_bytes_per_token(kind, setup) * setup.tokens + layer_fixed_activation_bytes(kind, setup))
+               for count, kind in shape.layer_kinds())
+
+
 def backward_transient_bytes_per_token(
     shape: ModelShape, setup: TrainingSetup, constants: MemoryConstants, mlp_shards: int = 1
 ) -> float:
@@ -710,35 +782,37 @@ def predict_memory(
         optimizer = lora_params * 2 * adapter_bytes + extra_params * 2 * extra_bytes_per_param
 
     shards = mlp_shards_for(setup, shape)
-    layer_tokens = layer_activation_bytes_per_token(shape, setup, shards) * tokens
-    if shards > 1:
-        layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
-    layer_full = layer_activation_bytes_per_token(shape, setup) * tokens
-    fixed = layer_fixed_activation_bytes(shape, setup)
-    layer_tokens += fixed
-    layer_full += fixed
+    # One layer's saved tensors with and without checkpointing, and its backward peak, per kind of layer: the layer
+    # peak is the largest kind's, the stored activations without checkpointing the sum of every layer's.
+    layer_peaks = []
+    for _, kind in shape.layer_kinds():
+        layer_tokens = layer_activation_bytes_per_token(kind, setup, shards) * tokens + layer_fixed_activation_bytes(kind, setup)
+        if shards > 1:
+            layer_tokens += constants.tiled_mlp_transient_hidden * e * shape.hidden * tokens
+        backward_transient = backward_transient_bytes_per_token(kind, setup, constants, shards) * tokens
+        backward_transient += moe_expert_weight_bytes(kind, setup)  # the merged expert weights' gradient
+        layer_peaks.append((layer_tokens, backward_transient))
     layer_input = layer_input_bytes(shape, setup)
     # What the final norm keeps and the embedding output live until the loss is done; offloaded with the checkpoints.
     offloading = setup.checkpointing == "offload" and not on_cpu
     outside_layers = 0.0 if offloading else (norm_saved_bytes(shape, setup) + e) * shape.hidden * tokens
-    backward_transient = backward_transient_bytes_per_token(shape, setup, constants, shards) * tokens
-    backward_transient += moe_expert_weight_bytes(shape, setup)  # the merged expert weights' gradient
     if setup.checkpointing == "off":
-        stored = shape.layers * layer_full
-        layer_peak = backward_transient
+        stored = decoder_activation_bytes(shape, setup)
+        layer_peak = max(transient for _, transient in layer_peaks)
     elif setup.checkpointing == "offload" and not on_cpu:
         resident = min(shape.layers, setup.gpu_checkpoint_layers)
         # every process offloads its own checkpoints into the one host's RAM (an upper bound for several nodes, as
         # ZeRO's partitions below)
         cpu_offload += (shape.layers - resident) * layer_input * gpus
         stored = (2 + resident) * layer_input  # the inputs in flight to and from CPU, and those kept on the GPU
-        layer_peak = layer_tokens + backward_transient
+        layer_peak = max(saved + transient for saved, transient in layer_peaks)
     else:
         stored = shape.layers * layer_input
-        layer_peak = layer_tokens + backward_transient
+        layer_peak = max(saved + transient for saved, transient in layer_peaks)
     if setup.weight_dtype in ("nf4", "int8"):
         # Each quantised matmul dequantises one weight to the compute dtype for the duration of the op.
-        layer_peak += max(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears()) * e
+        layer_peak += max(fan_in * fan_out for _, kind in shape.layer_kinds()
+                          for _, fan_in, fan_out in kind.layer_linears()) * e
 
     logits = loss_bytes(shape, setup, constants)
     # The loss runs when every layer's saved tensors exist; the layer peak comes after it, so only the larger counts.
@@ -769,7 +843,7 @@ def predict_memory(
             optimizer = 0.0
         if stage == 3:
             # Frozen weights are split too and gathered about two layers at a time (one prefetched).
-            gathered = 2 * shape.layer_linear_params * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
+            gathered = 2 * max(kind.layer_linear_params for _, kind in shape.layer_kinds()) * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
             sharded = max(0.0, weights - gathered)
             if offload:
                 cpu_offload += sharded
@@ -817,10 +891,12 @@ def training_flops_per_step(shape: ModelShape, setup: TrainingSetup) -> float:
     """Matmul FLOPs of one micro-batch step: forward 2N per token, input gradients 2N (frozen weights get none),
     2N more when checkpointing recomputes the forward; causal attention and the target rows' output head on top."""
     tokens = setup.tokens
-    linear_params = shape.layers * sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
-    if shape.experts > 1:  # a token passes experts_per_token of the experts, and every other linear
-        expert_params = shape.layers * shape.expert_params_per_layer
-        linear_params -= expert_params - expert_params * shape.experts_per_token // shape.experts
+    linear_params = 0
+    for count, kind in shape.layer_kinds():
+        linear_params += count * sum(fan_in * fan_out for _, fan_in, fan_out in kind.layer_linears())
+        if kind.experts > 1:  # a token passes experts_per_token of the experts, and every other linear
+            expert_params = count * kind.expert_params_per_layer
+            linear_params -= expert_params - expert_params * kind.experts_per_token // kind.experts
     lora_params = lora_param_count(shape, setup.lora_rank, setup.lora_targets)
     passes = 3.0 if setup.checkpointing in ("on", "offload") else 2.0
     linear = 2.0 * (linear_params + lora_params) * tokens * passes + 2.0 * lora_params * tokens
