@@ -46,6 +46,8 @@ def small_config(architecture: str, layers: int, dense: int = 0):
         "gemma2": lambda: transformers.Gemma2Config(**common, intermediate_size=384),
         "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, intermediate_size=384),
         "phi3": lambda: transformers.Phi3Config(**no_head_dim, intermediate_size=384, pad_token_id=0),
+        "gpt_oss": lambda: transformers.GptOssConfig(**common, intermediate_size=64, num_local_experts=8,
+                                                     num_experts_per_tok=2),
         "starcoder2": lambda: transformers.Starcoder2Config(**no_head_dim, intermediate_size=384, bos_token_id=0,
                                                            eos_token_id=0),
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, **moe, **qwen_dense),
@@ -62,7 +64,7 @@ def small_config(architecture: str, layers: int, dense: int = 0):
 
 MOE_TARGET_SETS = [("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"), ("down_proj",)]
 ARCHITECTURES = ["llama", "qwen2", "mistral", "granite", "gemma", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3",
-                 "starcoder2", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2"]
+                 "starcoder2", "qwen3_moe", "gpt_oss", "qwen2_moe", "mixtral", "deepseek_v2"]
 
 
 def baseline_memory_model(revision: str):

@@ -35,6 +35,11 @@ FOUR_NORM_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
 """Model types with a norm before and after both attention and MLP (4 a layer, not 2)."""
 
 FUSED_QKV_ARCHITECTURES = frozenset({"phi3"})
+ATTENTION_SINK_ARCHITECTURES = frozenset({"gpt_oss"})
+"""Model types whose attention adds a learned sink column to the scores (gpt-oss); transformers runs it eager, with
+the softmax in the scores' own dtype."""
+CLAMPED_GLU_ARCHITECTURES = frozenset({"gpt_oss"})
+"""Experts with gpt-oss's clamped GLU ((clamp(up) + 1) * gate * sigmoid(alpha * gate)), which keeps more than SiLU."""
 LAYER_NORM_ARCHITECTURES = frozenset({"starcoder2"})
 """Model types normed by nn.LayerNorm (a weight and a bias), not RMSNorm."""
 _MLP_NAME_ALIASES = {"starcoder2": {"c_fc": "up_proj", "c_proj": "down_proj"}}
@@ -97,6 +102,12 @@ class ModelShape:
     attention_softcap: bool = False
     """Attention scores are soft-capped with tanh (Gemma 2): eager attention keeps the capped scores too."""
     norms_per_layer: int = 2
+    attention_sinks: bool = False
+    """A learned sink column joins each head's scores (gpt-oss): eager attention, softmax in the scores' dtype."""
+    clamped_glu: bool = False
+    """The experts' GLU is gpt-oss's clamped one."""
+    router_linear: bool = True
+    """A mixture's router is an nn.Linear, which all-linear LoRA adapts (gpt-oss's is not)."""
     layer_norm: bool = False
     """Norms are nn.LayerNorm with a bias (Starcoder2), not RMSNorm."""
     linear_bias: bool = False
@@ -188,7 +199,7 @@ class ModelShape:
         name against a module's last part, and maps a mixture of experts' gate_proj/up_proj/down_proj onto its fused
         experts). A name this shape does not model (another architecture's, lm_head) counts as all-linear: the
         prediction errs high, never low."""
-        every = frozenset(name for name, _, _ in self.layer_linears())
+        every = frozenset(name for name, _, _ in self.layer_linears() if self.router_linear or name != "gate")
         aliases = _MLP_NAME_ALIASES.get(self.architecture, {})
         names = frozenset(aliases.get(name.strip(), name.strip()) for name in targets.split(",") if name.strip())
         return names if names and names <= every else every
@@ -326,6 +337,9 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
         norms_per_layer=4 if architecture in FOUR_NORM_ARCHITECTURES else 2,
         layer_norm=architecture in LAYER_NORM_ARCHITECTURES,
+        attention_sinks=architecture in ATTENTION_SINK_ARCHITECTURES,
+        clamped_glu=architecture in CLAMPED_GLU_ARCHITECTURES,
+        router_linear=architecture not in CLAMPED_GLU_ARCHITECTURES,
         linear_bias=bool(getattr(config, "use_bias", False)) and architecture in LAYER_NORM_ARCHITECTURES,
         fused_qkv=architecture in FUSED_QKV_ARCHITECTURES,
         latent_attention=latent,
@@ -642,7 +656,12 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
         # Keys and values repeated to every query head; s scores per head: the fp32 softmax output, its 16-bit copy
         # for the matmul with v (none in fp32), and with soft-capping the capped scores (tanh keeps its output).
         per_score = 4.0 + (e if e < 4.0 else 0.0) + (e if shape.attention_softcap else 0.0)
-        attention_core = e * 3 * q_width + per_score * shape.heads * setup.seq_tokens + e * q_width
+        scores = setup.seq_tokens
+        if shape.attention_sinks:  # gpt-oss: the softmax (over the scores and the sink) in their dtype, kept alone
+            per_score, scores = e, setup.seq_tokens + 1
+        attention_core = e * 3 * q_width + per_score * shape.heads * scores + e * q_width
+        if shape.attention_sinks:
+            attention_core += 8.0 * shape.heads  # an int64 index per head
     else:
         # SDPA / flash keep q, k, v, the output and an fp32 log-sum-exp; grouped-query k/v stay at kv width.
         attention_core = e * (2 * q_width + 2 * kv_width) + 4.0 * shape.heads
@@ -689,7 +708,9 @@ def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
     names = shape.adapted_names(setup.lora_targets)
     experts = shape.experts_adapted(setup.lora_targets)
     gate_up_adapted = bool(experts & {"gate_proj", "up_proj"})
-    routed = 3 * width + h + (h if gate_up_adapted else 0) + (width if "down_proj" in experts else 0)
+    # gate and up (gpt-oss's clamped GLU: the fused gate_up output, the sigmoid, the clamped up, two products)
+    glu = 6 if shape.clamped_glu else 3
+    routed = glu * width + h + (h if gate_up_adapted else 0) + (width if "down_proj" in experts else 0)
     shared_reads_normed = bool(shape.shared_expert_intermediate and names & {"gate_proj", "up_proj"})
     normed = h if "gate" in names or "shared_expert_gate" in names or shared_reads_normed else 0
     shared = 0.0

@@ -150,11 +150,23 @@ def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool =
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    elif _quant_method(hf_config) == "mxfp4":
+        # gpt-oss ships MXFP4 experts, which transformers cannot train: bf16, as the memory model counts them
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise ModelSourceError(f"cannot load the model {source}: {_first_line(exc)}") from exc
     return model if quantization_config is not None else model.to(device)
+
+
+def _quant_method(hf_config) -> str:
+    """The quantisation a checkpoint ships with ("mxfp4", "fp8", ...), "" for none."""
+    quantization = getattr(hf_config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", "")
+    return str(getattr(method, "value", method) or "")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -210,6 +210,8 @@ def attention_for(profile: HardwareProfile, shape: ModelShape | None = None) -> 
     flash = profile.capability("flash-attn")
     flash_ok = flash is not None and flash.available and profile.has_gpu
     hopper_or_newer = any(gpu.compute_capability[0] >= 9 for gpu in profile.gpus)
+    if shape is not None and shape.attention_sinks:
+        return "eager"  # gpt-oss: flash-attn 2 has no sinks; transformers' kernels that do come from the hub
     if shape is not None and not shape.sdpa:
         return FLASH_ATTENTION if flash_ok else "eager"
     return FLASH_ATTENTION if flash_ok and not hopper_or_newer else "sdpa"
@@ -269,7 +271,8 @@ def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunCon
             ladder.append(last)
         if last.weight_dtype not in ("nf4", "int8"):
             ladder.append(dataclasses.replace(last, weight_dtype="nf4"))
-    return [keep_checkpoints_within_ram(shape, dataclasses.replace(setup, compiled=wants_compile(config, setup)), profile)
+    return [keep_checkpoints_within_ram(shape, dataclasses.replace(setup, compiled=wants_compile(config, setup, shape)),
+                                       profile)
             for setup in ladder]
 
 
@@ -284,14 +287,17 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
 
-def wants_compile(config: RunConfig, setup: TrainingSetup) -> bool:
+def wants_compile(config: RunConfig, setup: TrainingSetup, shape: ModelShape | None = None) -> bool:
     """config.compile_layers "auto": compile on a GPU where it was measured (checkpointing off or on, windows up to
     COMPILED_MAX_WINDOW_TOKENS; 1.5-2.8x faster on an H100), not with offloaded checkpoints or the tiled MLP (not
-    measured), never on a CPU (minutes of compile for a short run)."""
+    measured), never on a CPU (minutes of compile for a short run). Nor for layers unlike the measured ones (dense,
+    SDPA or flash attention): the compiled share of eager scores, latent attention and routed experts is unknown,
+    and a share too low would mark a tier as fitting that does not."""
     if config.compile_layers != "auto":
         return config.compile_layers == "on" and setup.device == "cuda"
+    like_measured = shape is None or (shape.experts <= 1 and not shape.latent_attention and setup.attention != "eager")
     return (setup.device == "cuda" and setup.checkpointing in ("off", "on") and not setup.tiled_mlp
-            and setup.seq_tokens <= COMPILED_MAX_WINDOW_TOKENS)
+            and setup.seq_tokens <= COMPILED_MAX_WINDOW_TOKENS and like_measured)
 
 
 def options_of(setup: TrainingSetup) -> tuple[str, ...]:

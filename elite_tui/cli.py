@@ -198,7 +198,7 @@ def epoch_basis_line(epoch_tokens, calibration, repo: str) -> str:
 
 def _plan(args) -> int:
     from elite_core.estimates import epoch_tokens_from_repo
-    from elite_core.planner import plan_tiers, select_tier, with_epoch_times
+    from elite_core.planner import CPU_MAX_STEP_S, plan_tiers, select_tier, with_epoch_times
 
     profile = _profile_hardware(args.output, args.reprofile)
     model, repo, trust_remote_code = args.model, args.repo, args.trust_remote_code
@@ -234,7 +234,8 @@ def _plan(args) -> int:
     plans = with_epoch_times(plans, epoch_tokens, calibration)
     planned_on = profile.for_device(config.device)
     where = f"{planned_on.gpus[0].name}" if planned_on.has_gpu else "CPU (RAM)"
-    print(f"{shape.name} on {where}; '>' marks the highest tier that fits")
+    slow = "" if planned_on.has_gpu else f" and, on a CPU, steps in under {CPU_MAX_STEP_S:.0f} s"
+    print(f"{shape.name} on {where}; '>' marks the highest tier that fits{slow}")
     print(format_tier_table(plans, selected))
     print(epoch_basis_line(epoch_tokens, calibration, repo))
     return 0

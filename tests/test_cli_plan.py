@@ -28,7 +28,10 @@ def test_plan_with_set_overrides_prints_the_table_those_settings_plan(tiny_repo,
     monkeypatch.setenv("ELITE_TUI_CACHE_DIR", str(tmp_path / "cache"))
     common = ["plan", "--repo", str(tiny_repo), "--output", str(tmp_path / "runs")]
     assert main(common) == 0
-    plain = _tier_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    plain = _tier_rows(out)
+    # the legend names the CPU's rule too: a tier that fits but steps slowly is not the one marked
+    assert "'>' marks the highest tier that fits and, on a CPU, steps in under 3 s" in out
     assert main([*common, "--set", "micro_batch=4", "--set", "gradient_checkpointing=on"]) == 0
     overridden = _tier_rows(capsys.readouterr().out)
     assert sorted(plain) == sorted(overridden) == list(range(1, 8))

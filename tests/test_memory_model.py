@@ -261,7 +261,7 @@ def _shape_of(hf_config):
 
 
 ARCHITECTURES = ["llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3", "starcoder2", "qwen3_moe", "qwen2_moe",
-                 "mixtral"]
+                 "mixtral", "gpt_oss"]
 COUNTED_ARCHITECTURES = [*ARCHITECTURES, "deepseek_v2"]
 
 

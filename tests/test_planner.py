@@ -267,6 +267,37 @@ def test_flash_attn_only_where_it_beats_sdpa():
     assert attention_for(fake_profile("cpu")) == "sdpa"
 
 
+def test_gpt_oss_trains_eager_attention_even_with_flash_attn():
+    """gpt-oss adds a sink to each head's scores: no SDPA in transformers, nor flash-attn 2 (its sink-capable kernels
+    come from the hub). Eager keeps every score, which its long tiers must show."""
+    import transformers
+
+    from elite_core.hardware import Capability, fake_profile
+    from elite_core.planner import attention_for
+
+    shape = shape_from_hf_config(transformers.GptOssConfig(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4))
+    ampere = fake_profile("h100")
+    ampere = dataclasses.replace(
+        ampere, gpus=(dataclasses.replace(ampere.gpus[0], architecture="Ampere", compute_capability=(8, 0)),),
+        capabilities=tuple(Capability(c.name, True, "installed", c.fallback) if c.name == "flash-attn" else c
+                           for c in ampere.capabilities))
+    assert shape.attention_sinks and attention_for(ampere, shape) == "eager"
+    plans = plan_tiers(shape, fake_profile("h100"), default_config(model="openai/gpt-oss-20b"))
+    assert all(plan.setup.attention == "eager" and not plan.setup.compiled for plan in plans)
+    assert plans[0].fits and not plans[-1].fits  # 262K windows of eager scores do not fit an H100
+
+
+def test_layers_unlike_the_measured_ones_are_not_compiled():
+    """Compiled layers were measured dense with SDPA (Llama, Qwen2): a mixture of experts' tier 1 runs eager (its
+    compiled memory is unknown), the dense model's compiled."""
+    moe = dataclasses.replace(LLAMA_8B, architecture="qwen3_moe", experts=128, experts_per_token=8, intermediate=768)
+    config = default_config(model="x/y")
+    assert plan_tiers(LLAMA_8B, fake_profile("h100"), config)[0].setup.compiled
+    assert not plan_tiers(moe, fake_profile("h100"), config)[0].setup.compiled
+
+
 @pytest.mark.parametrize("tier", [tier.number for tier in TIERS])
 def test_a_micro_batch_the_probe_confirms_trains_what_it_probed(tier):
     """The probe builds the layers at the planned micro-batch and steps larger ones; the run then plans again at the one

@@ -44,6 +44,7 @@ async def walk_the_wizard(tiny_repo: Path, output_dir: Path):
 
         await wait_until(pilot, lambda: screen_name(pilot) == "TiersScreen", 5, "the tier table")
         assert len(app.state.plans) == 7
+        assert "steps under 3 s on a CPU" in str(app.screen.query_one("#tiers-help").render())
         await pilot.press(*["up"] * 7, "enter")
 
         await wait_until(pilot, lambda: screen_name(pilot) == "OverridesScreen", 5, "the overrides screen")

@@ -12,6 +12,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
+from elite_core.planner import CPU_MAX_STEP_S
 from elite_core.units import format_coarse_duration
 from elite_tui.format import format_bytes, format_gib, format_rate, format_tokens
 from elite_tui.screens.base import WizardScreen
@@ -216,8 +217,10 @@ class TiersScreen(WizardScreen):
             # Several GPUs or ZeRO: every number is one GPU's share; the highlighted tier's CPU RAM beside it.
             ram = cpu_ram_text(plans[row]) if 0 <= row < len(plans) else ""
             split = f" {split}" + (f" (tier {plans[row].tier.number}: {ram})" if ram else "")
+        why = "highest that fits" + (f", steps under {CPU_MAX_STEP_S:.0f} s on a CPU"
+                                     if plans and plans[0].setup.device == "cpu" else "")
         self.query_one("#tiers-help", Static).update(
-            f"Budget {format_gib(budget)} GiB{escape(split)}; tier {self.selected} preselected (highest that fits); "
+            f"Budget {format_gib(budget)} GiB{escape(split)}; tier {self.selected} preselected ({why}); "
             f"Enter chooses.\n"
             f"[dim]{escape(LEGEND)}\n{escape(epoch_basis(self.epoch_tokens, self.calibration))}[/dim]"
         )
