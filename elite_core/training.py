@@ -276,9 +276,32 @@ def forward_context(setup: TrainingSetup, hidden_size: int = 0) -> contextlib.Ex
     return stack
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new peak of the resident set (Linux 4.0+: writing 5 to clear_refs resets VmHWM); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class MemoryMeter:
     """Peak memory as the user's monitor shows it: on CUDA torch's peak reserved plus what lives outside torch (context,
-    cuBLAS workspace); on CPU the process's resident set."""
+    cuBLAS workspace); on CPU the process's peak resident set since the last step (Linux's VmHWM, reset through
+    clear_refs), else its resident set at the step's end, which misses blocks freed before it (glibc hands large
+    ones back to the system at once)."""
 
     def __init__(self, device: str):
         self.device = device
@@ -291,12 +314,18 @@ class MemoryMeter:
             import psutil
 
             self._process = psutil.Process()
+            self._peak_resets = _reset_peak_rss()
 
     def step_peak_bytes(self) -> int:
         if self.device == "cuda":
             peak = torch.cuda.max_memory_reserved() + self.outside_torch_bytes
             torch.cuda.reset_peak_memory_stats()
             return int(peak)
+        if self._peak_resets:
+            peak = _peak_rss_bytes()
+            _reset_peak_rss()
+            if peak:
+                return peak
         return int(self._process.memory_info().rss)
 
     def refresh_outside_torch(self) -> None:
