@@ -203,3 +203,28 @@ def test_a_config_edited_before_resume_applies_its_rate_and_refuses_another_adap
                  if isinstance(e, protocol.StepMetrics)}
     assert {e.step: e.lr for e in resumed if isinstance(e, protocol.StepMetrics)} == pytest.approx(
         {step: reference[step] for step in (4, 5, 6)}, rel=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["gpt_oss", "deepseek_v2", "starcoder2", "qwen3_moe"])
+def test_architectures_beyond_llama_train_through_the_child(tmp_path, tiny_repo, architecture):
+    """The mixtures of experts (one with a dense first layer and latent attention), gpt-oss's sinks and Starcoder2's
+    LayerNorms, built small from their configs and saved as a user's model directory, train three steps through the
+    real child with the engine's own layers, loss and checkpoints."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from bench.memory_autograd_cpu import small_config as architecture_config
+    from elite_core.demo_model import demo_tokenizer
+
+    model_dir = tmp_path / architecture
+    hf_config = architecture_config(architecture, 2, dense=1 if architecture == "deepseek_v2" else 0)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(model_dir)
+    demo_tokenizer().save_pretrained(model_dir)
+    config = small_config(tmp_path, tiny_repo, max_steps=3, grad_accum=1, learning_rate=1e-3).replace(
+        model=str(model_dir))
+    events = collect(TrainingProcess.start(config), timeout_s=180)
+    assert isinstance(events[-1], protocol.Finished), events[-3:]
+    losses = [e.loss for e in events if isinstance(e, protocol.StepMetrics)]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert (config.run_dir / "adapter" / "adapter_model.safetensors").is_file()
