@@ -451,11 +451,14 @@ class MemoryConstants:
     smaller (under 660 MiB allocated). Fitted on the demo model on an H200 (0.22-0.43 GiB modelled, expandable
     segments; 3 tiers through `elite-tui run`, 6 bench steps eager and compiled), where the fixed floor predicted its
     tiers 9-10 % high: now 8 of 9 points within 5 %, the worst +5.0 % (bench/results/demo-memory-floor-h200.txt)."""
-    cpu_fixed_bytes: int = 350 * MIB
-    """Resident set of a Python process with torch, transformers and peft imported (338 MiB measured)."""
-    allocator_margin: float = 1.4
-    """On CPU: resident memory over live tensors, per byte of them: backward buffers of the CPU kernels and freed
-    blocks the C allocator keeps (demo model, tiers 1-3: peak RSS 1.9-2.4x the modelled tensors)."""
+    cpu_fixed_bytes: int = 418 * MIB
+    """Resident set of the training child when its first step starts: torch, transformers, peft and the engine
+    imported, the model loaded (418 MiB measured with torch 2.13, transformers 5.25; 338 MiB with earlier releases)."""
+    allocator_margin: float = 1.1
+    """On CPU: the step's peak resident memory over the live tensors, per byte of them: backward buffers of the CPU
+    kernels and freed blocks the C allocator keeps. Against each step's peak (VmHWM), the demo at tiers 1-3 peaked at
+    2.02, 1.97 and 2.11x the modelled tensors over the child's resident set (1.4 was fitted against the resident set
+    at the step's end, with 350 MiB fixed)."""
     cuda_margin_of_loss: float = 0.33
     """Reserved over allocated on CUDA (expandable segments), per byte of the loss chunk's peak: its large blocks,
     freed before each layer's backward, leave holes that smaller blocks cannot fill. Set to cover the worst of 150
