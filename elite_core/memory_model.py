@@ -110,6 +110,9 @@ class ModelShape:
     """A mixture's router is an nn.Linear, which all-linear LoRA adapts (gpt-oss's is not)."""
     layer_norm: bool = False
     """Norms are nn.LayerNorm with a bias (Starcoder2), not RMSNorm."""
+    shipped_quantization: str = ""
+    """The checkpoint's own quantisation (its config's quant_method: "fp8", "mxfp4", "gptq", ...), "" for none. fp8
+    and mxfp4 load dequantised to bf16 (model_loading.load_causal_lm), as counted here; QLoRA cannot quantise again."""
     linear_bias: bool = False
     """Every linear has a bias (Starcoder2's use_bias); attention_bias alone: q, k and v have one."""
     shared_expert_intermediate: int = 0
@@ -262,6 +265,13 @@ def _config_value(config, *names, default=None):
     return default
 
 
+def shipped_quantization(config) -> str:
+    """The quantisation a checkpoint ships with ("mxfp4", "fp8", ...), "" for none."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", "")
+    return str(getattr(method, "value", method) or "")
+
+
 def _dense_layer_count(config, layers: int) -> int:
     """How many layers of a mixture of experts have a dense MLP, by the rule transformers builds them with: a list of
     layer types, Llama 4's list of expert layers, DeepSeek's (and GLM's) first k layers, or Qwen-MoE's
@@ -282,6 +292,7 @@ def _dense_layer_count(config, layers: int) -> int:
 
 def shape_from_hf_config(config, name: str = "") -> ModelShape:
     """A ModelShape from a transformers PretrainedConfig; unknown architectures are estimated (known=False), never an error."""
+    shipped = shipped_quantization(config)
     text_config = getattr(config, "text_config", None)
     if text_config is not None and getattr(text_config, "hidden_size", None):
         config = text_config
@@ -346,6 +357,7 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         sdpa=supports_sdpa(config),
         attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         dense_layers=dense_layers,
+        shipped_quantization=shipped,
         dense_intermediate=int(_config_value(config, "intermediate_size_mlp", "intermediate_size", default=0) or 0)
         if dense_layers else 0,
     )

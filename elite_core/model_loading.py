@@ -10,6 +10,10 @@ from elite_core.config import DEMO_MODEL
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
+"""Checkpoint quantisations the engine loads as bf16 (transformers' config class for each, with dequantize=True)."""
+
+
 class ModelSourceError(ValueError):
     """The model could not be found or read; the message says what to fix."""
 
@@ -131,7 +135,7 @@ def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool =
     import torch
     from transformers import AutoModelForCausalLM
 
-    from elite_core.memory_model import supports_sdpa
+    from elite_core.memory_model import shipped_quantization, supports_sdpa
 
     hf_config = load_hf_config(source, trust_remote_code)
     scale_rope(hf_config, rope_scaling_factor)
@@ -147,26 +151,24 @@ def load_causal_lm(source: str, *, dtype, device: str, trust_remote_code: bool =
         return model.to(device)
     kwargs = {"config": hf_config, "dtype": dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attn_implementation}
+    shipped = shipped_quantization(hf_config)
     if quantization_config is not None:
+        if shipped:
+            raise ModelSourceError(f"{source} ships {shipped} weights, which QLoRA cannot quantise again: train it "
+                                   "with qlora off, or give its bf16 checkpoint")
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
-    elif _quant_method(hf_config) == "mxfp4":
-        # gpt-oss ships MXFP4 experts, which transformers cannot train: bf16, as the memory model counts them
-        from transformers import Mxfp4Config
+    elif shipped in DEQUANTIZED_ON_LOAD:
+        # transformers cannot train these (gpt-oss's MXFP4 experts, DeepSeek/Qwen FP8 checkpoints): bf16, as the
+        # memory model counts them
+        import transformers
 
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        kwargs["quantization_config"] = getattr(transformers, DEQUANTIZED_ON_LOAD[shipped])(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise ModelSourceError(f"cannot load the model {source}: {_first_line(exc)}") from exc
     return model if quantization_config is not None else model.to(device)
-
-
-def _quant_method(hf_config) -> str:
-    """The quantisation a checkpoint ships with ("mxfp4", "fp8", ...), "" for none."""
-    quantization = getattr(hf_config, "quantization_config", None) or {}
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", "")
-    return str(getattr(method, "value", method) or "")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -220,7 +220,7 @@ def attention_for(profile: HardwareProfile, shape: ModelShape | None = None) -> 
 def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, window: int, target: int, rank: int) -> TrainingSetup:
     precision = resolve_precision(profile, config.precision)
     device = profile.device
-    qlora = config.qlora and device == "cuda"
+    qlora = config.qlora and device == "cuda" and not shape.shipped_quantization
     return TrainingSetup(
         device=device,
         seq_tokens=window,
@@ -269,7 +269,7 @@ def candidate_setups(shape: ModelShape, profile: HardwareProfile, config: RunCon
         if not last.adamw_8bit:
             last = dataclasses.replace(last, adamw_8bit=True)
             ladder.append(last)
-        if last.weight_dtype not in ("nf4", "int8"):
+        if last.weight_dtype not in ("nf4", "int8") and not shape.shipped_quantization:
             ladder.append(dataclasses.replace(last, weight_dtype="nf4"))
     return [keep_checkpoints_within_ram(shape, dataclasses.replace(setup, compiled=wants_compile(config, setup, shape)),
                                        profile)
@@ -329,6 +329,16 @@ def options_of(setup: TrainingSetup) -> tuple[str, ...]:
     return tuple(names)
 
 
+def shipped_quantization_note(shipped: str, qlora_asked: bool) -> str:
+    from elite_core.model_loading import DEQUANTIZED_ON_LOAD
+
+    if shipped in DEQUANTIZED_ON_LOAD:
+        note = f"the checkpoint's {shipped} weights load as bf16 (transformers cannot train them)"
+    else:
+        note = f"the checkpoint ships {shipped} weights: memory counted as bf16, on the high side"
+    return note + ("; QLoRA off: it cannot quantise them again" if qlora_asked else "")
+
+
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
           rank: int) -> TierPlan:
     profile = profile.for_device(config.device)
@@ -362,6 +372,8 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
     if not profile.has_gpu:
         notes += [f"{option} needs a CUDA GPU: training without it"
                   for _, option in asked_options(config)]
+    if shape.shipped_quantization:
+        notes.append(shipped_quantization_note(shape.shipped_quantization, config.qlora))
     return TierPlan(
         tier=tier,
         setup=chosen,
