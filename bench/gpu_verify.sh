@@ -3,7 +3,7 @@
 #   a: the NVML/CUDA_VISIBLE_DEVICES check, a fresh profile, the memory spot checks (all-linear, target subsets)
 #      and the GPU tests;
 #   b: the memory spot check of Qwen3 and two mixtures of experts, and a 5-step demo run through `elite-tui run`;
-#   c: the spot check of DeepSeek-V2-Lite at 12 layers (latent attention, a dense first layer).
+#   c: the spot checks of DeepSeek-V2-Lite and gpt-oss-20b at 12 layers and StarCoder2-3B (memory_spot_check --dense).
 # Usage: bash bench/gpu_verify.sh OUT_DIR a|b|c
 set -uo pipefail
 out=${1:-/tmp/elite-verify}
@@ -24,7 +24,7 @@ if [ "$part" = a ]; then
     timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
     echo "tests done at $SECONDS s"
 elif [ "$part" = c ]; then
-    PYTHONPATH=$PYTHONPATH:. timeout 500 python3 bench/memory_spot_check.py "$out/spot-dense.jsonl" --dense 2>&1 | grep -v Warn | tail -4 | tee "$out/spot-dense.txt"
+    PYTHONPATH=$PYTHONPATH:. timeout 500 python3 bench/memory_spot_check.py "$out/spot-dense.jsonl" --dense 2>&1 | grep -v Warn | tail -8 | tee "$out/spot-dense.txt"
 else
     PYTHONPATH=$PYTHONPATH:. timeout 330 python3 bench/memory_spot_check.py "$out/spot-moe.jsonl" --moe 2>&1 | grep -v Warn | tail -12 | tee "$out/spot-moe.txt"
     echo "moe spot check done at $SECONDS s"

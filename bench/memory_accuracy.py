@@ -235,7 +235,16 @@ def setup_for(point: Point):
                          tiled_mlp=point.tiled_mlp, adamw_8bit=point.adamw_8bit, compiled=point.compiled,
                          gpu_checkpoint_layers=point.gpu_checkpoint_layers, weight_dtype=point.weight,
                          deepspeed=point.deepspeed, lora_targets=point.lora_targets,
-                         rope_scaling_factor=_rope_factor(point))
+                         rope_scaling_factor=_rope_factor(point), attention=_attention(point))
+
+
+def _attention(point: Point) -> str:
+    """As the planner picks it on a GPU without flash-attn: eager for models with no SDPA path (gpt-oss, Gemma 2)."""
+    from elite_core.hardware import fake_profile
+    from elite_core.memory_model import shape_from_hf_config
+    from elite_core.planner import attention_for
+
+    return attention_for(fake_profile("h100"), shape_from_hf_config(hf_config(point.model)))
 
 
 def _rope_factor(point: Point) -> float:

@@ -26,8 +26,11 @@ TARGET_SETS = ["q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_pro
 MOE_POINTS = [(model, seq, checkpointing)
               for model in ("Qwen3-8B", "Qwen1.5-MoE-A2.7B", "Qwen3-Coder-30B-A3B-24-layers")
               for seq, checkpointing in ((4096, "on"), (16384, "on"), (4096, "off"))]
-DENSE_LAYER_POINTS = [("DeepSeek-V2-Lite-12-layers", seq, "on") for seq in (4096, 16384)]
-"""--dense: a mixture of experts with a dense first layer and latent attention (counted high on purpose)."""
+DENSE_LAYER_POINTS = [("DeepSeek-V2-Lite-12-layers", 4096, "on"), ("DeepSeek-V2-Lite-12-layers", 16384, "on"),
+                      ("gpt-oss-20b-12-layers", 4096, "on"), ("gpt-oss-20b-12-layers", 8192, "on"),
+                      ("StarCoder2-3B", 4096, "on"), ("StarCoder2-3B", 16384, "on")]
+"""--dense: the terms of session 34, read off autograd on CPU: a mixture of experts with a dense first layer and
+latent attention (counted high on purpose), gpt-oss's eager attention with sinks, Starcoder2's LayerNorm."""
 
 
 def main(out_path: str, targets: bool = False, moe: bool = False, dense: bool = False) -> None:

@@ -45,17 +45,27 @@ REFERENCE_MODELS = {
                                        num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
                                        q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
                                        tie_word_embeddings=False, max_position_embeddings=163840),
+    # gpt-oss-20b at 12 of its 24 layers: attention sinks (eager), clamped-GLU experts, a router that is no Linear.
+    "gpt-oss-20b-12-layers": dict(kind="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                                  num_hidden_layers=12, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                                  num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                                  tie_word_embeddings=False, max_position_embeddings=131072),
+    "StarCoder2-3B": dict(kind="starcoder2", vocab_size=49152, hidden_size=3072, intermediate_size=12288,
+                          num_hidden_layers=30, num_attention_heads=24, num_key_value_heads=2, use_bias=True,
+                          tie_word_embeddings=True, max_position_embeddings=16384, rope_theta=999999.4420358813),
 }
 
 
 def reference_config(name: str, values: dict | None = None):
     """A transformers config for a reference model (or for `values` in the same form), with the KV cache off."""
-    from transformers import DeepseekV2Config, LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (DeepseekV2Config, GptOssConfig, LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig, Starcoder2Config)
 
     values = dict(values if values is not None else REFERENCE_MODELS[name])
     kind = values.pop("kind")
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen2_moe": Qwen2MoeConfig,
-               "qwen3_moe": Qwen3MoeConfig, "deepseek_v2": DeepseekV2Config}
+               "qwen3_moe": Qwen3MoeConfig, "deepseek_v2": DeepseekV2Config, "gpt_oss": GptOssConfig,
+               "starcoder2": Starcoder2Config}
     return classes[kind](**values, use_cache=False)
 
 
