@@ -74,6 +74,9 @@ class RunConfig:
     deepspeed: str = "off"
     gpus: int = 1
     """Data-parallel processes in all (GPUs per node x nodes); the tier table plans each GPU's share of them."""
+    nodes: int = 1
+    """Machines the processes span: each node's gpus / nodes processes share its host RAM (offloaded checkpoints,
+    ZeRO's CPU partitions)."""
     device: str = "auto"
     seed: int = 1234
     trust_remote_code: bool = False
@@ -239,6 +242,8 @@ def validation_errors(config: RunConfig) -> dict[str, str]:
     require("compile_layers", config.compile_layers in ("auto", "on", "off"), "one of auto, on, off")
     require("deepspeed", config.deepspeed in DEEPSPEED_MODES, f"one of {', '.join(DEEPSPEED_MODES)}")
     require("gpus", 1 <= config.gpus <= 4096, "between 1 and 4096")
+    require("nodes", 1 <= config.nodes <= config.gpus and config.gpus % config.nodes == 0,
+            f"between 1 and gpus ({config.gpus}), dividing it evenly: gpus counts the processes of every node")
     require("deepspeed", not (config.deepspeed != "off" and config.qlora),
             "ZeRO does not shard 4-bit (QLoRA) weights: turn one of them off")
     require("deepspeed", not (config.deepspeed != "off" and config.adamw_8bit),

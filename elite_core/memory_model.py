@@ -393,6 +393,8 @@ class TrainingSetup:
     deepspeed: str = "off"
     lora_dropout: float = 0.0
     gpus: int = 1
+    nodes: int = 1
+    """Machines the gpus span: the host RAM of one holds gpus / nodes processes' offloaded state."""
     loss_chunk_tokens: int = 1024
     """elite_core.training.LOSS_CHUNK_TOKENS."""
     gpu_checkpoint_layers: int = 0
@@ -801,6 +803,7 @@ def predict_memory(
     e = _compute_bytes(setup)
     tokens = setup.tokens
     gpus = max(1, setup.gpus)
+    on_the_host = max(1, gpus // max(1, setup.nodes))  # processes sharing one host's RAM
     on_cpu = setup.device == "cpu"
 
     weights = weight_bytes(shape, setup)
@@ -837,9 +840,8 @@ def predict_memory(
         layer_peak = max(transient for _, transient in layer_peaks)
     elif setup.checkpointing == "offload" and not on_cpu:
         resident = min(shape.layers, setup.gpu_checkpoint_layers)
-        # every process offloads its own checkpoints into the one host's RAM (an upper bound for several nodes, as
-        # ZeRO's partitions below)
-        cpu_offload += (shape.layers - resident) * layer_input * gpus
+        # every process of a node offloads its own checkpoints into that host's RAM
+        cpu_offload += (shape.layers - resident) * layer_input * on_the_host
         stored = (2 + resident) * layer_input  # the inputs in flight to and from CPU, and those kept on the GPU
         layer_peak = max(saved + transient for saved, transient in layer_peaks)
     else:
@@ -875,14 +877,14 @@ def predict_memory(
         optimizer = trainable * (4.0 + 8.0 + 4.0) / gpus
         offload = zero_offload(setup.deepspeed)
         if offload:
-            cpu_offload += optimizer * gpus  # every GPU's partition (on one node; an upper bound for several)
+            cpu_offload += optimizer * on_the_host  # the partitions of this node's processes
             optimizer = 0.0
         if stage == 3:
             # Frozen weights are split too and gathered about two layers at a time (one prefetched).
             gathered = 2 * max(kind.layer_linear_params for _, kind in shape.layer_kinds()) * DTYPE_BYTES.get(setup.weight_dtype, 2.0) + shape.other_params * e
             sharded = max(0.0, weights - gathered)
             if offload:
-                cpu_offload += sharded
+                cpu_offload += sharded * on_the_host / gpus
             weights = min(weights, gathered + (0.0 if offload else sharded / gpus))
     elif gpus > 1 and not on_cpu:
         gradients += all_gradients  # DDP's gradient buckets

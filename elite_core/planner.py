@@ -239,6 +239,7 @@ def _base_setup(shape: ModelShape, profile: HardwareProfile, config: RunConfig, 
         deepspeed=config.deepspeed if device == "cuda" else "off",
         lora_dropout=config.lora_dropout,
         gpus=config.gpus,
+        nodes=config.nodes,
         rope_scaling_factor=rope_scaling_factor(shape, window),
     )
 
@@ -282,7 +283,7 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     Each of the node's processes offloads its own layers into that RAM: 8 GPUs at that window would need 840 GB."""
     if setup.checkpointing != "offload" or not profile.has_gpu:
         return setup
-    per_layer_on_the_host = layer_input_bytes(shape, setup) * max(1, setup.gpus)
+    per_layer_on_the_host = layer_input_bytes(shape, setup) * max(1, setup.gpus // max(1, setup.nodes))
     offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1.0, per_layer_on_the_host))
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
@@ -342,7 +343,7 @@ def shipped_quantization_note(shipped: str, qlora_asked: bool) -> str:
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
           rank: int) -> TierPlan:
     profile = profile.for_device(config.device)
-    budget = _budget(profile, config.gpus)
+    budget = _budget(profile, config.gpus // config.nodes)  # this node's processes
     ladder = candidate_setups(shape, profile, config, window, target, rank)
     chosen = ladder[-1]
     breakdown = predict_memory(shape, chosen, DEFAULT_CONSTANTS)

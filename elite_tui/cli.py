@@ -397,7 +397,8 @@ def _run(args) -> int:
         except OSError as exc:
             raise CliError(f"cannot read {args.config}: {exc.strerror or exc}") from exc
         profile = _profile_hardware(config.output_dir, args.reprofile)
-        config = config.replace(gpus=_processes_per_node(args, config.gpus, "--config") * args.nnodes)
+        config = config.replace(gpus=_processes_per_node(args, config.gpus, "--config") * args.nnodes,
+                                nodes=args.nnodes)
         if args.run_name:  # another run of a kept config, beside the one it came from
             config = config.replace(run_name=args.run_name)
         shape = None
@@ -407,7 +408,7 @@ def _run(args) -> int:
         sets = _parse_sets(args.set) if args.set else {}
         # The tier table plans each GPU's share, so the process count is set before a tier is chosen.
         per_node = _processes_per_node(args, sets.pop("gpus"), "--set") if "gpus" in sets else args.gpus or 1
-        config = config.replace(gpus=per_node * args.nnodes)
+        config = config.replace(gpus=per_node * args.nnodes, nodes=args.nnodes)
         profile = _profile_hardware(args.output, args.reprofile)
         shape = _load_shape(config.model, config.trust_remote_code)
         # The tier is chosen by a plan with the overrides (as `plan --set` marks it), and they win over its defaults.

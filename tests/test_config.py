@@ -27,6 +27,14 @@ def test_every_invalid_field_is_reported_at_once():
     assert set(caught.value.errors) == {"lora_rank", "learning_rate", "precision", "run_name"}
 
 
+def test_nodes_must_split_the_processes_evenly():
+    assert RunConfig(gpus=16, nodes=2).nodes == 2
+    for gpus, nodes in ((3, 2), (2, 4), (2, 0)):
+        with pytest.raises(ConfigError) as caught:
+            RunConfig(gpus=gpus, nodes=nodes)
+        assert set(caught.value.errors) == {"nodes"}
+
+
 def test_wrong_types_from_yaml_are_named():
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_yaml("lora_rank: sixteen\nadamw_8bit: 3\n")

@@ -233,6 +233,12 @@ def test_zero_memory_per_gpu_and_cpu(qwen_shape):
     zero3_offload = per_gpu("zero3-offload", 8)
     assert zero3_offload.total_bytes < zero3.total_bytes
     assert zero3_offload.cpu_offload_bytes > zero3.cpu_offload_bytes + single.weights_bytes // 2
+    # over 2 nodes a host holds its own processes' partitions only: 16 processes on 2 nodes, 8 a host, hold half of
+    # what 8 on one node hold (each partition is a sixteenth, not an eighth)
+    for deepspeed in ("zero2-offload", "zero3-offload"):
+        one_node = per_gpu(deepspeed, 8).cpu_offload_bytes
+        two_nodes = predict_memory(qwen_shape, replace(setup, deepspeed=deepspeed, gpus=16, nodes=2)).cpu_offload_bytes
+        assert two_nodes == pytest.approx(one_node / 2, rel=1e-6)
 
 
 def test_multigpu_benchmark_parses_and_explains_itself():

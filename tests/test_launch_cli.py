@@ -79,7 +79,8 @@ def test_other_node_writes_its_launch_and_every_node_command_is_printed(tiny_rep
     run_dir = runs / "n1"
     assert distributed.read_launch(run_dir) == distributed.LaunchSettings(
         nproc=2, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29611)
-    assert RunConfig.load(run_dir / "config.yaml").gpus == 4  # 2 per node x 2 nodes: the planner sizes per GPU
+    saved = RunConfig.load(run_dir / "config.yaml")
+    assert (saved.gpus, saved.nodes) == (4, 2)  # 2 per node x 2 nodes: the planner sizes per GPU, host RAM per node
     commands = command_lines(out)
     assert [c[c.index("--node_rank") + 1] for c in commands] == ["0", "1"]
     for command in commands:

@@ -329,6 +329,10 @@ def test_every_gpu_of_a_node_offloads_into_the_one_hosts_ram():
     assert offloaded == int(560 * GIB * HOST_OFFLOAD_FRACTION // (8 * layer_bytes)) < LLAMA_8B.layers
     assert eight.breakdown.cpu_offload_bytes == 8 * offloaded * layer_bytes <= 560 * GIB * HOST_OFFLOAD_FRACTION
     assert eight.cpu_ram_needed_bytes == eight.breakdown.cpu_offload_bytes
+    # 16 processes on 2 such nodes: each host holds its own 8 (planned as 16 on one host, half as many offloaded)
+    two_nodes = plan_for_config(LLAMA_8B, host, config.replace(gpus=16, nodes=2))
+    assert two_nodes.setup.gpu_checkpoint_layers == eight.setup.gpu_checkpoint_layers
+    assert two_nodes.breakdown.cpu_offload_bytes == eight.breakdown.cpu_offload_bytes
 
 
 def test_cpu_processes_share_the_ram_they_each_hold_a_model_in(demo_shape):

@@ -184,6 +184,7 @@ class OverridesScreen(WizardScreen):
         if not launch_errors:
             # The planner sizes each GPU's share from the processes in all.
             changes["gpus"] = launch_values["nproc"] * launch_values["nnodes"]
+            changes["nodes"] = launch_values["nnodes"]
         candidate = None
         if not errors:
             try:
