@@ -406,6 +406,8 @@ def _run(args) -> int:
         config = default_config(args.model, args.repo, args.output, trust_remote_code=args.trust_remote_code,
                                 run_name=args.run_name or new_run_name())
         sets = _parse_sets(args.set) if args.set else {}
+        if sets.pop("nodes", args.nnodes) != args.nnodes:
+            raise CliError(f"--set nodes: the nodes a run spans are --nnodes ({args.nnodes}); give --nnodes instead")
         # The tier table plans each GPU's share, so the process count is set before a tier is chosen.
         per_node = _processes_per_node(args, sets.pop("gpus"), "--set") if "gpus" in sets else args.gpus or 1
         config = config.replace(gpus=per_node * args.nnodes, nodes=args.nnodes)

@@ -99,6 +99,7 @@ def test_other_node_writes_its_launch_and_every_node_command_is_printed(tiny_rep
         (["--nnodes", "2"], "--master-addr 127.0.0.1: with several nodes: node 0's address"),
         (["--gpus", "0"], "--gpus 0: at least 1 process per node"),
         (["--gpus", "2", "--set", "gpus=3"], "--set gpus=3 but --gpus 2 x --nnodes 1 is 2"),
+        (["--gpus", "2", "--set", "nodes=2"], "--set nodes: the nodes a run spans are --nnodes (1)"),
         (["--gpus", "2", "--hostfile", "hosts-that-do-not-exist"], "--hostfile hosts-that-do-not-exist: "),
     ],
 )
