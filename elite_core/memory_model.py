@@ -670,13 +670,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     if shape.latent_attention:
         attention_core = latent_attention_bytes_per_token(shape, setup)
     elif setup.attention == "eager":
-        # Keys and values repeated to every query head; s scores per head: the fp32 softmax output, its 16-bit copy
-        # for the matmul with v (none in fp32), and with soft-capping the capped scores (tanh keeps its output).
-        per_score = 4.0 + (e if e < 4.0 else 0.0) + (e if shape.attention_softcap else 0.0)
-        scores = setup.seq_tokens
-        if shape.attention_sinks:  # gpt-oss: the softmax (over the scores and the sink) in their dtype, kept alone
-            per_score, scores = e, setup.seq_tokens + 1
-        attention_core = e * 3 * q_width + per_score * shape.heads * scores + e * q_width
+        # Keys and values repeated to every query head, the output, and every score (eager_scores_kept_per_token)
+        attention_core = e * 3 * q_width + eager_scores_kept_per_token(shape, setup) + e * q_width
         if shape.attention_sinks:
             attention_core += 8.0 * shape.heads  # an int64 index per head
     else:
@@ -699,6 +694,26 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
         return total
     long_window = setup.seq_tokens > COMPILED_MAX_WINDOW_TOKENS
     return total * (COMPILED_ACTIVATION_SHARE_LONG if long_window else COMPILED_ACTIVATION_SHARE)
+
+
+def eager_scores_kept_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
+    """What eager attention keeps of its scores, per token: s a head, as the fp32 softmax output and its 16-bit copy
+    for the matmul with v (none in fp32), with soft-capping also the capped scores (tanh keeps its output); gpt-oss's
+    softmax (over the scores and its sink) in their own dtype, kept alone."""
+    e = _compute_bytes(setup)
+    if shape.attention_sinks:
+        return e * shape.heads * (setup.seq_tokens + 1)
+    per_score = 4.0 + (e if e < 4.0 else 0.0) + (e if shape.attention_softcap else 0.0)
+    return per_score * shape.heads * setup.seq_tokens
+
+
+def eager_scores_backward_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
+    """Eager attention's backward makes two score-sized buffers: the gradient of the probabilities (compute dtype) and
+    of the scores under the softmax (fp32). Read off the peak resident set on CPU: 8.0-8.5 B a score in fp32, 6.1-6.2
+    in bf16 (gpt-oss, Gemma 2; 2-4K tokens), where nothing was counted before."""
+    if setup.attention != "eager" or shape.latent_attention:
+        return 0.0
+    return (_compute_bytes(setup) + 4.0) * shape.heads * setup.seq_tokens
 
 
 def latent_attention_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
@@ -773,7 +788,7 @@ def backward_transient_bytes_per_token(
     if e < 4.0 and norm_saved_bytes(shape, setup) == 4.0:
         # transformers' own norms (compiled layers, other architectures) build fp32 gradients of their upcast input
         transient += constants.fp32_norm_backward_hidden * 4.0 * shape.hidden
-    return transient
+    return transient + eager_scores_backward_per_token(shape, setup)
 
 
 def mlp_shards_for(setup: TrainingSetup, shape: ModelShape) -> int:
@@ -891,7 +906,12 @@ def predict_memory(
 
     allocated = weights + lora + gradients + optimizer + activations + logits
     if on_cpu:
-        overhead = constants.cpu_fixed_bytes + constants.allocator_margin * allocated
+        # Blocks over glibc's mmap threshold (32 MiB at most) go back to the system when freed and leave no slack:
+        # eager attention's score matrices are such blocks (gpt-oss at 4K on CPU: +59 % with the margin on them)
+        scores = setup.tokens * (eager_scores_backward_per_token(shape, setup) + (
+            eager_scores_kept_per_token(shape, setup) * (shape.layers if setup.checkpointing == "off" else 1)
+            if setup.attention == "eager" and not shape.latent_attention else 0.0))
+        overhead = constants.cpu_fixed_bytes + constants.allocator_margin * max(0.0, allocated - scores)
     else:
         # The holes the loss chunks leave and those the offloaded inputs leave are reused by one another: the larger counts.
         holes = constants.cuda_margin_of_loss * logits

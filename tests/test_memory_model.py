@@ -479,3 +479,40 @@ def test_latent_attention_is_counted_on_the_safe_side(dtype):
     measured = saved_bytes("deepseek_v2", 3, dtype, 256, "sdpa") - saved_bytes("deepseek_v2", 2, dtype, 256, "sdpa")
     predicted = layer_activation_bytes_per_token(shape, setup) * 256 + layer_fixed_activation_bytes(shape, setup)
     assert measured <= predicted <= 1.15 * measured
+
+
+@pytest.mark.skipif(not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK),
+                    reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("architecture", ["gpt_oss", "gemma2"])
+def test_eager_attention_backward_makes_two_score_sized_buffers(architecture):
+    """Eager attention (gpt-oss, Gemma 2) has backward build the gradients of the probabilities and of the scores,
+    two buffers as large as the scores, at every layer's backward: nothing was counted for them (the isolated
+    backward of one layer at 2,048 tokens peaked 128 MiB over what its forward kept)."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elite_core import training
+    from elite_core.config import default_config
+    from elite_core.memory_model import backward_transient_bytes_per_token, DEFAULT_CONSTANTS
+    from elite_core.training import _peak_rss_bytes, _reset_peak_rss
+
+    seq = 2048
+    hf_config = small_config(architecture, 1)
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype="fp32",
+                          compute_dtype="fp32", checkpointing="off", attention="eager")
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    model = training.add_lora(model, default_config().replace(lora_rank=16, lora_alpha=32), setup)
+    process = psutil.Process()
+    peaks = []
+    for _ in range(2):  # the second pass, once the allocator has settled
+        hidden = model.get_base_model().model(input_ids=torch.randint(0, 300, (1, seq)), use_cache=False)
+        loss = hidden.last_hidden_state.pow(2).mean()
+        before = process.memory_info().rss
+        _reset_peak_rss()
+        loss.backward()
+        peaks.append(_peak_rss_bytes() - before)
+        model.zero_grad(set_to_none=True)
+        del hidden, loss
+    predicted = backward_transient_bytes_per_token(shape_from_hf_config(hf_config), setup, DEFAULT_CONSTANTS) * seq
+    assert peaks[-1] == pytest.approx(predicted, rel=0.15)
