@@ -146,7 +146,7 @@ class ModelShape:
         routed_adapters = max(0, self.lora_params_per_rank - dense_adapters) if self.lora_params_per_rank else 0
         routed = replace(self, layers=self.layers - self.dense_layers, dense_layers=0, dense_intermediate=0,
                          lora_params_per_rank=routed_adapters, outside_adapters_per_rank=0)
-        return tuple((kind.layers, kind) for kind in (routed, dense) if kind.layers)
+        return tuple((kind.layers, kind) for kind in (routed, dense) if kind.layers > 0)
 
     @property
     def decoder_linear_params(self) -> int:
@@ -282,9 +282,15 @@ def _dense_layer_count(config, layers: int) -> int:
     moe_layers = getattr(config, "moe_layers", None)
     if isinstance(moe_layers, (list, tuple)):
         return layers - len({index for index in moe_layers if 0 <= index < layers})
-    first_dense = getattr(config, "first_k_dense_replace", None)
+    first_dense = _config_value(config, "first_k_dense_replace", "num_dense_layers")  # DeepSeek, GLM; LFM2
     if first_dense is not None:
         return min(layers, max(0, int(first_dense)))
+    start = getattr(config, "moe_layer_start_index", None)
+    if start is not None:  # ERNIE 4.5: every interval-th layer from start to end has experts
+        end = getattr(config, "moe_layer_end_index", None)
+        end = layers - 1 if end is None or end < 0 else end
+        interval = int(getattr(config, "moe_layer_interval", None) or 1)
+        return sum(1 for index in range(layers) if not ((index + 1) % interval == 0 and start <= index <= end))
     dense_only = set(getattr(config, "mlp_only_layers", None) or ())
     step = int(getattr(config, "decoder_sparse_step", None) or 1)
     return sum(1 for index in range(layers) if index in dense_only or (index + 1) % step != 0)
@@ -358,7 +364,8 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         dense_layers=dense_layers,
         shipped_quantization=shipped,
-        dense_intermediate=int(_config_value(config, "intermediate_size_mlp", "intermediate_size", default=0) or 0)
+        dense_intermediate=int(_config_value(config, "intermediate_size_mlp", "prefix_dense_intermediate_size",
+                                             "intermediate_size", default=0) or 0)
         if dense_layers else 0,
     )
     return replace(shape, total_params=count_params(shape))
@@ -544,7 +551,8 @@ def _expert_adapters_per_rank(shape: ModelShape, counted: bool = True) -> float:
     """A mixture of experts' fused-expert adapter parameters per unit of rank, for layers alike (a layer kind): what
     peft counted (all-linear, on a meta device) less the linears' share, else (or counted=False) peft 0.22's layout."""
     if counted and shape.lora_params_per_rank:
-        linears = sum(fan_in + fan_out for _, fan_in, fan_out in shape.attention_linears() + shape._moe_linears())
+        linears = sum(fan_in + fan_out for name, fan_in, fan_out in shape.attention_linears() + shape._moe_linears()
+                      if shape.router_linear or name != "gate")
         return max(0, shape.lora_params_per_rank - shape.layers * linears)
     # peft 0.22: gate_up's lora_A is (2 x rank x experts, hidden), its lora_B (2 x intermediate, 2 x rank x experts)
     width = shape.hidden + shape.intermediate
@@ -708,11 +716,13 @@ def eager_scores_kept_per_token(shape: ModelShape, setup: TrainingSetup) -> floa
 
 
 def eager_scores_backward_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
-    """Eager attention's backward makes two score-sized buffers: the gradient of the probabilities (compute dtype) and
-    of the scores under the softmax (fp32). Read off the peak resident set on CPU: 8.0-8.5 B a score in fp32, 6.1-6.2
+    """Eager attention's backward (and latent attention's, counted so) makes two score-sized buffers: the gradient of
+    the probabilities (compute dtype) and of the scores under the softmax (fp32). Read off the peak resident set on CPU: 8.0-8.5 B a score in fp32, 6.1-6.2
     in bf16 (gpt-oss, Gemma 2; 2-4K tokens), where nothing was counted before."""
-    if setup.attention != "eager" or shape.latent_attention:
+    if setup.attention != "eager" and not shape.latent_attention:
         return 0.0
+    # DeepSeek's latent attention is counted as keeping every score (latent_attention_bytes_per_token), and its
+    # backward so too: one layer at 2,048 tokens on CPU, 8.0 B a score in fp32
     return (_compute_bytes(setup) + 4.0) * shape.heads * setup.seq_tokens
 
 
@@ -908,9 +918,14 @@ def predict_memory(
     if on_cpu:
         # Blocks over glibc's mmap threshold (32 MiB at most) go back to the system when freed and leave no slack:
         # eager attention's score matrices are such blocks (gpt-oss at 4K on CPU: +59 % with the margin on them)
-        scores = setup.tokens * (eager_scores_backward_per_token(shape, setup) + (
-            eager_scores_kept_per_token(shape, setup) * (shape.layers if setup.checkpointing == "off" else 1)
-            if setup.attention == "eager" and not shape.latent_attention else 0.0))
+        kept = (eager_scores_kept_per_token(shape, setup) * setup.tokens
+                if setup.attention == "eager" and not shape.latent_attention else 0.0)
+        in_layer_peak = eager_scores_backward_per_token(shape, setup) * setup.tokens
+        stored_scores = shape.layers * kept if setup.checkpointing == "off" else 0.0
+        if setup.checkpointing != "off":
+            in_layer_peak += kept  # the recomputed layer's
+        # only what the total holds: the layer peak counts where it exceeds the loss's
+        scores = stored_scores + min(in_layer_peak, max(0.0, layer_peak - logits))
         overhead = constants.cpu_fixed_bytes + constants.allocator_margin * max(0.0, allocated - scores)
     else:
         # The holes the loss chunks leave and those the offloaded inputs leave are reused by one another: the larger counts.

@@ -87,8 +87,24 @@ def test_gpu_count_updates_the_command_and_the_per_gpu_prediction(h100_profile, 
     assert "--nnodes 2 --nproc_per_node 2 --node_rank 0 --master_addr 10.0.0.5" in seen["nodes"]
     assert "node 1: the same with its --node_rank" in seen["nodes"]
 
-    assert app.state.config.gpus == 4 and app.state.config.deepspeed == "off"
+    assert app.state.config.gpus == 4 and app.state.config.deepspeed == "off" and app.state.config.nodes == 2
     assert app.state.launch == LaunchSettings(nproc=2, nnodes=2, master_addr="10.0.0.5")
+
+
+def test_a_multi_node_config_opens_the_launch_group_per_node(h100_profile, qwen_shape, tmp_path, monkeypatch):
+    """A config of 4 processes on 2 nodes (a reused one, or --config) opens as 2 per node on 2 nodes, not 4 on one."""
+    monkeypatch.chdir(tmp_path)
+    config = default_config("demo", ".", "runs", run_name="r", gpus=4, nodes=2).with_tier(3)
+
+    async def scenario():
+        state = WizardState(config=config, profile=four_gpu_profile(h100_profile), shape=qwen_shape)
+        app = EliteApp(config, start_at="overrides", state=state)
+        async with app.run_test(size=(100, 50)) as pilot:
+            await pilot.pause()
+            return (app.screen.query_one("#launch-nproc").value, app.screen.query_one("#launch-nnodes").value)
+
+    nproc, nnodes = asyncio.run(scenario())
+    assert int(nproc) == 2 and int(nnodes) == 2
 
 
 def test_tier_table_plans_per_gpu_after_going_back(h100_profile, qwen_shape, tmp_path, monkeypatch):

@@ -95,7 +95,8 @@ class OverridesScreen(WizardScreen):
                 return read_launch(state.config.run_dir)
             except (LaunchError, OSError, ValueError, TypeError):
                 pass
-        return LaunchSettings(nproc=state.config.gpus)
+        config = state.config
+        return LaunchSettings(nproc=config.gpus // config.nodes, nnodes=config.nodes)
 
     def compose(self) -> ComposeResult:
         config = self.state.config
@@ -191,8 +192,9 @@ class OverridesScreen(WizardScreen):
                 candidate = self.state.config.replace(**changes)
             except ConfigError as exc:
                 errors.update(exc.errors)
-                if "gpus" in errors:
-                    launch_errors["nnodes"] = errors.pop("gpus")
+                for field in ("gpus", "nodes"):  # set from the Launch group: shown on its nodes field
+                    if field in errors:
+                        launch_errors.setdefault("nnodes", errors.pop(field))
         if candidate is not None and self.state.profile is not None:
             errors.update(self.engine.missing_libraries(candidate, self.state.profile))
         launch = None
