@@ -717,8 +717,8 @@ def eager_scores_kept_per_token(shape: ModelShape, setup: TrainingSetup) -> floa
 
 def eager_scores_backward_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
     """Eager attention's backward (and latent attention's, counted so) makes two score-sized buffers: the gradient of
-    the probabilities (compute dtype) and of the scores under the softmax (fp32). Read off the peak resident set on CPU: 8.0-8.5 B a score in fp32, 6.1-6.2
-    in bf16 (gpt-oss, Gemma 2; 2-4K tokens), where nothing was counted before."""
+    the probabilities (compute dtype) and of the scores under the softmax (fp32). Read off the peak resident set on
+    CPU: 8.0-8.5 B a score in fp32, 6.1-6.2 in bf16 (gpt-oss, Gemma 2; 2-4K tokens), where nothing was counted."""
     if setup.attention != "eager" and not shape.latent_attention:
         return 0.0
     # DeepSeek's latent attention is counted as keeping every score (latent_attention_bytes_per_token), and its
