@@ -337,7 +337,7 @@ def shipped_quantization_note(shipped: str, qlora_asked: bool) -> str:
         note = f"the checkpoint's {shipped} weights load as bf16 (transformers cannot train them)"
     else:
         note = f"the checkpoint ships {shipped} weights: memory counted as bf16, on the high side"
-    return note + ("; QLoRA off: it cannot quantise them again" if qlora_asked else "")
+    return note + (", so QLoRA is off: it cannot quantise them again" if qlora_asked else "")
 
 
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,

@@ -182,6 +182,27 @@ def format_tier_table(plans, selected: int) -> str:
     return "\n".join(lines)
 
 
+def format_tier_notes(plans) -> str:
+    """The planner's notes under the table, each once with the tiers it holds for (the wizard shows them per tier)."""
+    tiers_of: dict[str, list[int]] = {}
+    for plan in plans:
+        for note in filter(None, plan.note.split("; ")):
+            tiers_of.setdefault(note, []).append(plan.tier.number)
+    lines = [f"  tier{'s' if len(tiers) > 1 else ''} {_spans(tiers)}: {note}" for note, tiers in tiers_of.items()]
+    return "\n".join(["notes:", *lines]) if lines else ""
+
+
+def _spans(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in spans)
+
+
 def epoch_basis_line(epoch_tokens, calibration, repo: str) -> str:
     from elite_core.units import format_bytes
 
@@ -237,6 +258,9 @@ def _plan(args) -> int:
     slow = "" if planned_on.has_gpu else f" and, on a CPU, steps in under {CPU_MAX_STEP_S:.0f} s"
     print(f"{shape.name} on {where}; '>' marks the highest tier that fits{slow}")
     print(format_tier_table(plans, selected))
+    notes = format_tier_notes(plans)
+    if notes:
+        print(notes)
     print(epoch_basis_line(epoch_tokens, calibration, repo))
     return 0
 

@@ -32,6 +32,11 @@ def test_plan_with_set_overrides_prints_the_table_those_settings_plan(tiny_repo,
     plain = _tier_rows(out)
     # the legend names the CPU's rule too: a tier that fits but steps slowly is not the one marked
     assert "'>' marks the highest tier that fits and, on a CPU, steps in under 3 s" in out
+    # the planner's notes under the table, each once with the tiers it holds for
+    notes = out[out.index("\nnotes:\n"):].splitlines()[2:-1]
+    texts = [line.split(": ", 1)[1] for line in notes]
+    assert any("s per step on this CPU" in text for text in texts) and len(texts) == len(set(texts))
+    assert all(line.startswith(("  tier ", "  tiers ")) for line in notes)
     assert main([*common, "--set", "micro_batch=4", "--set", "gradient_checkpointing=on"]) == 0
     overridden = _tier_rows(capsys.readouterr().out)
     assert sorted(plain) == sorted(overridden) == list(range(1, 8))

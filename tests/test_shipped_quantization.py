@@ -71,7 +71,7 @@ def test_qlora_is_not_planned_on_a_checkpoint_that_ships_its_own_quantisation(tm
         Capability(c.name, True, "installed", c.fallback) if c.name == "bitsandbytes" else c for c in h100.capabilities))
     plans = plan_tiers(load_model_shape(source), with_bnb, default_config(model=source, qlora=True))
     assert all(plan.setup.weight_dtype == "bf16" for plan in plans)
-    assert all("fp8 weights load as bf16" in plan.note and "QLoRA off" in plan.note for plan in plans)
+    assert all("fp8 weights load as bf16" in plan.note and "QLoRA is off" in plan.note for plan in plans)
     with pytest.raises(ModelSourceError, match="ships fp8 weights"):
         load_causal_lm(source, dtype=torch.bfloat16, device="cpu", quantization_config=BitsAndBytesConfig())
 
