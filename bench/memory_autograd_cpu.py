@@ -165,7 +165,69 @@ def main() -> int:
                   f"{old_error:>+11.1f}% {new_error:>+8.1f}%", flush=True)
     print(f"largest error: baseline {worst_baseline:.1f} %, ours {worst_ours:.1f} %")
     dense_layers(memory_model, args.seq, args.dense_baseline)
+    score_backward(memory_model, args.dense_baseline)
     return 0
+
+
+def backward_peak_bytes(architecture: str, attention: str, dtype: str, seq: int) -> int:
+    """One decoder layer's backward: the peak resident set over what its forward left (Linux's VmHWM, reset before
+    backward), the second of two passes."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elite_core import training
+    from elite_core.config import default_config
+    from elite_core.memory_model import TrainingSetup
+    from elite_core.training import _peak_rss_bytes, _reset_peak_rss
+
+    setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
+                          compute_dtype=dtype, checkpointing="off", attention=attention)
+    model = AutoModelForCausalLM.from_config(small_config(architecture, 1), dtype=training.torch_dtype(dtype),
+                                             attn_implementation=attention)
+    model = training.add_lora(model, default_config().replace(lora_rank=16, lora_alpha=32), setup)
+    process, peak = psutil.Process(), 0
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+    for _ in range(2):
+        with cast:
+            hidden = model.get_base_model().model(input_ids=torch.randint(0, 300, (1, seq)), use_cache=False)
+        loss = hidden.last_hidden_state.float().pow(2).mean()
+        before = process.memory_info().rss
+        _reset_peak_rss()
+        loss.backward()
+        peak = _peak_rss_bytes() - before
+        model.zero_grad(set_to_none=True)
+        del hidden, loss
+    return peak
+
+
+def score_backward(memory_model, revision: str, seq: int = 2048) -> None:
+    """Eager attention's backward (and latent attention's on CPU, whose SDPA takes the math path for unequal head
+    widths): what one layer's backward needs over its forward, against the transient of `revision`, which counted no
+    score-sized buffers."""
+    import os
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        print("\n(no resettable peak RSS here: the backward table needs Linux)")
+        return
+    baseline = baseline_memory_model(revision)
+    print()
+    print(f"one layer's backward over its forward (peak resident set), {seq} tokens; baseline {revision}")
+    print(f"{'architecture':<12} {'dtype':<5} {'attention':<9} {'measured':>12} {'baseline':>12} {'ours':>12} "
+          f"{'baseline err':>12} {'ours err':>9}")
+    for architecture, attention in (("gpt_oss", "eager"), ("gemma2", "eager"), ("deepseek_v2", "sdpa")):
+        for dtype in ("fp32", "bf16"):
+            measured = backward_peak_bytes(architecture, attention, dtype, seq)
+            values = []
+            for module in (baseline, memory_model):
+                shape = module.shape_from_hf_config(small_config(architecture, 1))
+                setup = module.TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16,
+                                             weight_dtype=dtype, compute_dtype=dtype, checkpointing="off",
+                                             attention=attention)
+                values.append(module.backward_transient_bytes_per_token(shape, setup, module.DEFAULT_CONSTANTS) * seq)
+            old, new = values
+            print(f"{architecture:<12} {dtype:<5} {attention:<9} {measured:>12,} {old:>12,.0f} {new:>12,.0f} "
+                  f"{100 * (old / measured - 1):>+11.1f}% {100 * (new / measured - 1):>+8.1f}%", flush=True)
 
 
 def dense_layer_shape(module, architecture: str, layers: int, dense: int):

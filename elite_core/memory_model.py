@@ -722,8 +722,10 @@ def eager_scores_backward_per_token(shape: ModelShape, setup: TrainingSetup) -> 
     if setup.attention != "eager" and not shape.latent_attention:
         return 0.0
     # DeepSeek's latent attention is counted as keeping every score (latent_attention_bytes_per_token), and its
-    # backward so too: one layer at 2,048 tokens on CPU, 8.0 B a score in fp32
-    return (_compute_bytes(setup) + 4.0) * shape.heads * setup.seq_tokens
+    # backward so too, in fp32 whatever the dtype: one layer at 2,048 tokens on CPU took 8.0 B a score in fp32, and
+    # in bf16 6.0 B in one run and 8.0 in another (CPU's math path may upcast)
+    per_score = 8.0 if shape.latent_attention else _compute_bytes(setup) + 4.0
+    return per_score * shape.heads * setup.seq_tokens
 
 
 def latent_attention_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
