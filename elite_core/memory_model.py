@@ -920,8 +920,12 @@ def predict_memory(
     if on_cpu:
         # Blocks over glibc's mmap threshold (32 MiB at most) go back to the system when freed and leave no slack:
         # eager attention's score matrices are such blocks (gpt-oss at 4K on CPU: +59 % with the margin on them)
-        kept = (eager_scores_kept_per_token(shape, setup) * setup.tokens
-                if setup.attention == "eager" and not shape.latent_attention else 0.0)
+        if shape.latent_attention:  # counted as keeping every score (latent_attention_bytes_per_token)
+            kept = (4.0 + (e if e < 4.0 else 0.0)) * shape.heads * setup.seq_tokens * setup.tokens
+        elif setup.attention == "eager":
+            kept = eager_scores_kept_per_token(shape, setup) * setup.tokens
+        else:
+            kept = 0.0
         in_layer_peak = eager_scores_backward_per_token(shape, setup) * setup.tokens
         stored_scores = shape.layers * kept if setup.checkpointing == "off" else 0.0
         if setup.checkpointing != "off":
