@@ -179,7 +179,7 @@ def backward_peak_bytes(architecture: str, attention: str, dtype: str, seq: int)
     from elite_core import training
     from elite_core.config import default_config
     from elite_core.memory_model import TrainingSetup
-    from elite_core.training import _peak_rss_bytes, _reset_peak_rss
+    from elite_core.training import peak_rss_bytes, reset_peak_rss
 
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype=dtype,
                           compute_dtype=dtype, checkpointing="off", attention=attention)
@@ -193,9 +193,9 @@ def backward_peak_bytes(architecture: str, attention: str, dtype: str, seq: int)
             hidden = model.get_base_model().model(input_ids=torch.randint(0, 300, (1, seq)), use_cache=False)
         loss = hidden.last_hidden_state.float().pow(2).mean()
         before = process.memory_info().rss
-        _reset_peak_rss()
+        reset_peak_rss()
         loss.backward()
-        peak = _peak_rss_bytes() - before
+        peak = peak_rss_bytes() - before
         model.zero_grad(set_to_none=True)
         del hidden, loss
     return peak

@@ -40,6 +40,10 @@ ATTENTION_SINK_ARCHITECTURES = frozenset({"gpt_oss"})
 the softmax in the scores' own dtype."""
 CLAMPED_GLU_ARCHITECTURES = frozenset({"gpt_oss"})
 """Experts with gpt-oss's clamped GLU ((clamp(up) + 1) * gate * sigmoid(alpha * gate)), which keeps more than SiLU."""
+ROUTER_NOT_LINEAR_ARCHITECTURES = frozenset({"gpt_oss"})
+"""Mixtures of experts whose router is a module of its own, not an nn.Linear: all-linear LoRA leaves it alone."""
+ALL_BIAS_ARCHITECTURES = frozenset({"starcoder2"})
+"""Model types whose config's use_bias puts a bias on every linear, not on q, k and v alone."""
 LAYER_NORM_ARCHITECTURES = frozenset({"starcoder2"})
 """Model types normed by nn.LayerNorm (a weight and a bias), not RMSNorm."""
 _MLP_NAME_ALIASES = {"starcoder2": {"c_fc": "up_proj", "c_proj": "down_proj"}}
@@ -274,8 +278,8 @@ def shipped_quantization(config) -> str:
 
 def _dense_layer_count(config, layers: int) -> int:
     """How many layers of a mixture of experts have a dense MLP, by the rule transformers builds them with: a list of
-    layer types, Llama 4's list of expert layers, DeepSeek's (and GLM's) first k layers, or Qwen-MoE's
-    mlp_only_layers and decoder_sparse_step."""
+    layer types, Llama 4's list of expert layers, DeepSeek's, GLM's and LFM2's first k layers, ERNIE 4.5's start and
+    interval, or Qwen-MoE's mlp_only_layers and decoder_sparse_step."""
     types = getattr(config, "mlp_layer_types", None)
     if types:
         return sum(1 for kind in types[:layers] if kind == "dense")
@@ -356,8 +360,8 @@ def shape_from_hf_config(config, name: str = "") -> ModelShape:
         layer_norm=architecture in LAYER_NORM_ARCHITECTURES,
         attention_sinks=architecture in ATTENTION_SINK_ARCHITECTURES,
         clamped_glu=architecture in CLAMPED_GLU_ARCHITECTURES,
-        router_linear=architecture not in CLAMPED_GLU_ARCHITECTURES,
-        linear_bias=bool(getattr(config, "use_bias", False)) and architecture in LAYER_NORM_ARCHITECTURES,
+        router_linear=architecture not in ROUTER_NOT_LINEAR_ARCHITECTURES,
+        linear_bias=bool(getattr(config, "use_bias", False)) and architecture in ALL_BIAS_ARCHITECTURES,
         fused_qkv=architecture in FUSED_QKV_ARCHITECTURES,
         latent_attention=latent,
         sdpa=supports_sdpa(config),
@@ -401,7 +405,7 @@ class TrainingSetup:
     lora_dropout: float = 0.0
     gpus: int = 1
     nodes: int = 1
-    """Machines the gpus span: the host RAM of one holds gpus / nodes processes' offloaded state."""
+    """Machines the gpus span: the host RAM of one holds processes_per_node processes' offloaded state."""
     loss_chunk_tokens: int = 1024
     """elite_core.training.LOSS_CHUNK_TOKENS."""
     gpu_checkpoint_layers: int = 0
@@ -412,6 +416,11 @@ class TrainingSetup:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_tokens
+
+    @property
+    def processes_per_node(self) -> int:
+        """The processes sharing one host's RAM."""
+        return max(1, self.gpus // max(1, self.nodes))
 
     @property
     def autocast(self) -> bool:
@@ -551,8 +560,7 @@ def _expert_adapters_per_rank(shape: ModelShape, counted: bool = True) -> float:
     """A mixture of experts' fused-expert adapter parameters per unit of rank, for layers alike (a layer kind): what
     peft counted (all-linear, on a meta device) less the linears' share, else (or counted=False) peft 0.22's layout."""
     if counted and shape.lora_params_per_rank:
-        linears = sum(fan_in + fan_out for name, fan_in, fan_out in shape.attention_linears() + shape._moe_linears()
-                      if shape.router_linear or name != "gate")
+        linears = sum(fan_in + fan_out for _, fan_in, fan_out in shape.adapted_linears("all-linear"))
         return max(0, shape.lora_params_per_rank - shape.layers * linears)
     # peft 0.22: gate_up's lora_A is (2 x rank x experts, hidden), its lora_B (2 x intermediate, 2 x rank x experts)
     width = shape.hidden + shape.intermediate
@@ -678,8 +686,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     if shape.latent_attention:
         attention_core = latent_attention_bytes_per_token(shape, setup)
     elif setup.attention == "eager":
-        # Keys and values repeated to every query head, the output, and every score (eager_scores_kept_per_token)
-        attention_core = e * 3 * q_width + eager_scores_kept_per_token(shape, setup) + e * q_width
+        # Keys and values repeated to every query head, the output, and every score (scores_kept_per_token)
+        attention_core = e * 3 * q_width + scores_kept_per_token(shape, setup) + e * q_width
         if shape.attention_sinks:
             attention_core += 8.0 * shape.heads  # an int64 index per head
     else:
@@ -704,10 +712,13 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: TrainingSetup, ml
     return total * (COMPILED_ACTIVATION_SHARE_LONG if long_window else COMPILED_ACTIVATION_SHARE)
 
 
-def eager_scores_kept_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
-    """What eager attention keeps of its scores, per token: s a head, as the fp32 softmax output and its 16-bit copy
-    for the matmul with v (none in fp32), with soft-capping also the capped scores (tanh keeps its output); gpt-oss's
-    softmax (over the scores and its sink) in their own dtype, kept alone."""
+def scores_kept_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
+    """What a layer keeps of its attention scores, per token: s a head where they are materialised (eager attention,
+    and latent attention as it is counted), as the fp32 softmax output and its 16-bit copy for the matmul with v (none
+    in fp32), with soft-capping also the capped scores (tanh keeps its output); gpt-oss's softmax (over the scores
+    and its sink) in their own dtype, kept alone. 0 for SDPA and flash attention, which keep none."""
+    if setup.attention != "eager" and not shape.latent_attention:
+        return 0.0
     e = _compute_bytes(setup)
     if shape.attention_sinks:
         return e * shape.heads * (setup.seq_tokens + 1)
@@ -736,10 +747,9 @@ def latent_attention_bytes_per_token(shape: ModelShape, setup: TrainingSetup) ->
     e = _compute_bytes(setup)
     q_lora, kv_lora, nope, rope, v_dim = shape.latent_attention
     qk, v = shape.heads * (nope + rope), shape.heads * v_dim
-    per_score = 4.0 + (e if e < 4.0 else 0.0)
     heads_kept = e * (3 * qk + 2 * v)  # q, k (before and after the rope join), v and the output
     compressed = e * (kv_lora + rope) + norm_saved_bytes(shape, setup) * (kv_lora + q_lora) + e * (kv_lora + q_lora)
-    return heads_kept + per_score * shape.heads * setup.seq_tokens + compressed
+    return heads_kept + scores_kept_per_token(shape, setup) + compressed
 
 
 def moe_mlp_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
@@ -830,7 +840,7 @@ def predict_memory(
     e = _compute_bytes(setup)
     tokens = setup.tokens
     gpus = max(1, setup.gpus)
-    on_the_host = max(1, gpus // max(1, setup.nodes))  # processes sharing one host's RAM
+    on_the_host = setup.processes_per_node
     on_cpu = setup.device == "cpu"
 
     weights = weight_bytes(shape, setup)
@@ -919,13 +929,8 @@ def predict_memory(
     allocated = weights + lora + gradients + optimizer + activations + logits
     if on_cpu:
         # Blocks over glibc's mmap threshold (32 MiB at most) go back to the system when freed and leave no slack:
-        # eager attention's score matrices are such blocks (gpt-oss at 4K on CPU: +59 % with the margin on them)
-        if shape.latent_attention:  # counted as keeping every score (latent_attention_bytes_per_token)
-            kept = (4.0 + (e if e < 4.0 else 0.0)) * shape.heads * setup.seq_tokens * setup.tokens
-        elif setup.attention == "eager":
-            kept = eager_scores_kept_per_token(shape, setup) * setup.tokens
-        else:
-            kept = 0.0
+        # attention's score matrices are such blocks (gpt-oss at 4K on CPU: +59 % with the margin on them)
+        kept = scores_kept_per_token(shape, setup) * setup.tokens
         in_layer_peak = eager_scores_backward_per_token(shape, setup) * setup.tokens
         stored_scores = shape.layers * kept if setup.checkpointing == "off" else 0.0
         if setup.checkpointing != "off":

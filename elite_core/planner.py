@@ -98,7 +98,8 @@ class TierPlan:
     options: tuple[str, ...]
     step_time_s: float
     """One optimizer step (grad_accum micro-batches), estimated from the measured TFLOPS (GFLOPS on a CPU)."""
-    note: str
+    notes: tuple[str, ...]
+    """Why the tier looks as it does (an estimate, RoPE scaling, a slow CPU step...), one sentence each."""
     grad_accum: int = 1
     learning_rate: float = 2e-4
     cpu_ram_needed_bytes: int = 0
@@ -112,6 +113,10 @@ class TierPlan:
     tokens_per_epoch_estimated: bool = True
     """True while the epoch's tokens come from the repository's size, False once counted in the built dataset."""
     epoch_s: float = 0.0
+
+    @property
+    def note(self) -> str:
+        return "; ".join(self.notes)
 
 
 def resolve_precision(profile: HardwareProfile, requested: str) -> str:
@@ -283,7 +288,7 @@ def keep_checkpoints_within_ram(shape: ModelShape, setup: TrainingSetup, profile
     Each of the node's processes offloads its own layers into that RAM: 8 GPUs at that window would need 840 GB."""
     if setup.checkpointing != "offload" or not profile.has_gpu:
         return setup
-    per_layer_on_the_host = layer_input_bytes(shape, setup) * max(1, setup.gpus // max(1, setup.nodes))
+    per_layer_on_the_host = layer_input_bytes(shape, setup) * setup.processes_per_node
     offloadable = int(profile.ram_available_bytes * HOST_OFFLOAD_FRACTION // max(1.0, per_layer_on_the_host))
     return dataclasses.replace(setup, gpu_checkpoint_layers=max(0, shape.layers - offloadable))
 
@@ -343,8 +348,8 @@ def shipped_quantization_note(shipped: str, qlora_asked: bool) -> str:
 def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: Tier, window: int, target: int,
           rank: int) -> TierPlan:
     profile = profile.for_device(config.device)
-    budget = _budget(profile, config.gpus // config.nodes)  # this node's processes
     ladder = candidate_setups(shape, profile, config, window, target, rank)
+    budget = _budget(profile, ladder[0].processes_per_node)
     chosen = ladder[-1]
     breakdown = predict_memory(shape, chosen, DEFAULT_CONSTANTS)
     for setup in ladder:
@@ -384,7 +389,7 @@ def _plan(shape: ModelShape, profile: HardwareProfile, config: RunConfig, tier: 
         fits=fits,
         options=options_of(chosen),
         step_time_s=step_time,
-        note="; ".join(notes),
+        notes=tuple(notes),
         grad_accum=grad_accum,
         learning_rate=default_learning_rate(rank, window),
         cpu_ram_needed_bytes=breakdown.cpu_offload_bytes if profile.has_gpu else 0,

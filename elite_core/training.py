@@ -276,7 +276,7 @@ def forward_context(setup: TrainingSetup, hidden_size: int = 0) -> contextlib.Ex
     return stack
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Start a new peak of the resident set (Linux 4.0+: writing 5 to clear_refs resets VmHWM); False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as refs:
@@ -286,7 +286,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -314,7 +314,7 @@ class MemoryMeter:
             import psutil
 
             self._process = psutil.Process()
-            self._peak_resets = _reset_peak_rss()
+            self._peak_resets = reset_peak_rss()
 
     def step_peak_bytes(self) -> int:
         if self.device == "cuda":
@@ -322,8 +322,8 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats()
             return int(peak)
         if self._peak_resets:
-            peak = _peak_rss_bytes()
-            _reset_peak_rss()
+            peak = peak_rss_bytes()
+            reset_peak_rss()
             if peak:
                 return peak
         return int(self._process.memory_info().rss)

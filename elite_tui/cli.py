@@ -186,7 +186,7 @@ def format_tier_notes(plans) -> str:
     """The planner's notes under the table, each once with the tiers it holds for (the wizard shows them per tier)."""
     tiers_of: dict[str, list[int]] = {}
     for plan in plans:
-        for note in filter(None, plan.note.split("; ")):
+        for note in plan.notes:
             tiers_of.setdefault(note, []).append(plan.tier.number)
     lines = [f"  tier{'s' if len(tiers) > 1 else ''} {_spans(tiers)}: {note}" for note, tiers in tiers_of.items()]
     return "\n".join(["notes:", *lines]) if lines else ""

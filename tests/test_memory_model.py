@@ -497,7 +497,7 @@ def test_eager_attention_backward_makes_two_score_sized_buffers(architecture, at
     from elite_core import training
     from elite_core.config import default_config
     from elite_core.memory_model import backward_transient_bytes_per_token, DEFAULT_CONSTANTS
-    from elite_core.training import _peak_rss_bytes, _reset_peak_rss
+    from elite_core.training import peak_rss_bytes, reset_peak_rss
 
     seq = 2048
     hf_config = small_config(architecture, 1)
@@ -511,9 +511,9 @@ def test_eager_attention_backward_makes_two_score_sized_buffers(architecture, at
         hidden = model.get_base_model().model(input_ids=torch.randint(0, 300, (1, seq)), use_cache=False)
         loss = hidden.last_hidden_state.pow(2).mean()
         before = process.memory_info().rss
-        _reset_peak_rss()
+        reset_peak_rss()
         loss.backward()
-        peaks.append(_peak_rss_bytes() - before)
+        peaks.append(peak_rss_bytes() - before)
         model.zero_grad(set_to_none=True)
         del hidden, loss
     predicted = backward_transient_bytes_per_token(shape_from_hf_config(hf_config), setup, DEFAULT_CONSTANTS) * seq
