@@ -490,34 +490,16 @@ def test_eager_attention_backward_makes_two_score_sized_buffers(architecture, at
     two buffers as large as the scores, at every layer's backward: nothing was counted for them (the isolated
     backward of one layer at 2,048 tokens peaked 128 MiB over what its forward kept). DeepSeek's latent attention
     (unequal query and value widths: CPU's SDPA takes its math path) does the same."""
-    import psutil
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from elite_core import training
-    from elite_core.config import default_config
-    from elite_core.memory_model import backward_transient_bytes_per_token, DEFAULT_CONSTANTS
-    from elite_core.training import peak_rss_bytes, reset_peak_rss
+    from bench.memory_autograd_cpu import backward_peak_bytes
+    from elite_core.memory_model import DEFAULT_CONSTANTS, backward_transient_bytes_per_token
 
     seq = 2048
-    hf_config = small_config(architecture, 1)
     setup = TrainingSetup(device="cpu", seq_tokens=seq, target_tokens=64, lora_rank=16, weight_dtype="fp32",
                           compute_dtype="fp32", checkpointing="off", attention=attention)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention)
-    model = training.add_lora(model, default_config().replace(lora_rank=16, lora_alpha=32), setup)
-    process = psutil.Process()
-    peaks = []
-    for _ in range(2):  # the second pass, once the allocator has settled
-        hidden = model.get_base_model().model(input_ids=torch.randint(0, 300, (1, seq)), use_cache=False)
-        loss = hidden.last_hidden_state.pow(2).mean()
-        before = process.memory_info().rss
-        reset_peak_rss()
-        loss.backward()
-        peaks.append(peak_rss_bytes() - before)
-        model.zero_grad(set_to_none=True)
-        del hidden, loss
-    predicted = backward_transient_bytes_per_token(shape_from_hf_config(hf_config), setup, DEFAULT_CONSTANTS) * seq
-    assert peaks[-1] == pytest.approx(predicted, rel=0.15)
+    measured = backward_peak_bytes(architecture, attention, "fp32", seq)
+    shape = shape_from_hf_config(small_config(architecture, 1))
+    predicted = backward_transient_bytes_per_token(shape, setup, DEFAULT_CONSTANTS) * seq
+    assert measured == pytest.approx(predicted, rel=0.15)
 
 
 def test_the_cpu_margin_skips_only_score_blocks_the_total_holds():
